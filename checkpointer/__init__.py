@@ -1,0 +1,1 @@
+"""colo-ring checkpointer package (see the issues that build it)."""

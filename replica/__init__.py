@@ -1,0 +1,1 @@
+"""colo-ring replica package (see the issues that build it)."""

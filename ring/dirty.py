@@ -1,0 +1,228 @@
+"""Dirty tracking: the per-vCPU dirty ring, the bitmap, and the one result type.
+
+Some facts about the dirty ring (api.rst, virt/kvm/dirty_ring.c):
+
+- Each vCPU has its own ring of `struct kvm_dirty_gfn {u32 flags; u32 slot;
+  u64 offset}` entries, mapped from the vCPU fd. KVM pushes an entry (flags =
+  DIRTY) the first time the vCPU writes a page after that page was last reset.
+- Userspace harvests in order from its own free-running fetch index: while an
+  entry has DIRTY, read slot and offset, then set flags to RESET. It must not
+  skip: KVM's KVM_RESET_DIRTY_RINGS walks each ring from its reset index and
+  stops at the first entry without RESET, zeroing flags and re-arming write
+  protection for those pages. Its return value is the number of entries reset
+  over all vCPUs; we check it against what we harvested.
+- A page re-dirtied before its reset is not logged again, so a harvest is a
+  set, but an instruction KVM emulates can log a page twice: deduplicate.
+- When a ring holds `entries - 64` un-reset entries (soft full), the vCPU exits
+  with KVM_EXIT_DIRTY_RING_FULL before its next guest instruction, and keeps
+  exiting until entries are reset.
+
+The harvest is vectorised: the ring is a numpy structured view; the number of
+consecutive DIRTY entries is found by scanning geometrically growing chunks,
+so a harvest of n entries costs O(n) numpy work, not O(ring size) and never a
+Python loop per entry. The simulated backend hands its own buffer to the same
+DirtyRing class, so both backends share this code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import abi
+from .errors import ConfigError, HarvestError, RingSizeError
+
+_DIRTY = np.uint32(abi.KVM_DIRTY_GFN_F_DIRTY)
+_RESET = np.uint32(abi.KVM_DIRTY_GFN_F_RESET)
+_SLOT_SHIFT = np.uint64(40)                 # page offsets stay below 2**40 (4 EiB of 4 KiB pages)
+_OFFSET_MASK = np.uint64((1 << 40) - 1)
+
+
+def validate_ring_entries(entries: int, max_bytes: int | None = None) -> int:
+    """Check a ring size in entries: a power of two from 256 to 65536 (and within KVM's limit)."""
+    if not isinstance(entries, (int, np.integer)) or isinstance(entries, bool):
+        raise RingSizeError(f"dirty ring size must be an integer number of entries, got {entries!r}")
+    entries = int(entries)
+    if entries < abi.DIRTY_RING_MIN_ENTRIES or entries > abi.DIRTY_RING_MAX_ENTRIES:
+        raise RingSizeError(f"dirty ring size {entries} entries is out of range: it must be between "
+                            f"{abi.DIRTY_RING_MIN_ENTRIES} and {abi.DIRTY_RING_MAX_ENTRIES} entries")
+    if entries & (entries - 1):
+        raise RingSizeError(f"dirty ring size {entries} entries is not a power of two")
+    if max_bytes is not None and entries * abi.DIRTY_GFN_DTYPE.itemsize > max_bytes:
+        raise RingSizeError(f"dirty ring size {entries} entries ({entries * 16} bytes) exceeds this "
+                            f"host's KVM limit of {max_bytes} bytes ({max_bytes // 16} entries)")
+    return entries
+
+
+def soft_limit(entries: int) -> int:
+    """Entries a ring holds when its vCPU is made to exit with DIRTY_RING_FULL (no PML here)."""
+    return entries - abi.DIRTY_RING_RESERVED_ENTRIES
+
+
+@dataclass
+class DirtySet:
+    """Pages dirtied since the last harvest: per slot, sorted unique page offsets."""
+
+    pages: dict[int, np.ndarray] = field(default_factory=dict)
+    entries: int = 0                               # raw entries harvested (before dedup)
+    last_entry: dict[int, tuple[int, int]] = field(default_factory=dict)  # vCPU -> (slot, offset)
+
+    @property
+    def count(self) -> int:
+        return int(sum(len(offsets) for offsets in self.pages.values()))
+
+    def slot(self, slot: int) -> np.ndarray:
+        return self.pages.get(slot, np.empty(0, dtype=np.uint64))
+
+    def gfns(self, first_gfns: dict[int, int]) -> np.ndarray:
+        """All dirty pages as guest frame numbers, sorted."""
+        parts = [offsets + np.uint64(first_gfns[slot]) for slot, offsets in self.pages.items()]
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
+
+    def same_pages(self, other: "DirtySet") -> bool:
+        keys = {s for s, o in self.pages.items() if len(o)} | {s for s, o in other.pages.items() if len(o)}
+        return all(np.array_equal(self.slot(s), other.slot(s)) for s in keys)
+
+    @classmethod
+    def from_entries(cls, slots: np.ndarray, offsets: np.ndarray, entries: int | None = None,
+                     last_entry: dict[int, tuple[int, int]] | None = None) -> "DirtySet":
+        """Deduplicate (slot, offset) pairs into per-slot sorted arrays, vectorised."""
+        offsets = offsets.astype(np.uint64, copy=False)
+        if len(offsets) and int(offsets.max()) > int(_OFFSET_MASK):
+            raise HarvestError(f"ring entry offset {int(offsets.max()):#x} is beyond any slot")
+        keys = np.unique((slots.astype(np.uint64) << _SLOT_SHIFT) | offsets)
+        key_slots = keys >> _SLOT_SHIFT
+        pages: dict[int, np.ndarray] = {}
+        if len(keys):
+            bounds = np.flatnonzero(np.diff(key_slots)) + 1
+            for chunk in np.split(keys, bounds):          # one iteration per slot, not per page
+                pages[int(chunk[0] >> _SLOT_SHIFT)] = chunk & _OFFSET_MASK
+        return cls(pages=pages, entries=len(offsets) if entries is None else entries,
+                   last_entry=last_entry or {})
+
+
+class DirtyRing:
+    """One vCPU's ring over a buffer (the KVM mmap, or the simulator's array)."""
+
+    def __init__(self, buffer, entries: int, vcpu_index: int) -> None:
+        self.entries = validate_ring_entries(entries)
+        self.vcpu_index = vcpu_index
+        self.ring = np.frombuffer(buffer, dtype=abi.DIRTY_GFN_DTYPE, count=entries)
+        self.flags = self.ring["flags"]
+        self.fetch_index = 0                       # free-running, like KVM's indices
+
+    def _count_dirty(self, start: int) -> int:
+        """Consecutive DIRTY entries from `start`, scanning growing chunks (O(result))."""
+        total, position, chunk = 0, start, 64
+        while total < self.entries:
+            stop = min(position + chunk, self.entries, position + self.entries - total)
+            segment = self.flags[position:stop]
+            clean = np.flatnonzero((segment & _DIRTY) == 0)
+            if len(clean):
+                return total + int(clean[0])
+            total += stop - position
+            position = stop % self.entries
+            chunk *= 4
+        return total
+
+    def harvest(self) -> tuple[np.ndarray, np.ndarray]:
+        """Collect the entries KVM published since the last harvest and mark them RESET."""
+        start = self.fetch_index % self.entries
+        count = self._count_dirty(start)
+        if count == 0:
+            return np.empty(0, dtype=np.uint32), np.empty(0, dtype=np.uint64)
+        first = min(count, self.entries - start)
+        pieces = [self.ring[start:start + first]]
+        if count > first:
+            pieces.append(self.ring[:count - first])
+        picked = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
+        self.flags[start:start + first] = _RESET
+        if count > first:
+            self.flags[:count - first] = _RESET
+        self.fetch_index += count
+        return picked["slot"], picked["offset"]
+
+    def pending(self) -> int:
+        """How many published entries wait to be harvested (a cheap peek, for fill triggers)."""
+        return self._count_dirty(self.fetch_index % self.entries)
+
+
+class RingTracker:
+    """All rings of a VM plus the VM-wide reset: the harvest order, written once.
+
+    `collect()` must only run with every vCPU out of KVM_RUN (the machine's
+    pause barrier guarantees it). It harvests every ring in order, marks the
+    entries RESET, calls the reset, checks the count, and deduplicates.
+    """
+
+    def __init__(self, rings: Sequence[DirtyRing], reset: Callable[[], int]) -> None:
+        self.rings = list(rings)
+        self._reset = reset
+
+    def collect(self) -> DirtySet:
+        slots, offsets, last = [], [], {}
+        for ring in self.rings:
+            ring_slots, ring_offsets = ring.harvest()
+            if len(ring_offsets):
+                slots.append(ring_slots)
+                offsets.append(ring_offsets)
+                last[ring.vcpu_index] = (int(ring_slots[-1]), int(ring_offsets[-1]))
+        harvested = int(sum(len(o) for o in offsets))
+        reset = self._reset()
+        if reset != harvested:
+            raise HarvestError(f"KVM_RESET_DIRTY_RINGS reset {reset} entries but {harvested} were "
+                               f"harvested: the ring and the harvester disagree")
+        if not offsets:
+            return DirtySet()
+        address_spaces = np.concatenate(slots) >> np.uint32(16)
+        if address_spaces.any():
+            raise HarvestError("ring entry names a non-zero address space (SMM): not supported")
+        return DirtySet.from_entries(np.concatenate(slots), np.concatenate(offsets), harvested, last)
+
+    def fill(self) -> int:
+        """Entries waiting over all rings (for a VM-wide page-count trigger)."""
+        return sum(ring.pending() for ring in self.rings)
+
+
+class BitmapTracker:
+    """KVM_GET_DIRTY_LOG per slot into preallocated bitmaps, same result type as the ring.
+
+    In the classic mode KVM_GET_DIRTY_LOG also clears and write-protects; with
+    `manual_protect` (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) the get does not
+    re-arm, and KVM_CLEAR_DIRTY_LOG re-arms only the pages found dirty.
+    """
+
+    def __init__(self, slots: dict[int, int], get_dirty_log: Callable[[int, int], None],
+                 clear_dirty_log: Callable[[int, int, int, int], None] | None = None) -> None:
+        self._get = get_dirty_log
+        self._clear = clear_dirty_log
+        self.bitmaps: dict[int, np.ndarray] = {}
+        self.pages: dict[int, int] = dict(slots)
+        for slot, pages in slots.items():
+            words = (pages + 63) // 64
+            if words == 0:
+                raise ConfigError(f"slot {slot} has no pages to track")
+            self.bitmaps[slot] = np.zeros(words, dtype=np.uint64)
+
+    def collect(self) -> DirtySet:
+        result: dict[int, np.ndarray] = {}
+        for slot, bitmap in self.bitmaps.items():
+            self._get(slot, bitmap.ctypes.data)
+            offsets = set_bits(bitmap)
+            if self._clear is not None and len(offsets):
+                self._clear(slot, 0, self.pages[slot], bitmap.ctypes.data)
+            if len(offsets):
+                result[slot] = offsets
+        return DirtySet(pages=result, entries=int(sum(len(o) for o in result.values())))
+
+
+def set_bits(bitmap: np.ndarray) -> np.ndarray:
+    """Indices of the set bits of a little-endian uint64 bitmap, sorted, as uint64."""
+    words = np.flatnonzero(bitmap)
+    if len(words) == 0:
+        return np.empty(0, dtype=np.uint64)
+    bits = np.unpackbits(bitmap[words].view(np.uint8), bitorder="little").reshape(-1, 64)
+    rows, columns = np.nonzero(bits)
+    return (words[rows].astype(np.uint64) << np.uint64(6)) | columns.astype(np.uint64)

@@ -1,0 +1,468 @@
+"""A guest machine: memory, vCPUs, dirty tracking, and the events they produce.
+
+`Machine` holds everything both backends share (layout, parameter block,
+events, the pause barrier, the harvest order); `KvmMachine` runs a real KVM
+guest, `ring.sim.SimMachine` a simulated one. Build them through
+`ring.backend.open_machine`, the one place that chooses the backend.
+
+The harvest order is written here once: harvest() refuses to run unless
+every vCPU is parked outside KVM_RUN, then collects every ring, marks RESET,
+calls the VM-wide reset and checks its count (RingTracker.collect).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import abi
+from .dirty import BitmapTracker, DirtyRing, DirtySet, RingTracker, validate_ring_entries
+from .errors import ConfigError, KvmError, KvmUnavailableError, StateError
+from .guest import layout, loader
+from .guest.build import build_program
+from .kvm import Kvm, Vcpu, Vm
+from .memory import GuestMemory, SlotSpec
+from .vcpus import (Done, Event, Exit, LimitReached, Output, PortHandler, Progress, VcpuRunner,
+                    errno_exit, install_kick_handler)
+from .workloads import ResolvedWorkload, Workload
+
+log = logging.getLogger(__name__)
+
+MAX_DATA_BYTES = (layout.MAX_MAPPED_GIB - 1) << 30
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """The shape of a guest: vCPUs, data memory, and how its dirty pages are tracked."""
+
+    vcpus: int = 1
+    data_bytes: int = 64 << 20
+    dirty_log: str = "ring"            # "ring" or "bitmap"
+    ring_entries: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.vcpus <= layout.MAX_VCPUS:
+            raise ConfigError(f"vcpus must be between 1 and {layout.MAX_VCPUS}, got {self.vcpus}")
+        if self.data_bytes < 2 << 20 or self.data_bytes % (2 << 20):
+            raise ConfigError(f"data_bytes must be a positive multiple of 2 MiB, got {self.data_bytes}")
+        if self.data_bytes > MAX_DATA_BYTES:
+            raise ConfigError(f"data_bytes {self.data_bytes} exceeds the {MAX_DATA_BYTES >> 30} GiB the "
+                              f"guest layout maps")
+        if self.dirty_log not in ("ring", "bitmap"):
+            raise ConfigError(f"dirty_log must be 'ring' or 'bitmap', got {self.dirty_log!r}")
+        if self.dirty_log == "ring":
+            validate_ring_entries(self.ring_entries)
+
+    @property
+    def data_pages(self) -> int:
+        return self.data_bytes // abi.PAGE_SIZE
+
+    def slot_specs(self) -> list[SlotSpec]:
+        return [SlotSpec(layout.LOW_SLOT, 0, layout.LOW_SIZE, "low"),
+                SlotSpec(layout.DATA_SLOT, layout.DATA_GPA, self.data_bytes, "data")]
+
+
+@dataclass
+class VcpuState:
+    """Everything a long-mode CPL3 vCPU needs to continue elsewhere, as raw KVM structs."""
+
+    index: int
+    regs: bytes
+    sregs: bytes
+    fpu: bytes = b""
+    xsave: bytes = b""
+    xcrs: bytes = b""
+    msrs: dict[int, int] = field(default_factory=dict)
+    events: bytes = b""
+    debugregs: bytes = b""
+
+    @property
+    def rip(self) -> int:
+        return abi.Regs.from_bytes(self.regs).rip
+
+
+@dataclass
+class MachineState:
+    """A paused machine: its vCPUs, and optionally a copy of its memory (slot -> bytes)."""
+
+    vcpus: list[VcpuState]
+    memory: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class Machine:
+    """What both backends share. Subclasses provide executors, trackers and vCPU state."""
+
+    backend = "abstract"
+
+    def __init__(self, config: MachineConfig, workload: Workload | None,
+                 memory: GuestMemory | None) -> None:
+        self.config = config
+        self.workload = workload or Workload()
+        self.resolved: ResolvedWorkload = self.workload.resolved(config.data_pages, config.vcpus)
+        self.events: "queue.SimpleQueue[Event]" = queue.SimpleQueue()
+        self._sink: Callable[[Event], None] = self.events.put
+        self._owns_memory = memory is None
+        self.memory = memory or GuestMemory(config.slot_specs())
+        self._check_memory_layout()
+        self.params = self.memory.view(layout.PARAMS_GPA, layout.PARAMS_DTYPE.itemsize) \
+            .view(layout.PARAMS_DTYPE)[0]
+        self.data = self.memory.slots[layout.DATA_SLOT]
+        self.runner: VcpuRunner | None = None
+        self.extra_ports: dict[int, PortHandler] = {}
+        self._closed = False
+
+    # -- set-up shared by both backends ---------------------------------------
+    def _check_memory_layout(self) -> None:
+        expected = {spec.slot: spec for spec in self.config.slot_specs()}
+        actual = {slot: s.spec for slot, s in self.memory.slots.items()}
+        for slot, spec in expected.items():
+            got = actual.get(slot)
+            if got is None or got.guest_phys_addr != spec.guest_phys_addr or got.size != spec.size:
+                raise ConfigError(f"memory does not match the machine's layout: slot {slot} should be "
+                                  f"{spec.size:#x} bytes at {spec.guest_phys_addr:#x}, found {got}")
+
+    def write_guest_image(self) -> None:
+        """Lay out a fresh guest: tables, parameter block (the program is the subclass's)."""
+        loader.write_page_tables(self.memory, layout.DATA_GPA + self.config.data_bytes)
+        loader.write_descriptor_tables(self.memory)
+        self.resolved.fill_params(self.params, layout.DATA_GPA, self.config.data_pages)
+
+    def set_event_sink(self, sink: Callable[[Event], None]) -> None:
+        """Deliver events somewhere else (an asyncio loop's call_soon_threadsafe, say)."""
+        self._sink = sink
+
+    def _ports(self) -> dict[int, PortHandler]:
+        ports: dict[int, PortHandler] = {
+            layout.PORT_PROGRESS: lambda v, value: Progress(v, self.progress(v)),
+            layout.PORT_OUTPUT: lambda v, value: Output(v, bytes([value & 0xFF])),
+            layout.PORT_DONE: lambda v, value: (Done(v, value), "done"),
+            layout.PORT_LIMIT: lambda v, value: (LimitReached(v, self.progress(v)), "limit"),
+        }
+        ports.update(self.extra_ports)
+        return ports
+
+    def _start_runner(self, executors) -> None:
+        self.runner = VcpuRunner(executors, lambda event: self._sink(event), self._ports())
+
+    # -- running -----------------------------------------------------------
+    def start(self) -> None:
+        """Start the vCPU threads."""
+        self._require_open()
+        self.runner.start()
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop every vCPU outside KVM_RUN (the barrier)."""
+        self._require_open()
+        self.runner.pause(timeout)
+
+    def resume(self) -> None:
+        """Let every vCPU run again (after a harvest, vCPUs parked at a full ring go on)."""
+        self._require_open()
+        self.runner.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self.runner.paused
+
+    def harvest(self) -> DirtySet:
+        """Collect and reset the dirty log; only while paused."""
+        self._require_open()
+        if not self.runner.paused:
+            raise StateError("harvest() needs every vCPU paused: call pause() first")
+        return self.tracker.collect()
+
+    # -- the workload's controls ------------------------------------------
+    def progress(self, vcpu: int) -> int:
+        return int(self.params["vcpu"]["progress"][vcpu])
+
+    def progress_all(self) -> list[int]:
+        return [self.progress(v) for v in range(self.config.vcpus)]
+
+    def set_limit(self, vcpu: int, limit: int) -> None:
+        """Let `vcpu` run until its progress reaches `limit` (then it reports LimitReached)."""
+        self.params["vcpu"]["limit"][vcpu] = limit
+        if self.runner is not None:
+            self.runner.release(vcpu, "limit")
+
+    def set_limits(self, limit: int) -> None:
+        for vcpu in range(self.config.vcpus):
+            self.set_limit(vcpu, limit)
+
+    def set_iteration(self, iteration: int) -> None:
+        """The oracle's iteration number (a VMM write: not in the dirty log)."""
+        self.params["iteration"] = iteration
+
+    def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 30.0,
+                 on_other: Callable[[Event], None] | None = None) -> Event:
+        """Return the first event matching `predicate`; other events go to `on_other`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching vCPU event within {timeout} s")
+            try:
+                event = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if predicate(event):
+                return event
+            if on_other is not None:
+                on_other(event)
+
+    def run_to_limit(self, limit: int, timeout: float = 60.0) -> None:
+        """Run every vCPU until its progress reaches `limit`, then pause (test and bench helper)."""
+        waiting = {v for v in range(self.config.vcpus) if self.progress(v) < limit}
+        self.set_limits(limit)
+        while waiting:
+            event = self.wait_for(lambda e: True, timeout)
+            if isinstance(event, LimitReached):
+                waiting.discard(event.vcpu)
+            elif type(event).__name__ == "Fault":
+                raise StateError(f"vCPU {event.vcpu} faulted: {event.reason} {event.detail}")
+        self.pause()
+
+    # -- state ---------------------------------------------------------------
+    def capture(self, with_memory: bool = True) -> MachineState:
+        """vCPU state (and a copy of memory) of the paused machine."""
+        if not self.runner.paused:
+            raise StateError("capture() needs the machine paused")
+        memory = {slot: s.bytes.copy() for slot, s in self.memory.slots.items()} if with_memory else {}
+        return MachineState(self.capture_vcpus(), memory)
+
+    def restore(self, state: MachineState) -> None:
+        """Overwrite memory (if the state has it) and vCPU state; before start() or while paused."""
+        if self.runner is not None and self.runner._started and not self.runner.paused:
+            raise StateError("restore() needs the machine paused or not yet started")
+        for slot, content in state.memory.items():
+            self.memory.slots[slot].bytes[:] = content
+        self.restore_vcpus(state.vcpus)
+
+    def capture_vcpus(self) -> list[VcpuState]:
+        raise NotImplementedError
+
+    def restore_vcpus(self, states: list[VcpuState]) -> None:
+        raise NotImplementedError
+
+    # -- teardown ----------------------------------------------------------
+    def _require_open(self) -> None:
+        if self._closed:
+            raise StateError("the machine is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.runner is not None:
+            self.runner.close()
+        self._close_backend()
+        self.params = None
+        self.data = None
+        if self._owns_memory:
+            self.memory.close()
+
+    def _close_backend(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- the real thing ---------------------------------------------------------
+
+
+class KvmExecutor:
+    """Runs one KVM vCPU and decodes its exits."""
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.vcpu = vcpu
+        self.index = vcpu.index
+
+    def run(self) -> Exit:
+        code = self.vcpu.run()
+        if code < 0:
+            return errno_exit(code)
+        reason = self.vcpu.exit_reason
+        if reason == abi.KVM_EXIT_IO:
+            io = self.vcpu.io
+            if io.direction == abi.KVM_EXIT_IO_OUT:
+                value = int.from_bytes(self.vcpu.io_data()[:io.size], "little")
+                return Exit("io_out", io.port, value, io.size)
+            return Exit("io_in", io.port, 0, io.size)
+        if reason == abi.KVM_EXIT_DIRTY_RING_FULL:
+            return Exit("ring_full")
+        if reason == abi.KVM_EXIT_INTR:
+            return Exit("interrupted")
+        name = abi.EXIT_NAMES.get(reason, f"exit reason {reason}")
+        detail = name
+        if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            suberror, data = self.vcpu.internal_error()
+            detail = f"{name}: suberror {suberror}, data {[hex(d) for d in data]}"
+        elif reason == abi.KVM_EXIT_MMIO:
+            gpa = int.from_bytes(self.vcpu.run_map[abi.RUN_EXIT_UNION:abi.RUN_EXIT_UNION + 8], "little")
+            detail = f"{name}: the guest touched {gpa:#x}, which is in no memory slot"
+        try:
+            detail += f" at rip {self.vcpu.get_regs().rip:#x}"
+        except KvmError:
+            pass
+        return Exit("fault", detail=detail)
+
+    def kick(self, thread_ident: int | None) -> None:
+        self.vcpu.set_immediate_exit(True)
+        if thread_ident is not None:
+            try:
+                import signal
+                signal.pthread_kill(thread_ident, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+    def allow_run(self) -> None:
+        self.vcpu.set_immediate_exit(False)
+
+    def set_in_value(self, value: int, size: int) -> None:
+        self.vcpu.set_io_in_data(value.to_bytes(8, "little")[:size])
+
+
+_host_cache: dict[str, object] = {}
+_host_lock = threading.Lock()
+
+#: MSRs a long-mode guest may use; those KVM does not list are skipped.
+CANDIDATE_MSRS = (0x10, 0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083,
+                  0xC0000084, 0xC0000102, 0xC0000103)
+
+
+def _host_facts(kvm: Kvm) -> tuple[list[abi.CpuidEntry2], list[int]]:
+    with _host_lock:
+        if "cpuid" not in _host_cache:
+            _host_cache["cpuid"] = kvm.get_supported_cpuid()
+            listed = set(kvm.get_msr_index_list())
+            _host_cache["msrs"] = [m for m in CANDIDATE_MSRS if m in listed]
+        return _host_cache["cpuid"], _host_cache["msrs"]
+
+
+class KvmMachine(Machine):
+    """A real KVM guest with one dirty ring per vCPU (or the bitmap)."""
+
+    backend = "kvm"
+
+    def __init__(self, config: MachineConfig, workload: Workload | None = None, *,
+                 program: str = "workloads.c", memory: GuestMemory | None = None,
+                 load: bool = True, kvm_path: str = "/dev/kvm") -> None:
+        install_kick_handler()
+        image = build_program(program) if load else b""
+        self._kvm = Kvm(kvm_path)
+        self._vm: Vm | None = None
+        self._vcpus: list[Vcpu] = []
+        self._ring_maps = []
+        super().__init__(config, workload, memory)
+        try:
+            self._build(image, load)
+        except Exception:
+            self.close()
+            raise
+
+    def _build(self, image: bytes, load: bool) -> None:
+        config = self.config
+        vm = self._vm = self._kvm.create_vm()
+        if config.dirty_log == "ring":
+            max_bytes = vm.check_extension(abi.KVM_CAP_DIRTY_LOG_RING)
+            if max_bytes <= 0:
+                raise KvmUnavailableError("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); "
+                                          "use dirty_log='bitmap'")
+            validate_ring_entries(config.ring_entries, max_bytes)
+            vm.enable_cap(abi.KVM_CAP_DIRTY_LOG_RING, config.ring_entries * abi.DIRTY_GFN_DTYPE.itemsize)
+        for slot in self.memory.slots.values():
+            vm.set_user_memory_region(slot.spec.slot, slot.spec.guest_phys_addr, slot.spec.size,
+                                      slot.address, abi.KVM_MEM_LOG_DIRTY_PAGES)
+        if load:
+            self.write_guest_image()
+            loader.load_program(self.memory, image)
+        cpuid, self._msrs = _host_facts(self._kvm)
+        xsave2 = vm.check_extension(abi.KVM_CAP_XSAVE2)
+        self._xsave_size = max(xsave2, abi.XSAVE_LEGACY_SIZE)
+        rings = []
+        for index in range(config.vcpus):
+            vcpu = vm.create_vcpu(index)
+            self._vcpus.append(vcpu)
+            vcpu.set_cpuid2(cpuid)
+            vcpu.set_sregs(loader.initial_sregs(vcpu.get_sregs()))
+            vcpu.set_regs(loader.initial_regs(index))
+            if config.dirty_log == "ring":
+                ring_map = vcpu.map_dirty_ring(config.ring_entries * abi.DIRTY_GFN_DTYPE.itemsize)
+                self._ring_maps.append(ring_map)
+                rings.append(DirtyRing(ring_map, config.ring_entries, index))
+        if config.dirty_log == "ring":
+            self.tracker = RingTracker(rings, vm.reset_dirty_rings)
+        else:
+            self.tracker = BitmapTracker({s: m.spec.pages for s, m in self.memory.slots.items()},
+                                         vm.get_dirty_log)
+        self._start_runner([KvmExecutor(vcpu) for vcpu in self._vcpus])
+
+    @property
+    def vm(self) -> Vm:
+        return self._vm
+
+    @property
+    def vcpu_fds(self) -> list[Vcpu]:
+        return list(self._vcpus)
+
+    def capture_vcpus(self) -> list[VcpuState]:
+        if self.runner._started and not self.runner.paused:
+            raise StateError("capture_vcpus() needs the machine paused")
+        states = []
+        for vcpu in self._vcpus:
+            states.append(VcpuState(
+                index=vcpu.index,
+                regs=vcpu.get_regs().to_bytes(),
+                sregs=vcpu.get_sregs().to_bytes(),
+                fpu=vcpu.get_fpu().to_bytes(),
+                xsave=vcpu.get_xsave(self._xsave_size),
+                xcrs=vcpu.get_xcrs().to_bytes(),
+                msrs=vcpu.get_msrs(self._msrs),
+                events=vcpu.get_vcpu_events(),
+                debugregs=vcpu.get_debugregs(),
+            ))
+        return states
+
+    def restore_vcpus(self, states: list[VcpuState]) -> None:
+        if len(states) != len(self._vcpus):
+            raise ConfigError(f"state has {len(states)} vCPUs, this machine {len(self._vcpus)}")
+        for vcpu, state in zip(self._vcpus, states):
+            vcpu.set_sregs(abi.Sregs.from_bytes(state.sregs))
+            vcpu.set_regs(abi.Regs.from_bytes(state.regs))
+            if state.xsave:
+                vcpu.set_xsave(state.xsave)
+            elif state.fpu:
+                vcpu.set_fpu(abi.Fpu.from_bytes(state.fpu))
+            if state.xcrs:
+                vcpu.set_xcrs(abi.Xcrs.from_bytes(state.xcrs))
+            if state.msrs:
+                vcpu.set_msrs(state.msrs)
+            if state.events:
+                vcpu.set_vcpu_events(state.events)
+            if state.debugregs:
+                vcpu.set_debugregs(state.debugregs)
+
+    def _close_backend(self) -> None:
+        self.tracker = None
+        for ring_map in self._ring_maps:
+            try:
+                ring_map.close()
+            except BufferError:
+                pass
+        self._ring_maps.clear()
+        for vcpu in self._vcpus:
+            vcpu.close()
+        self._vcpus.clear()
+        if self._vm is not None:
+            self._vm.close()
+        self._kvm.close()

@@ -1,0 +1,124 @@
+"""Guest memory: anonymous mmaps, one per slot, each exposed as a numpy array.
+
+Large slots are mapped with MAP_NORESERVE: a 64 GiB guest on a 24 GiB host is
+fine as long as it touches little of it, and the kernel only backs what is
+touched. The same objects back the real VM (registered with
+KVM_SET_USER_MEMORY_REGION) and the simulated one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+
+from .abi import PAGE_SHIFT, PAGE_SIZE
+from .errors import ConfigError, SlotOverlapError
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """Where a slot sits in guest-physical space."""
+
+    slot: int
+    guest_phys_addr: int
+    size: int
+    name: str = ""
+
+    @property
+    def first_gfn(self) -> int:
+        return self.guest_phys_addr >> PAGE_SHIFT
+
+    @property
+    def pages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    @property
+    def end(self) -> int:
+        return self.guest_phys_addr + self.size
+
+
+class MemorySlot:
+    """One slot's host mapping; owns the mmap and closes it."""
+
+    NORESERVE_ABOVE = 1 << 30
+
+    def __init__(self, spec: SlotSpec) -> None:
+        if spec.size <= 0 or spec.size % PAGE_SIZE or spec.guest_phys_addr % PAGE_SIZE:
+            raise ConfigError(f"slot {spec.slot} ({spec.name}): address {spec.guest_phys_addr:#x} and "
+                              f"size {spec.size:#x} must be positive multiples of {PAGE_SIZE}")
+        self.spec = spec
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if spec.size >= self.NORESERVE_ABOVE:
+            flags |= mmap.MAP_NORESERVE
+        self._map = mmap.mmap(-1, spec.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.bytes = np.frombuffer(self._map, dtype=np.uint8)
+        self.pages = self.bytes.reshape(spec.pages, PAGE_SIZE)
+        self.words = self.bytes.view(np.uint64)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    def page(self, offset: int) -> np.ndarray:
+        """The page at `offset` pages into the slot, as a uint8 view."""
+        return self.pages[offset]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self.bytes = self.pages = self.words = None
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes with it
+            self._map = None
+
+
+class GuestMemory:
+    """All of a guest's slots, checked not to overlap."""
+
+    def __init__(self, specs: list[SlotSpec]) -> None:
+        check_no_overlap(specs)
+        self.slots: dict[int, MemorySlot] = {}
+        try:
+            for spec in specs:
+                self.slots[spec.slot] = MemorySlot(spec)
+        except Exception:
+            self.close()
+            raise
+
+    def slot_of(self, gpa: int) -> MemorySlot:
+        for slot in self.slots.values():
+            if slot.spec.guest_phys_addr <= gpa < slot.spec.end:
+                return slot
+        raise ConfigError(f"guest-physical address {gpa:#x} is in no memory slot")
+
+    def view(self, gpa: int, length: int) -> np.ndarray:
+        """A uint8 view of guest memory at `gpa` (must lie inside one slot)."""
+        slot = self.slot_of(gpa)
+        start = gpa - slot.spec.guest_phys_addr
+        if start + length > slot.spec.size:
+            raise ConfigError(f"range {gpa:#x}+{length:#x} crosses the end of slot {slot.spec.slot}")
+        return slot.bytes[start:start + length]
+
+    def write(self, gpa: int, data: bytes | np.ndarray) -> None:
+        """Write bytes into guest memory from the VMM (not seen by the dirty ring)."""
+        buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
+        self.view(gpa, len(buffer))[:] = buffer
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            slot.close()
+        self.slots.clear()
+
+
+def check_no_overlap(specs: list[SlotSpec]) -> None:
+    """Raise SlotOverlapError naming the first two slots that share guest-physical space."""
+    ids = [spec.slot for spec in specs]
+    if len(set(ids)) != len(ids):
+        raise SlotOverlapError(f"slot ids are not unique: {ids}")
+    ordered = sorted(specs, key=lambda spec: spec.guest_phys_addr)
+    for before, after in zip(ordered, ordered[1:]):
+        if after.guest_phys_addr < before.end:
+            raise SlotOverlapError(
+                f"slot {after.slot} ({after.name}) at {after.guest_phys_addr:#x} overlaps slot "
+                f"{before.slot} ({before.name}) {before.guest_phys_addr:#x}..{before.end:#x}")

@@ -1,0 +1,253 @@
+"""vCPU threads, exit events, and the pause barrier.
+
+Some facts about stopping vCPUs (Firecracker's vcpu.rs, kvmtool's pause):
+
+- KVM_RUN blocks its thread until the guest exits, so each vCPU runs in its
+  own thread, and exits reach the caller as events on a queue (or any sink).
+- To stop a vCPU that is inside KVM_RUN, set kvm_run.immediate_exit and send
+  its thread a signal (SIGUSR1 with a no-op handler): KVM_RUN returns EINTR.
+  immediate_exit closes the race where the signal lands just before the
+  thread enters KVM_RUN: KVM checks it on entry and returns EINTR at once.
+- pause() is a barrier: it returns only when every vCPU thread has
+  acknowledged that it is parked outside KVM_RUN. resume() releases them.
+- A vCPU may park on its own: DIRTY_RING_FULL (it cannot go on until the
+  ring is reset, so it waits for resume()), the workload's limit port (it
+  waits for set_limit()), done, or a fault (for good).
+
+The runner drives "executors": the real one wraps a KVM vCPU, the simulated
+one a numpy workload, so both backends share this barrier.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from .errors import StateError
+
+KICK_SIGNAL = signal.SIGUSR1
+
+# --- what an executor reports after one run ---------------------------------
+
+
+@dataclass(frozen=True)
+class Exit:
+    """One return from running a vCPU. kind: io_out, io_in, ring_full, interrupted, fault."""
+
+    kind: str
+    port: int = 0
+    value: int = 0
+    size: int = 0
+    detail: str = ""
+
+
+class Executor(Protocol):
+    index: int
+
+    def run(self) -> Exit: ...
+
+    def kick(self, thread_ident: int | None) -> None: ...
+
+    def allow_run(self) -> None: ...
+
+    def set_in_value(self, value: int, size: int) -> None: ...
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    vcpu: int
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    value: int
+
+
+@dataclass(frozen=True)
+class RingSoftFull(Event):
+    """The vCPU's ring reached its soft limit; the vCPU waits until the VM is harvested."""
+
+
+@dataclass(frozen=True)
+class LimitReached(Event):
+    progress: int
+
+
+@dataclass(frozen=True)
+class Output(Event):
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Done(Event):
+    code: int
+
+
+@dataclass(frozen=True)
+class Fault(Event):
+    reason: str
+    detail: str = ""
+
+
+#: port -> handler(vcpu, value) returning an Event, None, or (Event | None, park_reason)
+PortHandler = Callable[[int, int], "Event | None | tuple[Event | None, str | None]"]
+
+RESUMABLE = {"ring_full"}
+
+
+_handler_lock = threading.Lock()
+
+
+def install_kick_handler() -> None:
+    """Install a no-op SIGUSR1 handler (needed so that the kick interrupts KVM_RUN)."""
+    with _handler_lock:
+        current = signal.getsignal(KICK_SIGNAL)
+        if callable(current):
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise StateError("the vCPU kick signal (SIGUSR1) needs a handler, and Python only installs "
+                             "handlers from the main thread: create the first machine there, or call "
+                             "ring.vcpus.install_kick_handler() from it")
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class VcpuRunner:
+    """Threads that run executors, with a pause barrier and park reasons."""
+
+    def __init__(self, executors: Sequence[Executor], sink: Callable[[Event], None],
+                 ports: dict[int, PortHandler]) -> None:
+        self._executors = list(executors)
+        self._sink = sink
+        self._ports = dict(ports)
+        self._cond = threading.Condition()
+        self._pause_requested = True
+        self._closing = False
+        count = len(self._executors)
+        self._parked = [False] * count
+        self._hold: list[str | None] = [None] * count
+        self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"vcpu{i}", daemon=True)
+                         for i in range(count)]
+        self._started = False
+
+    # -- control -------------------------------------------------------------
+    def start(self) -> None:
+        """Start the threads and let the vCPUs run."""
+        if self._started:
+            raise StateError("vCPUs already started")
+        self._started = True
+        for thread in self._threads:
+            thread.start()
+        self.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self._pause_requested
+
+    def hold_reason(self, index: int) -> str | None:
+        return self._hold[index]
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Kick every vCPU out of KVM_RUN; return once all are parked."""
+        with self._cond:
+            self._pause_requested = True
+            if not self._started:
+                return
+            deadline = time.monotonic() + timeout
+            while not all(self._parked):
+                for i, executor in enumerate(self._executors):
+                    if not self._parked[i]:
+                        executor.kick(self._threads[i].ident)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    stuck = [i for i, parked in enumerate(self._parked) if not parked]
+                    raise StateError(f"vCPUs {stuck} did not stop within {timeout} s of the kick")
+                # Re-kick now and then: a signal is only a nudge, the barrier is the count.
+                self._cond.wait(min(remaining, 0.01))
+
+    def resume(self) -> None:
+        """Let every vCPU run again, including those parked at a full ring."""
+        with self._cond:
+            self._pause_requested = False
+            for i, reason in enumerate(self._hold):
+                if reason in RESUMABLE:
+                    self._hold[i] = None
+            self._cond.notify_all()
+
+    def release(self, index: int, reason: str) -> None:
+        """Clear one vCPU's own park reason (the limit, after a new limit was set)."""
+        with self._cond:
+            if self._hold[index] == reason:
+                self._hold[index] = None
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._started:
+            try:
+                self.pause(timeout=5.0)
+            except StateError:
+                pass
+            for thread in self._threads:
+                thread.join(timeout=5.0)
+
+    # -- the thread ------------------------------------------------------------
+    def _loop(self, index: int) -> None:
+        executor = self._executors[index]
+        while True:
+            with self._cond:
+                while (self._pause_requested or self._hold[index] is not None) and not self._closing:
+                    if not self._parked[index]:
+                        self._parked[index] = True
+                        self._cond.notify_all()
+                    self._cond.wait()
+                if self._closing:
+                    self._parked[index] = True
+                    self._cond.notify_all()
+                    return
+                self._parked[index] = False
+                executor.allow_run()
+            try:
+                event, park = self._handle(index, executor, executor.run())
+            except Exception as exc:  # never let a vCPU thread die silently
+                event, park = Fault(index, "exception", repr(exc)), "fault"
+            if park is not None:
+                with self._cond:
+                    self._hold[index] = park
+            if event is not None:
+                self._sink(event)
+
+    def _handle(self, index: int, executor: Executor, exit_: Exit) -> tuple[Event | None, str | None]:
+        if exit_.kind == "interrupted":
+            return None, None
+        if exit_.kind == "ring_full":
+            return RingSoftFull(index), "ring_full"
+        if exit_.kind in ("io_out", "io_in"):
+            handler = self._ports.get(exit_.port)
+            if handler is None:
+                detail = f"{'OUT' if exit_.kind == 'io_out' else 'IN'} to unhandled port {exit_.port:#x}"
+                return Fault(index, "io", detail), "fault"
+            result = handler(index, exit_.value)
+            if exit_.kind == "io_in":
+                value, result = (result if isinstance(result, tuple) else (result, None))
+                executor.set_in_value(int(value or 0), exit_.size)
+                return result, None
+            if isinstance(result, tuple):
+                return result
+            return result, None
+        return Fault(index, exit_.kind, exit_.detail), "fault"
+
+
+def errno_exit(code: int) -> Exit:
+    """Map a negative errno from KVM_RUN to an Exit."""
+    if code == -errno.EINTR or code == -errno.EAGAIN:
+        return Exit("interrupted")
+    return Exit("fault", detail=f"KVM_RUN failed: {errno.errorcode.get(-code, -code)}")

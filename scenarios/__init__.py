@@ -1,0 +1,1 @@
+"""colo-ring scenarios package (see the issues that build it)."""
