@@ -24,12 +24,12 @@ import numpy as np
 
 from . import abi
 from .dirty import BitmapTracker, DirtyRing, DirtySet, RingTracker, validate_ring_entries
-from .errors import ConfigError, KvmError, KvmUnavailableError, StateError
+from .errors import ConfigError, GuestFault, KvmError, KvmUnavailableError, StateError
 from .guest import layout, loader
 from .guest.build import build_program
 from .kvm import Kvm, Vcpu, Vm
 from .memory import GuestMemory, SlotSpec
-from .vcpus import (Done, Event, Exit, LimitReached, Output, PortHandler, Progress, VcpuRunner,
+from .vcpus import (Done, Event, Exit, Fault, LimitReached, Output, PortHandler, Progress, RingSoftFull, VcpuRunner,
                     errno_exit, install_kick_handler)
 from .workloads import ResolvedWorkload, Workload
 
@@ -216,17 +216,40 @@ class Machine:
             if on_other is not None:
                 on_other(event)
 
-    def run_to_limit(self, limit: int, timeout: float = 60.0) -> None:
-        """Run every vCPU until its progress reaches `limit`, then pause (test and bench helper)."""
+    def drain_events(self) -> list[Event]:
+        """Every event queued so far (after pause() returns, that is all the vCPUs produced)."""
+        drained = []
+        while True:
+            try:
+                drained.append(self.events.get_nowait())
+            except queue.Empty:
+                return drained
+
+    def run_to_limit(self, limit: int, timeout: float = 60.0, harvest_when_full: bool = False) -> list[Event]:
+        """Run every vCPU until its progress reaches `limit`, then pause; return the other events.
+
+        A full ring stops a vCPU until the VM is harvested: with harvest_when_full the
+        VM is paused, harvested and resumed on the spot (the dirty sets are dropped).
+        """
         waiting = {v for v in range(self.config.vcpus) if self.progress(v) < limit}
         self.set_limits(limit)
+        if self.runner.paused:
+            self.resume()
+        others: list[Event] = []
         while waiting:
             event = self.wait_for(lambda e: True, timeout)
-            if isinstance(event, LimitReached):
+            if isinstance(event, LimitReached) and event.progress >= limit:
                 waiting.discard(event.vcpu)
-            elif type(event).__name__ == "Fault":
-                raise StateError(f"vCPU {event.vcpu} faulted: {event.reason} {event.detail}")
+            elif isinstance(event, Fault):
+                raise GuestFault(f"vCPU {event.vcpu} faulted: {event.reason} {event.detail}")
+            elif isinstance(event, RingSoftFull) and harvest_when_full:
+                self.pause()
+                self.harvest()
+                self.resume()
+            else:
+                others.append(event)
         self.pause()
+        return others + self.drain_events()
 
     # -- state ---------------------------------------------------------------
     def capture(self, with_memory: bool = True) -> MachineState:

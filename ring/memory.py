@@ -17,6 +17,9 @@ import numpy as np
 from .abi import PAGE_SHIFT, PAGE_SIZE
 from .errors import ConfigError, SlotOverlapError
 
+#: Linux's MAP_NORESERVE; Python's mmap module only exports it from 3.13 on.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
 
 @dataclass(frozen=True)
 class SlotSpec:
@@ -52,7 +55,7 @@ class MemorySlot:
         self.spec = spec
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         if spec.size >= self.NORESERVE_ABOVE:
-            flags |= mmap.MAP_NORESERVE
+            flags |= MAP_NORESERVE
         self._map = mmap.mmap(-1, spec.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes = np.frombuffer(self._map, dtype=np.uint8)
         self.pages = self.bytes.reshape(spec.pages, PAGE_SIZE)

@@ -10,6 +10,14 @@
 
 enum { W_UNIFORM = 1, W_HOTCOLD = 2, W_SEQUENTIAL = 3, W_ORACLE = 4 };
 
+/* One instruction reads the iteration and stores it (movsq), so a vCPU stopped
+ * between two instructions never stores an iteration it read before the stop.
+ * A store that faulted (logged, not retired) re-reads the iteration when it
+ * is re-executed after the resume. */
+static inline void copy_word(volatile u64 *dst, volatile u64 *src) {
+    __asm__ volatile("movsq" : "+D"(dst), "+S"(src) : : "memory");
+}
+
 static inline u64 pick_page(const struct params *p, u64 vcpu, u64 i) {
     u64 r = mix64(p->seed + vcpu * STREAM + i * GOLDEN);
     switch (p->workload) {
@@ -34,7 +42,7 @@ void guest_main(u64 vcpu, struct params *p) {
         if (p->total && i >= p->total) done(0);
         u64 page = pick_page(p, vcpu, i);
         if (p->workload == W_ORACLE)
-            data[page * 512 + vcpu] = p->iteration;
+            copy_word(&data[page * 512 + vcpu], &p->iteration);
         else
             data[page * 512 + (((i & 63) << 3) | vcpu)] = i + 1;
         st->progress = i + 1;
