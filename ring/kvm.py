@@ -94,7 +94,11 @@ class Kvm(_Fd):
         except OSError as exc:
             raise KvmUnavailableError(f"{path} cannot be opened: {exc.strerror}") from exc
         super().__init__(fd)
-        version = self.get_api_version()
+        try:
+            version = self.get_api_version()
+        except KvmError as exc:
+            self.close()
+            raise KvmUnavailableError(f"{path} is not a KVM device ({exc})") from exc
         if version != abi.KVM_API_VERSION:
             self.close()
             raise KvmUnavailableError(f"{path} speaks KVM API {version}, expected {abi.KVM_API_VERSION}")

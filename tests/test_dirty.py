@@ -1,0 +1,99 @@
+"""Unit tests of the harvest code on hand-made rings (no KVM needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ring import abi
+from ring.dirty import DirtyRing, DirtySet, HarvestError, RingTracker, set_bits, soft_limit
+
+DIRTY, RESET = abi.KVM_DIRTY_GFN_F_DIRTY, abi.KVM_DIRTY_GFN_F_RESET
+
+
+def _ring(entries: int = 256) -> tuple[np.ndarray, DirtyRing]:
+    buffer = np.zeros(entries, dtype=abi.DIRTY_GFN_DTYPE)
+    return buffer, DirtyRing(buffer, entries, vcpu_index=0)
+
+
+def _publish(buffer: np.ndarray, start: int, pairs: list[tuple[int, int]]) -> None:
+    for i, (slot, offset) in enumerate(pairs):
+        entry = buffer[(start + i) % len(buffer)]
+        entry["slot"], entry["offset"], entry["flags"] = slot, offset, DIRTY
+
+
+def test_harvest_stops_at_first_entry_without_dirty() -> None:
+    buffer, ring = _ring()
+    _publish(buffer, 0, [(1, 5), (1, 6), (0, 2)])
+    _publish(buffer, 4, [(1, 99)])              # a gap at 3: must not be reached
+    slots, offsets = ring.harvest()
+    assert offsets.tolist() == [5, 6, 2] and slots.tolist() == [1, 1, 0]
+    assert buffer["flags"][:3].tolist() == [RESET] * 3
+    assert buffer["flags"][4] == DIRTY and ring.fetch_index == 3
+
+
+def test_harvest_wraps_around_the_ring() -> None:
+    buffer, ring = _ring(256)
+    ring.fetch_index = 250
+    pairs = [(1, n) for n in range(20)]
+    _publish(buffer, 250, pairs)
+    slots, offsets = ring.harvest()
+    assert offsets.tolist() == list(range(20))
+    assert (buffer["flags"][250:] == RESET).all() and (buffer["flags"][:14] == RESET).all()
+    assert ring.fetch_index == 270
+
+
+def test_full_ring_harvests_every_entry_once() -> None:
+    buffer, ring = _ring(256)
+    ring.fetch_index = 1000
+    _publish(buffer, 1000, [(1, n) for n in range(256)])
+    _, offsets = ring.harvest()
+    assert len(offsets) == 256 and len(set(offsets.tolist())) == 256
+
+
+def test_tracker_checks_the_reset_count() -> None:
+    buffer, ring = _ring()
+    _publish(buffer, 0, [(1, 1), (1, 2)])
+    with pytest.raises(HarvestError, match="reset 1 entries but 2 were harvested"):
+        RingTracker([ring], reset=lambda: 1).collect()
+
+
+def test_tracker_deduplicates_and_records_last_entries() -> None:
+    buffers = [_ring() for _ in range(2)]
+    for index, (_, ring) in enumerate(buffers):
+        ring.vcpu_index = index
+    _publish(buffers[0][0], 0, [(1, 7), (0, 3), (1, 7), (1, 2)])
+    _publish(buffers[1][0], 0, [(1, 2), (1, 9)])
+    dirty = RingTracker([r for _, r in buffers], reset=lambda: 6).collect()
+    assert dirty.entries == 6 and dirty.count == 4
+    assert dirty.slot(1).tolist() == [2, 7, 9] and dirty.slot(0).tolist() == [3]
+    assert dirty.last_entry == {0: (1, 2), 1: (1, 9)}
+
+
+def test_soft_limit_is_size_minus_64() -> None:
+    assert [soft_limit(n) for n in (256, 512, 1024, 4096)] == [192, 448, 960, 4032]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, (1 << 20) - 1), max_size=400), st.integers(1, 20000))
+def test_set_bits_matches_a_naive_scan(pages: list[int], extra: int) -> None:
+    total = (1 << 20) + extra
+    bitmap = np.zeros((total + 63) // 64, dtype=np.uint64)
+    for page in pages:
+        bitmap[page // 64] |= np.uint64(1 << (page % 64))
+    assert set_bits(bitmap).tolist() == sorted(set(pages))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, (1 << 36) - 1)), max_size=300))
+def test_dirty_set_from_entries_matches_python_sets(pairs) -> None:
+    slots = np.array([s for s, _ in pairs], dtype=np.uint32)
+    offsets = np.array([o for _, o in pairs], dtype=np.uint64)
+    dirty = DirtySet.from_entries(slots, offsets)
+    expected: dict[int, set[int]] = {}
+    for slot, offset in pairs:
+        expected.setdefault(slot, set()).add(offset)
+    assert {s: a.tolist() for s, a in dirty.pages.items()} == {s: sorted(o) for s, o in expected.items()}
+    assert dirty.entries == len(pairs)
