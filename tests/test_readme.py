@@ -1,0 +1,24 @@
+"""The README's ring/ example runs as written, and its first two commands are the documented ones."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_example_runs(capsys) -> None:
+    text = README.read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    entries = int(re.search(r"ring full on vCPU \d -> (\d+) entries", out).group(1))
+    assert 960 <= entries <= 2 * 960
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = re.search(r"```sh\n(.*?)```", README.read_text(), re.S).group(1).splitlines()
+    test_command = [c for c in commands if c and not c.startswith("#")][1]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines()
