@@ -325,7 +325,8 @@ class KvmExecutor:
             return Exit("ring_full")
         if reason == abi.KVM_EXIT_INTR:
             return Exit("interrupted")
-        name = abi.EXIT_NAMES.get(reason, f"exit reason {reason}")
+        name = abi.EXIT_NAMES.get(reason, f"KVM_EXIT_{reason}")
+        kind = name.removeprefix("KVM_EXIT_").lower()      # shutdown, internal_error, mmio, hlt...
         detail = name
         if reason == abi.KVM_EXIT_INTERNAL_ERROR:
             suberror, data = self.vcpu.internal_error()
@@ -337,7 +338,7 @@ class KvmExecutor:
             detail += f" at rip {self.vcpu.get_regs().rip:#x}"
         except KvmError:
             pass
-        return Exit("fault", detail=detail)
+        return Exit(kind, detail=detail)
 
     def kick(self, thread_ident: int | None) -> None:
         self.vcpu.set_immediate_exit(True)
@@ -379,7 +380,8 @@ class KvmMachine(Machine):
 
     def __init__(self, config: MachineConfig, workload: Workload | None = None, *,
                  program: str = "workloads.c", memory: GuestMemory | None = None,
-                 load: bool = True, kvm_path: str = "/dev/kvm") -> None:
+                 load: bool = True, kvm_path: str = "/dev/kvm",
+                 ports: dict[int, PortHandler] | None = None) -> None:
         install_kick_handler()
         image = build_program(program) if load else b""
         self._kvm = Kvm(kvm_path)
@@ -387,6 +389,7 @@ class KvmMachine(Machine):
         self._vcpus: list[Vcpu] = []
         self._ring_maps = []
         super().__init__(config, workload, memory)
+        self.extra_ports.update(ports or {})
         try:
             self._build(image, load)
         except Exception:

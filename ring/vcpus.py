@@ -96,7 +96,8 @@ class Fault(Event):
     detail: str = ""
 
 
-#: port -> handler(vcpu, value) returning an Event, None, or (Event | None, park_reason)
+#: port -> handler(vcpu, value). For OUT it returns an Event, None, or (Event | None, park
+#: reason); for IN it returns the integer the guest reads.
 PortHandler = Callable[[int, int], "Event | None | tuple[Event | None, str | None]"]
 
 RESUMABLE = {"ring_full"}
@@ -236,13 +237,10 @@ class VcpuRunner:
                 detail = f"{'OUT' if exit_.kind == 'io_out' else 'IN'} to unhandled port {exit_.port:#x}"
                 return Fault(index, "io", detail), "fault"
             result = handler(index, exit_.value)
-            if exit_.kind == "io_in":
-                value, result = (result if isinstance(result, tuple) else (result, None))
-                executor.set_in_value(int(value or 0), exit_.size)
-                return result, None
-            if isinstance(result, tuple):
-                return result
-            return result, None
+            if exit_.kind == "io_in":              # an IN handler returns the value to read
+                executor.set_in_value(int(result or 0), exit_.size)
+                return None, None
+            return result if isinstance(result, tuple) else (result, None)
         return Fault(index, exit_.kind, exit_.detail), "fault"
 
 
