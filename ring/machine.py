@@ -82,6 +82,7 @@ class VcpuState:
     msrs: dict[int, int] = field(default_factory=dict)
     events: bytes = b""
     debugregs: bytes = b""
+    cpuid: bytes = b""                 # kvm_cpuid_entry2 records, as set on the vCPU
 
     @property
     def rip(self) -> int:
@@ -456,6 +457,7 @@ class KvmMachine(Machine):
                 msrs=vcpu.get_msrs(self._msrs),
                 events=vcpu.get_vcpu_events(),
                 debugregs=vcpu.get_debugregs(),
+                cpuid=b"".join(entry.to_bytes() for entry in vcpu.get_cpuid2()),
             ))
         return states
 
@@ -463,6 +465,10 @@ class KvmMachine(Machine):
         if len(states) != len(self._vcpus):
             raise ConfigError(f"state has {len(states)} vCPUs, this machine {len(self._vcpus)}")
         for vcpu, state in zip(self._vcpus, states):
+            if state.cpuid:                # first: KVM accepts a changed CPUID only before KVM_RUN
+                size = ctypes.sizeof(abi.CpuidEntry2)
+                vcpu.set_cpuid2([abi.CpuidEntry2.from_bytes(state.cpuid[i:i + size])
+                                 for i in range(0, len(state.cpuid), size)])
             vcpu.set_sregs(abi.Sregs.from_bytes(state.sregs))
             vcpu.set_regs(abi.Regs.from_bytes(state.regs))
             if state.xsave:
