@@ -234,7 +234,9 @@ class Machine:
         """
         waiting = {v for v in range(self.config.vcpus) if self.progress(v) < limit}
         self.set_limits(limit)
-        if self.runner.paused:
+        if not self.runner.started:
+            self.start()
+        elif self.runner.paused:
             self.resume()
         others: list[Event] = []
         while waiting:
@@ -262,7 +264,7 @@ class Machine:
 
     def restore(self, state: MachineState) -> None:
         """Overwrite memory (if the state has it) and vCPU state; before start() or while paused."""
-        if self.runner is not None and self.runner._started and not self.runner.paused:
+        if self.runner is not None and self.runner.started and not self.runner.paused:
             raise StateError("restore() needs the machine paused or not yet started")
         for slot, content in state.memory.items():
             self.memory.slots[slot].bytes[:] = content
@@ -443,7 +445,7 @@ class KvmMachine(Machine):
         return list(self._vcpus)
 
     def capture_vcpus(self) -> list[VcpuState]:
-        if self.runner._started and not self.runner.paused:
+        if self.runner.started and not self.runner.paused:
             raise StateError("capture_vcpus() needs the machine paused")
         states = []
         for vcpu in self._vcpus:

@@ -148,6 +148,10 @@ class VcpuRunner:
         self.resume()
 
     @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
     def paused(self) -> bool:
         return self._pause_requested
 
