@@ -22,6 +22,7 @@ GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 STREAM = np.uint64(0xD1B54A32D192ED03)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class ResolvedWorkload:
         if w.name == "sequential":
             start = np.uint64(vcpu * (self.working_set // self.vcpus))
             return (start + items * np.uint64(w.stride)) % np.uint64(self.working_set)
-        r = mix64(np.uint64(w.seed) + np.uint64(vcpu) * STREAM + items * GOLDEN)
+        stream = np.uint64((w.seed + vcpu * int(STREAM)) & _MASK64)   # Python ints: no overflow warning
+        r = mix64(stream + items * GOLDEN)
         if w.name == "hotcold":
             choice = (r >> np.uint64(32)) % np.uint64(100)
             index = r & np.uint64(0xFFFFFFFF)
