@@ -209,6 +209,7 @@ KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
 KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225
 
 KVM_MEM_LOG_DIRTY_PAGES = 1
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1
 
 # --- kvm_run ----------------------------------------------------------------
 

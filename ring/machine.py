@@ -46,6 +46,7 @@ class MachineConfig:
     data_bytes: int = 64 << 20
     dirty_log: str = "ring"            # "ring" or "bitmap"
     ring_entries: int = 4096
+    bitmap_manual_clear: bool = False  # bitmap: KVM_CLEAR_DIRTY_LOG re-arms (MANUAL_DIRTY_LOG_PROTECT2)
 
     def __post_init__(self) -> None:
         if not 1 <= self.vcpus <= layout.MAX_VCPUS:
@@ -432,8 +433,15 @@ class KvmMachine(Machine):
         if config.dirty_log == "ring":
             self.tracker = RingTracker(rings, vm.reset_dirty_rings)
         else:
+            clear = None
+            if config.bitmap_manual_clear:
+                if not vm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
+                    raise KvmUnavailableError("this host's KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 "
+                                              "(bitmap_manual_clear)")
+                vm.enable_cap(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+                clear = vm.clear_dirty_log
             self.tracker = BitmapTracker({s: m.spec.pages for s, m in self.memory.slots.items()},
-                                         vm.get_dirty_log)
+                                         vm.get_dirty_log, clear)
         self._start_runner([KvmExecutor(vcpu) for vcpu in self._vcpus])
 
     @property

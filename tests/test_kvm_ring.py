@@ -92,11 +92,13 @@ def _written_pages(vm: KvmMachine, start: list[int]) -> set[int]:
 
 
 @pytest.mark.parametrize("name", ["uniform", "hotcold", "sequential"])
-def test_ring_and_bitmap_report_the_same_pages(name: str) -> None:
+@pytest.mark.parametrize("manual_clear", [False, True])
+def test_ring_and_bitmap_report_the_same_pages(name: str, manual_clear: bool) -> None:
     workload = Workload(name, seed=99, stride=3)
     results = {}
     for dirty_log in ("ring", "bitmap"):
-        config = MachineConfig(vcpus=2, data_bytes=32 << 20, dirty_log=dirty_log, ring_entries=4096)
+        config = MachineConfig(vcpus=2, data_bytes=32 << 20, dirty_log=dirty_log, ring_entries=4096,
+                               bitmap_manual_clear=manual_clear and dirty_log == "bitmap")
         with KvmMachine(config, workload) as vm:
             vm.start()
             vm.run_to_limit(500)
