@@ -1,0 +1,658 @@
+"""The epoch protocol of both roles, as pure state machines (sans-I/O, after h11).
+
+Events go in (frozen dataclasses, each stamped with the time `now` the shell
+read from its clock), commands come out (a list of frozen dataclasses the
+shell executes in order). Nothing here imports asyncio, zmq or KVM, sleeps
+or reads a clock: tests drive both machines directly with a fake clock, and
+link a primary to a replica in memory.
+
+Primary, in short:
+
+    connecting --Welcomed--> syncing --Acked(final sync epoch)--> protected
+        ^                       |                                     |
+        +------ ReplicaLost <---+------------- ReplicaLost <----------+
+                (guest runs unprotected, outputs released at once, a new
+                 session and a full sync when a replica answers again)
+
+- A Trigger (ring full, dirty threshold, output waiting; the interval trigger
+  is raised here from Tick) becomes TakeSnapshot(epoch) then SendEpoch(epoch)
+  when fewer than `max_in_flight` epochs await their ack; otherwise the guest
+  is held paused (HoldGuest) and the snapshot is taken when an ack frees a
+  place. Epochs are never dropped, merged or reordered: numbers are strictly
+  increasing, and an ack N (cumulative: the replica commits in order)
+  releases the outputs of every epoch <= N.
+- Heartbeats go out every `heartbeat_interval`; a replica silent for
+  `replica_timeout` is lost.
+
+Replica, in short: it checks that frames come in epoch order (BEGIN of
+committed+1, then its PAGES / VCPU_STATE / DEVICE_STATE, then END whose counts
+match), stages them, and commits an epoch only at a verified END; anything
+else discards the open epoch whole. A primary silent for `primary_timeout`
+triggers a failover to the last committed consistent epoch (one that carried
+vCPU state, not a pre-copy round).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+# ---------------------------------------------------------------------------
+# primary: events
+
+
+@dataclass(frozen=True)
+class PrimaryEvent:
+    now: float
+
+
+@dataclass(frozen=True)
+class Start(PrimaryEvent):
+    """The agent is up and its guest runs; connect to the replica."""
+
+
+@dataclass(frozen=True)
+class Welcomed(PrimaryEvent):
+    """The replica answered HELLO with a common version."""
+
+    version: int
+    committed_epoch: int
+
+
+@dataclass(frozen=True)
+class Trigger(PrimaryEvent):
+    """A checkpoint trigger fired: ring_full, dirty_threshold or output."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrecopyReady(PrimaryEvent):
+    """The shell gathered a batch of pre-copy pages while the guest runs; it needs an epoch."""
+
+
+@dataclass(frozen=True)
+class SyncRoundsDone(PrimaryEvent):
+    """The pre-copy rounds of a sync are sent; what remains is small: stop and copy."""
+
+    last_epoch: int
+
+
+@dataclass(frozen=True)
+class Acked(PrimaryEvent):
+    epoch: int
+
+
+@dataclass(frozen=True)
+class HeardFromReplica(PrimaryEvent):
+    """Any valid frame from the replica (heartbeats included)."""
+
+
+@dataclass(frozen=True)
+class ReplicaRefused(PrimaryEvent):
+    reason: str
+
+
+@dataclass(frozen=True)
+class SendFailed(PrimaryEvent):
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tick(PrimaryEvent):
+    """Time passed (the shell ticks a few times per heartbeat interval)."""
+
+
+# primary: commands
+
+
+@dataclass(frozen=True)
+class Command:
+    pass
+
+
+@dataclass(frozen=True)
+class Connect(Command):
+    """Open a new session to the replica and send HELLO."""
+
+    session: int
+
+
+@dataclass(frozen=True)
+class BeginSync(Command):
+    """Start the full copy: pre-copy rounds (numbered from first_epoch) while the guest runs."""
+
+    first_epoch: int
+
+
+@dataclass(frozen=True)
+class HoldGuest(Command):
+    """Keep the guest paused: too many epochs wait for their ack."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class TakeSnapshot(Command):
+    """Pause (if running), harvest, gather, capture state, resume: epoch `epoch` is closed."""
+
+    epoch: int
+    reason: str
+    final_sync: bool = False
+
+
+@dataclass(frozen=True)
+class SendEpoch(Command):
+    epoch: int
+
+
+@dataclass(frozen=True)
+class ReleaseOutputs(Command):
+    """Outputs produced in epochs <= upto may reach clients (None: all, unprotected)."""
+
+    upto: int | None
+
+
+@dataclass(frozen=True)
+class ResumeGuest(Command):
+    """Let a held guest run again (the replica is gone: unprotected)."""
+
+
+@dataclass(frozen=True)
+class SendHeartbeat(Command):
+    pass
+
+
+@dataclass(frozen=True)
+class DropReplica(Command):
+    """Close the session; reset what assumed the replica's content (the delta cache)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Log(Command):
+    level: str
+    message: str
+
+
+class PrimaryMode(str, Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    SYNCING = "syncing"
+    PROTECTED = "protected"
+
+
+@dataclass
+class PrimaryConfig:
+    max_in_flight: int = 2
+    heartbeat_interval: float = 0.1
+    replica_timeout: float = 1.0
+    max_interval: float | None = 0.1      # the interval trigger; None: off
+    reconnect_interval: float = 0.5
+
+
+@dataclass
+class PrimaryProtocol:
+    """The primary's side. `handle(event)` returns the commands to execute, in order."""
+
+    config: PrimaryConfig = field(default_factory=PrimaryConfig)
+    mode: PrimaryMode = PrimaryMode.IDLE
+    next_epoch: int = 1                 # the epoch the guest is running in now
+    acked_epoch: int = 0
+    in_flight: list[int] = field(default_factory=list)
+    held_reason: str | None = None      # a trigger waiting for a free place ("sync": the final copy)
+    precopy_waiting: bool = False       # a gathered pre-copy batch waiting for a free place
+    final_sync_epoch: int | None = None
+    session: int = 0
+    sessions_opened: int = 0
+    last_heard: float = 0.0
+    last_sent: float = 0.0
+    last_snapshot: float = 0.0
+    last_connect: float = float("-inf")
+    epoch_reasons: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def protected(self) -> bool:
+        return self.mode is PrimaryMode.PROTECTED
+
+    def handle(self, event: PrimaryEvent) -> list[Command]:
+        method = getattr(self, f"_on_{type(event).__name__}", None)
+        if method is None:
+            raise TypeError(f"the primary protocol has no handler for {type(event).__name__}")
+        return method(event)
+
+    # -- connection and sync -------------------------------------------------
+    def _connect(self, now: float) -> list[Command]:
+        self.sessions_opened += 1
+        self.session = self.sessions_opened
+        self.mode = PrimaryMode.CONNECTING
+        self.last_connect = now
+        self.last_heard = now
+        return [Connect(self.session)]
+
+    def _on_Start(self, event: Start) -> list[Command]:
+        if self.mode is not PrimaryMode.IDLE:
+            return [Log("warning", "start received twice: ignored")]
+        self.last_snapshot = event.now
+        return [Log("warning", "guest running UNPROTECTED until a replica has synced"),
+                ReleaseOutputs(None)] + self._connect(event.now)
+
+    def _on_Welcomed(self, event: Welcomed) -> list[Command]:
+        if self.mode is not PrimaryMode.CONNECTING:
+            return [Log("warning", f"unexpected WELCOME in mode {self.mode.value}: ignored")]
+        self.mode = PrimaryMode.SYNCING
+        self.last_heard = event.now
+        self.in_flight.clear()
+        self.held_reason = None
+        self.precopy_waiting = False
+        self.final_sync_epoch = None
+        return [Log("info", f"replica welcomed us (protocol v{event.version}); full sync from "
+                            f"epoch {self.next_epoch}"), BeginSync(self.next_epoch)]
+
+    def _on_PrecopyReady(self, event: "PrecopyReady") -> list[Command]:
+        """The shell gathered a pre-copy batch of pages (guest running): number it and send it."""
+        if self.mode is not PrimaryMode.SYNCING:
+            return [Log("warning", "pre-copy outside a sync: ignored")]
+        if len(self.in_flight) >= self.config.max_in_flight:
+            self.precopy_waiting = True          # sent when an ack frees a place
+            return []
+        return self._precopy(event.now)
+
+    def _precopy(self, now: float) -> list[Command]:
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        self.in_flight.append(epoch)
+        self.epoch_reasons[epoch] = "precopy"
+        self.last_sent = now
+        return [SendEpoch(epoch)]
+
+    def _on_SyncRoundsDone(self, event: SyncRoundsDone) -> list[Command]:
+        if self.mode is not PrimaryMode.SYNCING or self.final_sync_epoch is not None \
+                or self.held_reason is not None:
+            return [Log("warning", "sync rounds done outside a sync: ignored")]
+        if len(self.in_flight) >= self.config.max_in_flight:
+            self.held_reason = "sync"
+            return []
+        return self._final_sync(event.now)
+
+    def _final_sync(self, now: float) -> list[Command]:
+        self.final_sync_epoch = self.next_epoch
+        return self._snapshot(now, "sync", final_sync=True)
+
+    # -- epochs ----------------------------------------------------------------
+    def _snapshot(self, now: float, reason: str, final_sync: bool = False) -> list[Command]:
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        self.in_flight.append(epoch)
+        self.epoch_reasons[epoch] = reason
+        self.last_snapshot = now
+        self.last_sent = now
+        return [TakeSnapshot(epoch, reason, final_sync), SendEpoch(epoch)]
+
+    def _on_Trigger(self, event: Trigger) -> list[Command]:
+        if self.mode is not PrimaryMode.PROTECTED:
+            return []                   # unprotected: nothing to checkpoint to (the shell harvests)
+        if self.held_reason is not None:
+            return []                   # already held: one snapshot will cover it
+        if len(self.in_flight) >= self.config.max_in_flight:
+            self.held_reason = event.reason
+            return [HoldGuest(f"{len(self.in_flight)} epochs await their ack")]
+        return self._snapshot(event.now, event.reason)
+
+    def _on_Acked(self, event: Acked) -> list[Command]:
+        self.last_heard = event.now
+        if event.epoch <= self.acked_epoch:
+            return [Log("debug", f"duplicate ack for epoch {event.epoch}")]
+        if event.epoch not in self.in_flight:
+            return self._lose(event.now, f"replica acknowledged epoch {event.epoch}, which was never "
+                                         f"sent (in flight: {self.in_flight})")
+        self.acked_epoch = event.epoch
+        self.in_flight = [e for e in self.in_flight if e > event.epoch]
+        commands: list[Command] = []
+        if self.mode is PrimaryMode.SYNCING and self.final_sync_epoch is not None \
+                and event.epoch >= self.final_sync_epoch:
+            self.mode = PrimaryMode.PROTECTED
+            commands.append(Log("info", f"protected: the replica committed the full sync "
+                                        f"(epoch {event.epoch})"))
+        if self.mode is PrimaryMode.PROTECTED:
+            commands.append(ReleaseOutputs(event.epoch))
+        if len(self.in_flight) < self.config.max_in_flight:
+            if self.precopy_waiting:
+                self.precopy_waiting = False
+                commands += self._precopy(event.now)
+            elif self.held_reason == "sync":
+                self.held_reason = None
+                commands += self._final_sync(event.now)
+            elif self.held_reason is not None:
+                reason, self.held_reason = self.held_reason, None
+                commands += self._snapshot(event.now, reason)
+        return commands
+
+    # -- liveness --------------------------------------------------------------
+    def _on_HeardFromReplica(self, event: HeardFromReplica) -> list[Command]:
+        self.last_heard = event.now
+        return []
+
+    def _on_ReplicaRefused(self, event: ReplicaRefused) -> list[Command]:
+        return self._lose(event.now, f"replica refused: {event.reason}")
+
+    def _on_SendFailed(self, event: SendFailed) -> list[Command]:
+        return self._lose(event.now, f"send failed: {event.reason}")
+
+    def _lose(self, now: float, reason: str) -> list[Command]:
+        was_protected = self.mode is PrimaryMode.PROTECTED
+        commands: list[Command] = [DropReplica(reason)]
+        if self.held_reason is not None:
+            if self.held_reason != "sync":
+                commands.append(ResumeGuest())
+            self.held_reason = None
+        self.precopy_waiting = False
+        self.in_flight.clear()
+        self.final_sync_epoch = None
+        self.mode = PrimaryMode.CONNECTING
+        self.last_connect = now
+        commands.append(Log("error", f"replica lost ({reason}): guest running UNPROTECTED"
+                                     + ("" if was_protected else " (it was not yet protected)")))
+        commands.append(ReleaseOutputs(None))
+        return commands
+
+    def _on_Tick(self, event: Tick) -> list[Command]:
+        now, config = event.now, self.config
+        commands: list[Command] = []
+        if self.mode is PrimaryMode.IDLE:
+            return commands
+        if self.mode is PrimaryMode.CONNECTING:
+            if now - self.last_connect >= config.reconnect_interval and self.sessions_opened:
+                if now - self.last_heard >= config.reconnect_interval:
+                    commands += self._connect(now)
+            return commands
+        if now - self.last_heard > config.replica_timeout:
+            return self._lose(now, f"no word from the replica for {now - self.last_heard:.3f} s "
+                                   f"(timeout {config.replica_timeout} s)")
+        if self.mode is PrimaryMode.PROTECTED and config.max_interval is not None \
+                and now - self.last_snapshot >= config.max_interval and self.held_reason is None:
+            commands += self._on_Trigger(Trigger(now, "interval"))
+        if now - self.last_sent >= config.heartbeat_interval:
+            self.last_sent = now
+            commands.append(SendHeartbeat())
+        return commands
+
+
+# ---------------------------------------------------------------------------
+# replica: events
+
+
+@dataclass(frozen=True)
+class ReplicaEvent:
+    now: float
+
+
+@dataclass(frozen=True)
+class Hello(ReplicaEvent):
+    session: int
+    versions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EpochBegin(ReplicaEvent):
+    epoch: int
+    pages: int
+    batches: int
+    consistent: bool          # carries vCPU state (not a pre-copy round)
+
+
+@dataclass(frozen=True)
+class EpochPart(ReplicaEvent):
+    """A PAGES, VCPU_STATE or DEVICE_STATE frame of an epoch (already decoded into staging)."""
+
+    epoch: int
+    kind: str                 # "pages", "vcpu", "device"
+    pages: int = 0
+
+
+@dataclass(frozen=True)
+class EpochEnd(ReplicaEvent):
+    epoch: int
+    pages: int
+    batches: int
+
+
+@dataclass(frozen=True)
+class Verified(ReplicaEvent):
+    """The shell checked the staged epoch's digest: ok, or not."""
+
+    epoch: int
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BadFrame(ReplicaEvent):
+    """A frame failed to decode, verify or stage (checksum, replay, order, hostile content)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class HeardFromPrimary(ReplicaEvent):
+    pass
+
+
+@dataclass(frozen=True)
+class ReplicaTick(ReplicaEvent):
+    pass
+
+
+# replica: commands
+
+
+@dataclass(frozen=True)
+class SendWelcome(Command):
+    version: int
+    committed_epoch: int
+
+
+@dataclass(frozen=True)
+class SendRefuse(Command):
+    reason: str
+
+
+@dataclass(frozen=True)
+class OpenStaging(Command):
+    epoch: int
+    pages: int
+
+
+@dataclass(frozen=True)
+class Verify(Command):
+    """Check the staged epoch against its END digest; answer with Verified."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Commit(Command):
+    epoch: int
+    consistent: bool
+
+
+@dataclass(frozen=True)
+class SendAck(Command):
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Discard(Command):
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failover(Command):
+    """Start the standby guest from the last committed consistent epoch."""
+
+    epoch: int
+    reason: str
+
+
+class ReplicaMode(str, Enum):
+    WAITING = "waiting"         # no primary yet
+    RECEIVING = "receiving"     # a primary streams epochs
+    ACTIVE = "active"           # failed over: the standby guest runs
+
+
+@dataclass
+class ReplicaConfig:
+    supported_versions: tuple[int, ...] = (1,)
+    heartbeat_interval: float = 0.1
+    primary_timeout: float = 1.0
+
+
+@dataclass
+class ReplicaProtocol:
+    """The replica's side: epoch order, atomic commit, and the failover decision."""
+
+    config: ReplicaConfig = field(default_factory=ReplicaConfig)
+    mode: ReplicaMode = ReplicaMode.WAITING
+    session: int | None = None
+    committed_epoch: int = 0
+    consistent_epoch: int | None = None      # last committed epoch we can fail over to
+    open_epoch: int | None = None
+    open_consistent: bool = False
+    expected_pages: int = 0
+    expected_batches: int = 0
+    staged_pages: int = 0
+    staged_batches: int = 0
+    staged_vcpu: bool = False
+    verifying: int | None = None
+    expect_epoch: int | None = None           # None: the first epoch of a session may be any
+    last_heard: float = 0.0
+    last_sent: float = 0.0
+    rejected: int = 0
+
+    def handle(self, event: ReplicaEvent) -> list[Command]:
+        if self.mode is ReplicaMode.ACTIVE:
+            return []                # after failover the old primary's frames mean nothing
+        method = getattr(self, f"_on_{type(event).__name__}", None)
+        if method is None:
+            raise TypeError(f"the replica protocol has no handler for {type(event).__name__}")
+        return method(event)
+
+    def _discard(self, reason: str) -> list[Command]:
+        commands: list[Command] = []
+        if self.open_epoch is not None:
+            commands.append(Discard(self.open_epoch, reason))
+        self.open_epoch = None
+        self.verifying = None
+        return commands
+
+    def _on_Hello(self, event: Hello) -> list[Command]:
+        self.last_heard = event.now
+        common = set(event.versions) & set(self.config.supported_versions)
+        if not common:
+            return [SendRefuse(f"no common protocol version: primary offers {sorted(event.versions)}, "
+                               f"replica supports {sorted(self.config.supported_versions)}")]
+        commands = self._discard("a new primary session began")
+        if self.session is not None and self.session != event.session:
+            commands.append(Log("warning", "new primary session: the standby is not a consistent "
+                                           "checkpoint until its full sync is committed"))
+        self.session = event.session
+        self.mode = ReplicaMode.RECEIVING
+        self.consistent_epoch = None            # a new sync overwrites the standby
+        self.expect_epoch = None
+        commands.append(SendWelcome(max(common), self.committed_epoch))
+        return commands
+
+    def _refuse(self, reason: str) -> list[Command]:
+        self.rejected += 1
+        return self._discard(reason) + [SendRefuse(reason), Log("error", reason)]
+
+    def _on_EpochBegin(self, event: EpochBegin) -> list[Command]:
+        self.last_heard = event.now
+        if self.mode is not ReplicaMode.RECEIVING:
+            return self._refuse(f"EPOCH_BEGIN {event.epoch} before HELLO")
+        if self.open_epoch is not None:
+            return self._refuse(f"EPOCH_BEGIN {event.epoch} while epoch {self.open_epoch} is open")
+        if self.expect_epoch is not None and event.epoch != self.expect_epoch:
+            kind = "replays a committed epoch" if event.epoch < self.expect_epoch else "skips epochs"
+            return self._refuse(f"EPOCH_BEGIN {event.epoch} {kind}: expected epoch {self.expect_epoch}")
+        self.open_epoch = event.epoch
+        self.open_consistent = event.consistent
+        self.expected_pages, self.expected_batches = event.pages, event.batches
+        self.staged_pages = self.staged_batches = 0
+        self.staged_vcpu = False
+        return [OpenStaging(event.epoch, event.pages)]
+
+    def _on_EpochPart(self, event: EpochPart) -> list[Command]:
+        self.last_heard = event.now
+        if event.epoch != self.open_epoch or self.verifying is not None:
+            return self._refuse(f"{event.kind} frame for epoch {event.epoch}, but the open epoch is "
+                                f"{self.open_epoch}")
+        if event.kind == "pages":
+            self.staged_pages += event.pages
+            self.staged_batches += 1
+            if self.staged_pages > self.expected_pages or self.staged_batches > self.expected_batches:
+                return self._refuse(f"epoch {event.epoch} sent more pages or batches than it announced")
+        elif event.kind == "vcpu":
+            self.staged_vcpu = True
+        return []
+
+    def _on_EpochEnd(self, event: EpochEnd) -> list[Command]:
+        self.last_heard = event.now
+        if event.epoch != self.open_epoch or self.verifying is not None:
+            return self._refuse(f"EPOCH_END {event.epoch}, but the open epoch is {self.open_epoch}")
+        announced = (self.expected_pages, self.expected_batches)
+        if (event.pages, event.batches) != announced or (self.staged_pages, self.staged_batches) != announced:
+            return self._refuse(f"epoch {event.epoch} is incomplete: announced {announced} pages/batches, "
+                                f"received {(self.staged_pages, self.staged_batches)}, end says "
+                                f"{(event.pages, event.batches)}")
+        if self.open_consistent and not self.staged_vcpu:
+            return self._refuse(f"epoch {event.epoch} announced vCPU state but sent none")
+        self.verifying = event.epoch
+        return [Verify(event.epoch)]
+
+    def _on_Verified(self, event: Verified) -> list[Command]:
+        if event.epoch != self.verifying:
+            return [Log("warning", f"verification result for epoch {event.epoch} nobody asked for")]
+        if not event.ok:
+            return self._refuse(f"epoch {event.epoch} failed verification: {event.reason}")
+        self.verifying = None
+        self.open_epoch = None
+        self.committed_epoch = event.epoch
+        self.expect_epoch = event.epoch + 1
+        if self.open_consistent:
+            self.consistent_epoch = event.epoch
+        elif self.consistent_epoch is not None:
+            self.consistent_epoch = None          # a pre-copy round after a checkpoint: not consistent
+        self.last_sent = event.now
+        return [Commit(event.epoch, self.open_consistent), SendAck(event.epoch)]
+
+    def _on_BadFrame(self, event: BadFrame) -> list[Command]:
+        self.rejected += 1
+        return self._discard(event.reason) + [Log("error", f"rejected a frame: {event.reason}")]
+
+    def _on_HeardFromPrimary(self, event: HeardFromPrimary) -> list[Command]:
+        self.last_heard = event.now
+        return []
+
+    def _on_ReplicaTick(self, event: ReplicaTick) -> list[Command]:
+        commands: list[Command] = []
+        if self.mode is not ReplicaMode.RECEIVING:
+            return commands
+        silent = event.now - self.last_heard
+        if silent > self.config.primary_timeout:
+            if self.consistent_epoch is None:
+                return self._discard("primary lost") + [Log(
+                    "error", f"primary silent for {silent:.3f} s, but no consistent checkpoint was "
+                             f"committed yet: nothing to fail over to; waiting for a primary")]
+            commands += self._discard("primary lost before the epoch ended")
+            self.mode = ReplicaMode.ACTIVE
+            commands.append(Failover(self.consistent_epoch,
+                                     f"primary silent for {silent:.3f} s (timeout "
+                                     f"{self.config.primary_timeout} s)"))
+            return commands
+        if event.now - self.last_sent >= self.config.heartbeat_interval:
+            self.last_sent = event.now
+            commands.append(SendHeartbeat())
+        return commands

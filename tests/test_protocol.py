@@ -1,0 +1,386 @@
+"""The epoch protocol machines, without I/O: every transition, with a fake clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from checkpointer import protocol as p
+
+
+def _kinds(commands) -> list[str]:
+    return [type(c).__name__ for c in commands]
+
+
+def _of(commands, kind):
+    return [c for c in commands if isinstance(c, kind)]
+
+
+def protected_primary(max_in_flight: int = 2, **config) -> tuple[p.PrimaryProtocol, float]:
+    """A primary brought to PROTECTED through the real transitions; returns it and the time."""
+    primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=max_in_flight, **config))
+    now = 0.0
+    primary.handle(p.Start(now))
+    primary.handle(p.Welcomed(now, 1, 0))
+    (send,) = primary.handle(p.PrecopyReady(now))
+    primary.handle(p.Acked(now, send.epoch))
+    commands = primary.handle(p.SyncRoundsDone(now, send.epoch))
+    final = _of(commands, p.TakeSnapshot)[0]
+    primary.handle(p.Acked(now, final.epoch))
+    assert primary.protected
+    return primary, now
+
+
+# --- primary ------------------------------------------------------------------
+
+
+def test_start_runs_unprotected_and_connects() -> None:
+    primary = p.PrimaryProtocol()
+    commands = primary.handle(p.Start(0.0))
+    assert _of(commands, p.Connect) == [p.Connect(1)]
+    assert p.ReleaseOutputs(None) in commands
+    assert any(isinstance(c, p.Log) and "UNPROTECTED" in c.message for c in commands)
+    assert primary.mode is p.PrimaryMode.CONNECTING
+    assert _kinds(primary.handle(p.Start(0.0))) == ["Log"]
+
+
+def test_sync_then_protected_on_the_final_epochs_ack() -> None:
+    primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=3))
+    primary.handle(p.Start(0.0))
+    assert primary.handle(p.Trigger(0.0, "ring_full")) == []          # nothing to checkpoint to yet
+    commands = primary.handle(p.Welcomed(0.1, 1, 0))
+    assert _of(commands, p.BeginSync) == [p.BeginSync(1)]
+    assert primary.handle(p.PrecopyReady(0.2)) == [p.SendEpoch(1)]
+    assert primary.handle(p.PrecopyReady(0.3)) == [p.SendEpoch(2)]
+    commands = primary.handle(p.SyncRoundsDone(0.4, 2))
+    assert commands == [p.TakeSnapshot(3, "sync", final_sync=True), p.SendEpoch(3)]
+    assert _of(primary.handle(p.Acked(0.5, 2)), p.ReleaseOutputs) == []
+    assert not primary.protected
+    commands = primary.handle(p.Acked(0.6, 3))
+    assert primary.protected and p.ReleaseOutputs(3) in commands
+
+
+def test_precopy_and_final_sync_wait_for_a_free_place() -> None:
+    primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=1))
+    primary.handle(p.Start(0.0))
+    primary.handle(p.Welcomed(0.0, 1, 0))
+    assert primary.handle(p.PrecopyReady(0.0)) == [p.SendEpoch(1)]
+    assert primary.handle(p.PrecopyReady(0.0)) == []                 # waits for a place
+    assert primary.handle(p.Acked(0.0, 1)) == [p.SendEpoch(2)]
+    assert primary.handle(p.SyncRoundsDone(0.0, 2)) == []
+    assert primary.handle(p.Acked(0.0, 2)) == [p.TakeSnapshot(3, "sync", final_sync=True), p.SendEpoch(3)]
+    assert p.ReleaseOutputs(3) in primary.handle(p.Acked(0.0, 3)) and primary.protected
+
+
+def test_trigger_snapshots_and_backpressure_holds_the_guest() -> None:
+    primary, now = protected_primary(max_in_flight=2)
+    first = primary.handle(p.Trigger(now, "ring_full"))
+    assert _kinds(first) == ["TakeSnapshot", "SendEpoch"]
+    a = first[0].epoch
+    b = primary.handle(p.Trigger(now, "dirty_threshold"))[0].epoch
+    assert b == a + 1
+    held = primary.handle(p.Trigger(now, "output"))
+    assert _kinds(held) == ["HoldGuest"]
+    assert primary.handle(p.Trigger(now, "ring_full")) == []         # one snapshot will cover both
+    commands = primary.handle(p.Acked(now, a))
+    assert commands[0] == p.ReleaseOutputs(a)
+    assert commands[1:] == [p.TakeSnapshot(b + 1, "output"), p.SendEpoch(b + 1)]
+    assert primary.in_flight == [b, b + 1]
+
+
+def test_acks_are_cumulative_and_duplicates_ignored() -> None:
+    primary, now = protected_primary(max_in_flight=3)
+    epochs = [primary.handle(p.Trigger(now, "ring_full"))[0].epoch for _ in range(3)]
+    commands = primary.handle(p.Acked(now, epochs[1]))
+    assert commands == [p.ReleaseOutputs(epochs[1])] and primary.in_flight == [epochs[2]]
+    assert _kinds(primary.handle(p.Acked(now, epochs[0]))) == ["Log"]
+    assert primary.acked_epoch == epochs[1]
+
+
+def test_ack_for_an_epoch_never_sent_drops_the_replica() -> None:
+    primary, now = protected_primary()
+    commands = primary.handle(p.Acked(now, 999))
+    assert isinstance(commands[0], p.DropReplica) and "never sent" in commands[0].reason
+    assert p.ReleaseOutputs(None) in commands and not primary.protected
+
+
+def test_heartbeats_and_replica_timeout_resume_a_held_guest() -> None:
+    primary, now = protected_primary(max_in_flight=1, heartbeat_interval=0.1, replica_timeout=1.0,
+                                     max_interval=None)
+    primary.handle(p.Trigger(now, "ring_full"))
+    assert _kinds(primary.handle(p.Trigger(now, "ring_full"))) == ["HoldGuest"]
+    assert primary.handle(p.Tick(now + 0.05)) == []
+    assert primary.handle(p.Tick(now + 0.15)) == [p.SendHeartbeat()]
+    primary.handle(p.HeardFromReplica(now + 0.5))
+    assert not _of(primary.handle(p.Tick(now + 1.4)), p.DropReplica)
+    commands = primary.handle(p.Tick(now + 1.6))
+    assert _kinds(commands)[:2] == ["DropReplica", "ResumeGuest"]
+    assert p.ReleaseOutputs(None) in commands
+    assert primary.mode is p.PrimaryMode.CONNECTING and primary.in_flight == []
+
+
+def test_reconnect_opens_a_new_session_and_resyncs() -> None:
+    primary, now = protected_primary(reconnect_interval=0.5)
+    primary.handle(p.SendFailed(now, "boom"))
+    assert primary.handle(p.Tick(now + 0.1)) == []
+    commands = primary.handle(p.Tick(now + 0.6))
+    assert commands == [p.Connect(2)]
+    next_epoch = primary.next_epoch
+    assert _of(primary.handle(p.Welcomed(now + 0.7, 1, 0)), p.BeginSync) == [p.BeginSync(next_epoch)]
+
+
+def test_interval_trigger_comes_from_the_clock() -> None:
+    primary, now = protected_primary(max_interval=0.05, heartbeat_interval=10)
+    assert primary.handle(p.Tick(now + 0.01)) == []
+    commands = primary.handle(p.Tick(now + 0.06))
+    assert commands[0].reason == "interval" and _kinds(commands) == ["TakeSnapshot", "SendEpoch"]
+
+
+def test_refusal_loses_the_replica() -> None:
+    primary, now = protected_primary()
+    commands = primary.handle(p.ReplicaRefused(now, "digest mismatch"))
+    assert "digest mismatch" in commands[0].reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["trigger", "ack", "ack_old", "tick", "fail", "welcome",
+                                            "precopy", "syncdone"]),
+                          st.floats(0, 0.3)), max_size=60))
+def test_primary_invariants_under_random_events(steps) -> None:
+    primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=2))
+    now = 0.0
+    primary.handle(p.Start(now))
+    sent: list[int] = []
+    released = 0
+    for action, dt in steps:
+        now += dt
+        if action == "trigger":
+            event = p.Trigger(now, "ring_full")
+        elif action == "ack":
+            event = p.Acked(now, primary.in_flight[0] if primary.in_flight else 10**6)
+        elif action == "ack_old":
+            event = p.Acked(now, max(primary.acked_epoch, 1))
+        elif action == "fail":
+            event = p.SendFailed(now, "x")
+        elif action == "welcome":
+            event = p.Welcomed(now, 1, 0)
+        elif action == "precopy":
+            event = p.PrecopyReady(now)
+        elif action == "syncdone":
+            event = p.SyncRoundsDone(now, 0)
+        else:
+            event = p.Tick(now)
+        for command in primary.handle(event):
+            if isinstance(command, p.SendEpoch):
+                assert not sent or command.epoch > sent[-1], "epochs must strictly increase"
+                sent.append(command.epoch)
+            if isinstance(command, p.ReleaseOutputs) and command.upto is not None:
+                assert command.upto <= primary.acked_epoch
+                assert command.upto >= released
+                released = command.upto
+        assert len(primary.in_flight) <= primary.config.max_in_flight
+        assert primary.in_flight == sorted(primary.in_flight)
+
+
+# --- replica ------------------------------------------------------------------
+
+
+def _epoch(replica: p.ReplicaProtocol, epoch: int, now: float = 0.0, *, pages: int = 3,
+           consistent: bool = True, verify: bool = True) -> list:
+    commands = replica.handle(p.EpochBegin(now, epoch, pages, 2, consistent))
+    commands += replica.handle(p.EpochPart(now, epoch, "pages", pages - 1))
+    commands += replica.handle(p.EpochPart(now, epoch, "pages", 1))
+    if consistent:
+        commands += replica.handle(p.EpochPart(now, epoch, "vcpu"))
+    commands += replica.handle(p.EpochEnd(now, epoch, pages, 2))
+    if verify:
+        commands += replica.handle(p.Verified(now, epoch, True))
+    return commands
+
+
+def greeted_replica(**config) -> p.ReplicaProtocol:
+    replica = p.ReplicaProtocol(p.ReplicaConfig(**config))
+    assert _kinds(replica.handle(p.Hello(0.0, 7, (1,)))) == ["SendWelcome"]
+    return replica
+
+
+def test_hello_negotiates_the_highest_common_version() -> None:
+    replica = p.ReplicaProtocol(p.ReplicaConfig(supported_versions=(1, 2, 3)))
+    assert replica.handle(p.Hello(0.0, 1, (2, 3, 4))) == [p.SendWelcome(3, 0)]
+    refused = p.ReplicaProtocol().handle(p.Hello(0.0, 1, (5, 6)))
+    assert _kinds(refused) == ["SendRefuse"] and "[5, 6]" in refused[0].reason and "[1]" in refused[0].reason
+
+
+def test_a_complete_epoch_is_verified_committed_and_acked() -> None:
+    replica = greeted_replica()
+    commands = _epoch(replica, 1)
+    assert _kinds(commands) == ["OpenStaging", "Verify", "Commit", "SendAck"]
+    assert commands[-2:] == [p.Commit(1, True), p.SendAck(1)]
+    assert replica.committed_epoch == 1 and replica.consistent_epoch == 1
+
+
+def test_epoch_before_hello_is_refused() -> None:
+    commands = p.ReplicaProtocol().handle(p.EpochBegin(0.0, 1, 1, 1, True))
+    assert "SendRefuse" in _kinds(commands)
+
+
+@pytest.mark.parametrize("epoch, words", [(1, "replays"), (3, "skips")])
+def test_replayed_and_skipped_epochs_are_refused(epoch: int, words: str) -> None:
+    replica = greeted_replica()
+    _epoch(replica, 1)
+    commands = replica.handle(p.EpochBegin(0.0, epoch, 1, 1, True))
+    assert "SendRefuse" in _kinds(commands) and words in commands[-1].message
+    assert replica.committed_epoch == 1
+
+
+def test_incomplete_epoch_is_discarded_whole() -> None:
+    replica = greeted_replica()
+    replica.handle(p.EpochBegin(0.0, 1, 3, 2, True))
+    replica.handle(p.EpochPart(0.0, 1, "pages", 2))
+    replica.handle(p.EpochPart(0.0, 1, "vcpu"))
+    commands = replica.handle(p.EpochEnd(0.0, 1, 3, 2))
+    assert commands[0] == p.Discard(1, commands[0].reason) and "incomplete" in commands[0].reason
+    assert replica.committed_epoch == 0 and replica.open_epoch is None
+
+
+def test_too_many_batches_and_missing_vcpu_state_are_refused() -> None:
+    replica = greeted_replica()
+    replica.handle(p.EpochBegin(0.0, 1, 2, 1, True))
+    replica.handle(p.EpochPart(0.0, 1, "pages", 1))
+    assert "Discard" in _kinds(replica.handle(p.EpochPart(0.0, 1, "pages", 1)))
+    replica = greeted_replica()
+    commands = _epoch(replica, 1, consistent=True, verify=False)
+    # (with vcpu) fine; now one that announces vCPU state but sends none
+    replica.handle(p.Verified(0.0, 1, True))
+    replica.handle(p.EpochBegin(0.0, 2, 1, 1, True))
+    replica.handle(p.EpochPart(0.0, 2, "pages", 1))
+    commands = replica.handle(p.EpochEnd(0.0, 2, 1, 1))
+    assert "Discard" in _kinds(commands) and replica.committed_epoch == 1
+
+
+def test_failed_verification_discards_and_refuses() -> None:
+    replica = greeted_replica()
+    _epoch(replica, 1, verify=False)
+    commands = replica.handle(p.Verified(0.0, 1, False, "digest mismatch"))
+    assert _kinds(commands)[:2] == ["Discard", "SendRefuse"] and replica.committed_epoch == 0
+
+
+def test_bad_frame_discards_the_open_epoch() -> None:
+    replica = greeted_replica()
+    _epoch(replica, 1)
+    replica.handle(p.EpochBegin(0.0, 2, 3, 2, True))
+    commands = replica.handle(p.BadFrame(0.0, "checksum mismatch"))
+    assert commands[0] == p.Discard(2, "checksum mismatch")
+    assert replica.committed_epoch == 1
+    assert _kinds(_epoch(replica, 2)) == ["OpenStaging", "Verify", "Commit", "SendAck"]
+
+
+def test_primary_timeout_fails_over_to_the_last_consistent_epoch() -> None:
+    replica = greeted_replica(primary_timeout=1.0, heartbeat_interval=0.1)
+    _epoch(replica, 1)
+    _epoch(replica, 2)
+    replica.handle(p.EpochBegin(0.0, 3, 3, 2, True))       # dies mid-epoch
+    assert replica.handle(p.ReplicaTick(0.15)) == [p.SendHeartbeat()]
+    assert not _of(replica.handle(p.ReplicaTick(0.9)), p.Failover)
+    commands = replica.handle(p.ReplicaTick(1.2))
+    assert commands[0] == p.Discard(3, commands[0].reason)
+    assert _of(commands, p.Failover)[0].epoch == 2
+    assert replica.mode is p.ReplicaMode.ACTIVE
+    assert replica.handle(p.EpochBegin(1.3, 3, 1, 1, True)) == []   # the old primary is ignored
+
+
+def test_no_failover_without_a_consistent_checkpoint() -> None:
+    replica = greeted_replica(primary_timeout=1.0)
+    _epoch(replica, 1, consistent=False)                    # a pre-copy round only
+    commands = replica.handle(p.ReplicaTick(2.0))
+    assert not _of(commands, p.Failover) and "nothing to fail over to" in commands[-1].message
+    _epoch(replica, 2, now=2.0)                             # the final sync epoch
+    _epoch(replica, 3, now=2.0, consistent=False)           # a later pre-copy spoils it again
+    assert replica.consistent_epoch is None
+
+
+def test_new_session_invalidates_the_old_checkpoint() -> None:
+    replica = greeted_replica()
+    _epoch(replica, 1)
+    commands = replica.handle(p.Hello(0.5, 8, (1,)))
+    assert _of(commands, p.SendWelcome) == [p.SendWelcome(1, 1)]
+    assert replica.consistent_epoch is None
+    assert _kinds(_epoch(replica, 40, now=0.5)) == ["OpenStaging", "Verify", "Commit", "SendAck"]
+
+
+# --- both, linked in memory ------------------------------------------------------
+
+
+@dataclass
+class Link:
+    """A primary and a replica joined in memory; the primary can be killed at a chosen point."""
+
+    primary: p.PrimaryProtocol = field(default_factory=p.PrimaryProtocol)
+    replica: p.ReplicaProtocol = field(default_factory=p.ReplicaProtocol)
+    now: float = 0.0
+    kill_at: tuple[int, str] | None = None       # (epoch, "begin" | "pages" | "end" | "acked")
+    dead: bool = False
+    failovers: list = field(default_factory=list)
+
+    def primary_do(self, event) -> None:
+        for command in self.primary.handle(event):
+            if self.dead:
+                return
+            self.execute_primary(command)
+
+    def execute_primary(self, command) -> None:
+        if isinstance(command, p.Connect):
+            self.replica_do(p.Hello(self.now, command.session, (1,)))
+        elif isinstance(command, p.BeginSync):
+            self.primary_do(p.PrecopyReady(self.now))
+            self.primary_do(p.SyncRoundsDone(self.now, command.first_epoch))
+        elif isinstance(command, p.SendEpoch):
+            self.send_epoch(command.epoch)
+
+    def send_epoch(self, epoch: int) -> None:
+        consistent = self.primary.epoch_reasons[epoch] != "precopy"
+        steps = [("begin", p.EpochBegin(self.now, epoch, 2, 2, consistent)),
+                 ("pages", p.EpochPart(self.now, epoch, "pages", 1)),
+                 ("pages2", p.EpochPart(self.now, epoch, "pages", 1))]
+        if consistent:
+            steps.append(("vcpu", p.EpochPart(self.now, epoch, "vcpu")))
+        steps.append(("end", p.EpochEnd(self.now, epoch, 2, 2)))
+        for name, event in steps:
+            self.replica_do(event)
+            if self.kill_at == (epoch, name):
+                self.dead = True
+                return
+
+    def replica_do(self, event) -> None:
+        for command in self.replica.handle(event):
+            if isinstance(command, p.SendWelcome) and not self.dead:
+                self.primary_do(p.Welcomed(self.now, command.version, command.committed_epoch))
+            elif isinstance(command, p.Verify):
+                self.replica_do(p.Verified(self.now, command.epoch, True))
+            elif isinstance(command, p.SendAck) and not self.dead:
+                if self.kill_at == (command.epoch, "acked"):
+                    self.dead = True
+                    continue
+                self.primary_do(p.Acked(self.now, command.epoch))
+            elif isinstance(command, p.Failover):
+                self.failovers.append(command.epoch)
+
+
+@pytest.mark.parametrize("point", ["begin", "pages", "vcpu", "end", "acked"])
+def test_killed_primary_leaves_the_replica_at_the_last_complete_epoch(point: str) -> None:
+    link = Link(kill_at=(6, point))
+    link.primary_do(p.Start(0.0))
+    assert link.primary.protected
+    while not link.dead:
+        link.now += 0.01
+        link.primary_do(p.Trigger(link.now, "ring_full"))
+        assert link.now < 5
+    complete = 6 if point in ("end", "acked") else 5
+    assert link.replica.committed_epoch == complete
+    for _ in range(300):
+        link.now += 0.01
+        link.replica_do(p.ReplicaTick(link.now))
+    assert link.failovers == [complete]
