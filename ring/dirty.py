@@ -81,6 +81,13 @@ class DirtySet:
         parts = [offsets + np.uint64(first_gfns[slot]) for slot, offsets in self.pages.items()]
         return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
 
+    def merged(self, other: "DirtySet") -> "DirtySet":
+        """The union of two dirty sets (per slot, sorted unique); entries and last entries kept."""
+        pages = dict(self.pages)
+        for slot, offsets in other.pages.items():
+            pages[slot] = np.union1d(pages[slot], offsets) if slot in pages else offsets
+        return DirtySet(pages=pages, entries=self.entries, last_entry=self.last_entry)
+
     def same_pages(self, other: "DirtySet") -> bool:
         keys = {s for s, o in self.pages.items() if len(o)} | {s for s, o in other.pages.items() if len(o)}
         return all(np.array_equal(self.slot(s), other.slot(s)) for s in keys)

@@ -118,6 +118,8 @@ class Machine:
         self.data = self.memory.slots[layout.DATA_SLOT]
         self.runner: VcpuRunner | None = None
         self.extra_ports: dict[int, PortHandler] = {}
+        self._vmm_dirty: list[tuple[int, int, int]] = []     # (slot, first page, end page)
+        self._vmm_lock = threading.Lock()
         self._closed = False
 
     # -- set-up shared by both backends ---------------------------------------
@@ -174,11 +176,31 @@ class Machine:
         return self.runner.paused
 
     def harvest(self) -> DirtySet:
-        """Collect and reset the dirty log; only while paused."""
+        """Collect and reset the dirty log, plus the pages the VMM wrote; only while paused."""
         self._require_open()
         if not self.runner.paused:
             raise StateError("harvest() needs every vCPU paused: call pause() first")
-        return self.tracker.collect()
+        dirty = self.tracker.collect()
+        with self._vmm_lock:
+            ranges, self._vmm_dirty = self._vmm_dirty, []
+        if ranges:
+            slots = np.concatenate([np.full(end - first, slot, dtype=np.uint32) for slot, first, end in ranges])
+            offsets = np.concatenate([np.arange(first, end, dtype=np.uint64) for _, first, end in ranges])
+            dirty = dirty.merged(DirtySet.from_entries(slots, offsets))
+        return dirty
+
+    def note_vmm_write(self, gpa: int, length: int) -> None:
+        """Record pages the VMM wrote through its own mapping: the dirty ring never sees them."""
+        slot = self.memory.slot_of(gpa)
+        first = (gpa - slot.spec.guest_phys_addr) >> abi.PAGE_SHIFT
+        end = ((gpa + max(length, 1) - 1 - slot.spec.guest_phys_addr) >> abi.PAGE_SHIFT) + 1
+        with self._vmm_lock:
+            self._vmm_dirty.append((slot.spec.slot, first, end))
+
+    def write_memory(self, gpa: int, data: bytes | np.ndarray) -> None:
+        """Write guest memory from the VMM, recording the pages for the next harvest."""
+        self.memory.write(gpa, data)
+        self.note_vmm_write(gpa, len(data))
 
     # -- the workload's controls ------------------------------------------
     def progress(self, vcpu: int) -> int:
@@ -190,6 +212,7 @@ class Machine:
     def set_limit(self, vcpu: int, limit: int) -> None:
         """Let `vcpu` run until its progress reaches `limit` (then it reports LimitReached)."""
         self.params["vcpu"]["limit"][vcpu] = limit
+        self.note_vmm_write(layout.PARAMS_GPA, layout.PARAMS_DTYPE.itemsize)
         if self.runner is not None:
             self.runner.release(vcpu, "limit")
 
@@ -200,6 +223,7 @@ class Machine:
     def set_iteration(self, iteration: int) -> None:
         """The oracle's iteration number (a VMM write: not in the dirty log)."""
         self.params["iteration"] = iteration
+        self.note_vmm_write(layout.PARAMS_GPA, layout.PARAMS_DTYPE.itemsize)
 
     def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 30.0,
                  on_other: Callable[[Event], None] | None = None) -> Event:
