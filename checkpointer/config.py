@@ -615,6 +615,8 @@ _PRIMARY_FLAGS = (
     _Flag("--memory-mib", "guest.memory_mib", int, "guest data memory (a multiple of 2)", "MIB"),
     _Flag("--ring-entries", "guest.ring_entries", int, "dirty ring entries per vCPU", "N"),
     _Flag("--seed", "guest.seed", int, "workload seed", "N"),
+    _Flag("--report-every", "guest.report_every", int,
+          "a guest progress report every N writes per vCPU (0: none)", "N"),
     _Flag("--backend", "guest.backend", str, "kvm or sim", "NAME"),
     _Flag("--max-interval-ms", "triggers.max_interval_ms", float,
           "longest time between checkpoints (0: off)", "MS"),

@@ -216,6 +216,12 @@ class PrimaryProtocol:
     def protected(self) -> bool:
         return self.mode is PrimaryMode.PROTECTED
 
+    @property
+    def checkpointing(self) -> bool:
+        """Every dirty page now belongs to an epoch: protected, or the final sync copy was taken."""
+        return self.mode is PrimaryMode.PROTECTED or (
+            self.mode is PrimaryMode.SYNCING and self.final_sync_epoch is not None)
+
     def handle(self, event: PrimaryEvent) -> list[Command]:
         method = getattr(self, f"_on_{type(event).__name__}", None)
         if method is None:
@@ -291,7 +297,7 @@ class PrimaryProtocol:
         return [TakeSnapshot(epoch, reason, final_sync), SendEpoch(epoch)]
 
     def _on_Trigger(self, event: Trigger) -> list[Command]:
-        if self.mode is not PrimaryMode.PROTECTED:
+        if not self.checkpointing:
             return []                   # unprotected: nothing to checkpoint to (the shell harvests)
         if self.held_reason is not None:
             return []                   # already held: one snapshot will cover it
@@ -442,6 +448,11 @@ class HeardFromPrimary(ReplicaEvent):
 @dataclass(frozen=True)
 class ReplicaTick(ReplicaEvent):
     pass
+
+
+@dataclass(frozen=True)
+class PrimaryLeft(ReplicaEvent):
+    """The primary said BYE: an orderly stop, not a failure; do not fail over."""
 
 
 # replica: commands
@@ -635,6 +646,12 @@ class ReplicaProtocol:
     def _on_HeardFromPrimary(self, event: HeardFromPrimary) -> list[Command]:
         self.last_heard = event.now
         return []
+
+    def _on_PrimaryLeft(self, event: PrimaryLeft) -> list[Command]:
+        commands = self._discard("the primary left")
+        self.mode = ReplicaMode.WAITING
+        return commands + [Log("warning", "the primary stopped on purpose (BYE): no failover; "
+                                          "waiting for a primary")]
 
     def _on_ReplicaTick(self, event: ReplicaTick) -> list[Command]:
         commands: list[Command] = []

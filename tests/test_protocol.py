@@ -384,3 +384,23 @@ def test_killed_primary_leaves_the_replica_at_the_last_complete_epoch(point: str
         link.now += 0.01
         link.replica_do(p.ReplicaTick(link.now))
     assert link.failovers == [complete]
+
+
+def test_orderly_goodbye_is_not_a_failure() -> None:
+    replica = greeted_replica(primary_timeout=1.0)
+    _epoch(replica, 1)
+    replica.handle(p.EpochBegin(0.1, 2, 3, 2, True))
+    commands = replica.handle(p.PrimaryLeft(0.2))
+    assert commands[0] == p.Discard(2, "the primary left") and replica.mode is p.ReplicaMode.WAITING
+    assert not _of(replica.handle(p.ReplicaTick(5.0)), p.Failover)
+
+
+def test_triggers_after_the_final_sync_snapshot_are_checkpoints() -> None:
+    """Pages dirtied after the final sync copy belong to the next epoch, even before its ack."""
+    primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=2))
+    primary.handle(p.Start(0.0))
+    primary.handle(p.Welcomed(0.0, 1, 0))
+    assert primary.handle(p.Trigger(0.0, "ring_full")) == [] and not primary.checkpointing
+    primary.handle(p.SyncRoundsDone(0.0, 0))
+    assert primary.checkpointing and not primary.protected
+    assert primary.handle(p.Trigger(0.0, "ring_full")) == [p.TakeSnapshot(2, "ring_full"), p.SendEpoch(2)]

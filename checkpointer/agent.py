@@ -1,0 +1,510 @@
+"""The primary agent: the asyncio shell around the epoch protocol.
+
+It owns the guest (a KvmMachine), the ZeroMQ socket to the replica, the
+staging pool, the encoder and the triggers, and it does what the sans-I/O
+PrimaryProtocol tells it: connect, sync, snapshot, send, release outputs,
+hold or resume the guest. Everything the protocol decides comes from events
+this shell feeds it (guest exits, frames, ticks of the clock).
+
+Threads: vCPUs run in their own threads and post their exits to the loop
+with call_soon_threadsafe; page batches are encoded in a thread pool (zstd
+and xxhash release the GIL); the stop-the-world snapshot runs on the loop
+(it is a few hundred microseconds, and nothing else may run during it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from ring.backend import open_machine
+from ring.dirty import DirtySet
+from ring.machine import Machine
+from ring.vcpus import Done, Event, Fault, Output, Progress, RingSoftFull
+
+from . import protocol as proto
+from . import wire
+from .codec import EpochDigest, PageEncoder
+from .config import PrimaryAgentConfig
+from .security import secure_client
+from .snapshot import Snapshot, Snapshotter, StagingPool, page_keys, staging_capacity
+
+log = logging.getLogger("colo.primary")
+
+
+def set_zmq_heartbeats(socket: zmq.Socket, heartbeat_ms: int, timeout_ms: int) -> None:
+    """ZeroMQ's own heartbeats: a dead TCP peer is dropped even when nothing is sent."""
+    socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, heartbeat_ms))
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, timeout_ms))
+    socket.setsockopt(zmq.HEARTBEAT_TTL, max(100, timeout_ms))
+
+
+class Stats:
+    """Rolling figures for the status file and the log line."""
+
+    def __init__(self, window: int = 2048) -> None:
+        self.pause_us = collections.deque(maxlen=window)
+        self.parts_us: dict[str, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=window))
+        self.dirty_pages = collections.deque(maxlen=window)
+        self.epoch_times = collections.deque(maxlen=window)
+        self.raw_bytes = collections.deque(maxlen=window)
+        self.encoded_bytes = collections.deque(maxlen=window)
+        self.first_write_us = collections.deque(maxlen=window)
+        self.epochs = 0
+        self.reasons: collections.Counter[str] = collections.Counter()
+
+    def record(self, snapshot: Snapshot, raw: int, encoded: int) -> None:
+        now = time.monotonic()
+        self.epochs += 1
+        self.reasons[snapshot.reason] += 1
+        self.pause_us.append(snapshot.pause_ns / 1000)
+        for part, ns in snapshot.times_ns.items():
+            self.parts_us[part].append(ns / 1000)
+        self.dirty_pages.append(len(snapshot.keys))
+        self.epoch_times.append(now)
+        self.raw_bytes.append((now, raw))
+        self.encoded_bytes.append((now, encoded))
+
+    @staticmethod
+    def _pct(values, q: float) -> float:
+        return float(np.percentile(np.fromiter(values, float), q)) if values else 0.0
+
+    def summary(self, horizon: float = 5.0) -> dict:
+        now = time.monotonic()
+        recent = [t for t in self.epoch_times if now - t <= horizon]
+        span = min(horizon, now - recent[0]) if len(recent) > 1 else horizon
+        raw = sum(b for t, b in self.raw_bytes if now - t <= horizon)
+        encoded = sum(b for t, b in self.encoded_bytes if now - t <= horizon)
+        return {
+            "checkpoints_per_s": len(recent) / span if span > 0 else 0.0,
+            "pause_us_p50": self._pct(self.pause_us, 50),
+            "pause_us_p99": self._pct(self.pause_us, 99),
+            "dirty_pages_p50": self._pct(self.dirty_pages, 50),
+            "raw_mb_per_s": raw / span / 1e6 if span > 0 else 0.0,
+            "encoded_mb_per_s": encoded / span / 1e6 if span > 0 else 0.0,
+            "pause_parts_us_p50": {part: self._pct(values, 50) for part, values in self.parts_us.items()},
+        }
+
+
+def write_status(path: str, status: dict) -> None:
+    """Replace the status file atomically (write a temporary file, then rename)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(status, handle, indent=1, sort_keys=True)
+    os.replace(temporary, path)
+
+
+@dataclass
+class Hooks:
+    """Test hooks: called at protocol points (never needed in production)."""
+
+    on_snapshot: Callable[[Snapshot, Machine], None] | None = None     # called while paused
+    on_frame_sent: Callable[[int, int, str], None] | None = None      # (epoch, kind, step)
+    on_ack: Callable[[int], None] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class PrimaryAgent:
+    """Protect one guest: run it, checkpoint it to the replica, release its outputs on ack."""
+
+    def __init__(self, config: PrimaryAgentConfig, *, hooks: Hooks | None = None,
+                 output_sink: Callable[[bytes], None] | None = None) -> None:
+        self.config = config
+        self.hooks = hooks or Hooks()
+        self.output_sink = output_sink or (lambda data: log.info("guest output: %r", data))
+        guest = config.guest
+        self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend)
+        replication = config.replication
+        self.protocol = proto.PrimaryProtocol(proto.PrimaryConfig(
+            max_in_flight=replication.max_in_flight,
+            heartbeat_interval=replication.heartbeat_ms / 1000,
+            replica_timeout=replication.timeout_ms / 1000,
+            max_interval=(config.triggers.max_interval_ms / 1000) or None,
+        ))
+        extra = max(replication.precopy_done_pages, config.triggers.dirty_pages, 1024)
+        self.pool = StagingPool(2, staging_capacity(self.machine, extra))
+        self.snapshotter = Snapshotter(self.machine, self.pool)
+        self.encoder = PageEncoder(cache_pages=replication.cache_pages, level=replication.zstd_level)
+        self.executor = ThreadPoolExecutor(replication.encode_threads, thread_name_prefix="encode")
+        self.context = zmq.asyncio.Context()
+        self.socket: zmq.asyncio.Socket | None = None
+        self.writer: wire.FrameWriter | None = None
+        self.guard: wire.FrameGuard | None = None
+        self.stats = Stats()
+        self.outputs: list[tuple[int, bytes]] = []
+        self.released = 0
+        self._snapshots: dict[int, Snapshot] = {}
+        self._precopy: collections.deque = collections.deque()
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self._session_tasks: set[asyncio.Task] = set()
+        self._sync_leftover: DirtySet | None = None
+        self._syncing_dirty: DirtySet | None = None
+        self._output_trigger: asyncio.TimerHandle | None = None
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.guest_progress = 0
+        self.last_error: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def run(self, duration: float | None = None) -> None:
+        """Run until stop() (or `duration` seconds); close everything on the way out."""
+        self._loop = asyncio.get_running_loop()
+        self.machine.set_event_sink(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
+        self.machine.start()
+        self._spawn(self._tick_loop())
+        if self.config.triggers.dirty_pages:
+            self._spawn(self._dirty_watch_loop())
+        self._spawn(self._status_loop())
+        self._execute(self.protocol.handle(proto.Start(time.monotonic())))
+        try:
+            if duration is None:
+                await self._stopping.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), duration)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _spawn(self, coroutine, session: bool = False) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        (self._session_tasks if session else self._tasks).add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._session_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("agent task failed: %r", exc, exc_info=exc)
+            self.last_error = repr(exc)
+            self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        if self.socket is not None and self.writer is not None:
+            try:
+                await asyncio.wait_for(self.socket.send_multipart(
+                    self.writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch), copy=False), 0.2)
+            except (asyncio.TimeoutError, zmq.ZMQError):
+                pass
+        for task in list(self._tasks | self._session_tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._session_tasks, return_exceptions=True)
+        self._close_socket()
+        self.executor.shutdown(wait=True)
+        self.machine.close()
+        self.context.term()
+
+    # -- commands ----------------------------------------------------------------
+    def _execute(self, commands: list[proto.Command]) -> None:
+        for command in commands:
+            handler = getattr(self, f"_do_{type(command).__name__}")
+            handler(command)
+
+    def _feed(self, event: proto.PrimaryEvent) -> None:
+        self._execute(self.protocol.handle(event))
+
+    def _do_Log(self, command: proto.Log) -> None:
+        getattr(log, command.level if command.level != "debug" else "debug")(command.message)
+
+    def _do_Connect(self, command: proto.Connect) -> None:
+        self._close_socket()
+        replication = self.config.replication
+        socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.IMMEDIATE, 1)
+        set_zmq_heartbeats(socket, replication.heartbeat_ms, replication.timeout_ms)
+        secure_client(socket, self.config.security)
+        socket.connect(self.config.replica)
+        self.socket = socket
+        self.writer = wire.FrameWriter()
+        self.guard = wire.FrameGuard(session=self.writer.session, accept=wire.REPLICA_KINDS)
+        self._spawn(self._recv_loop(socket), session=True)
+        hello = wire.Hello(versions=list(wire.SUPPORTED_VERSIONS), session=self.writer.session,
+                           slots=[wire.SlotLayout(s.spec.slot, s.spec.guest_phys_addr, s.spec.size)
+                                  for s in self.machine.memory.slots.values()],
+                           vcpus=self.machine.config.vcpus, page_size=4096, agent="colo-ring primary")
+        self._spawn(self._send(self.writer.message(hello)), session=True)
+
+    def _close_socket(self) -> None:
+        for task in list(self._session_tasks):
+            task.cancel()
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+
+    def _do_DropReplica(self, command: proto.DropReplica) -> None:
+        log.error("dropping the replica: %s", command.reason)
+        self._close_socket()
+        self.encoder.reset()                      # the next replica starts from a full sync
+        for snapshot in self._snapshots.values():
+            self.pool.release(snapshot.buffer)
+        self._snapshots.clear()
+        while self._precopy:
+            self.pool.release(self._precopy.popleft()[2])
+        self._sync_leftover = self._syncing_dirty = None
+
+    def _do_ReleaseOutputs(self, command: proto.ReleaseOutputs) -> None:
+        keep = []
+        for epoch, data in self.outputs:
+            if command.upto is None or epoch <= command.upto:
+                self.released += len(data)
+                self.output_sink(data)
+            else:
+                keep.append((epoch, data))
+        self.outputs = keep
+
+    def _do_HoldGuest(self, command: proto.HoldGuest) -> None:
+        self.machine.pause()
+
+    def _do_ResumeGuest(self, command: proto.ResumeGuest) -> None:
+        self.machine.resume()
+
+    def _do_SendHeartbeat(self, command: proto.SendHeartbeat) -> None:
+        if self.socket is not None and not self._send_lock.locked():
+            self._spawn(self._send(self.writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.next_epoch)),
+                        session=True)
+
+    def _do_BeginSync(self, command: proto.BeginSync) -> None:
+        self._spawn(self._sync(), session=True)
+
+    def _do_TakeSnapshot(self, command: proto.TakeSnapshot) -> None:
+        extra = None
+        if command.final_sync:
+            extra, self._sync_leftover = self._sync_leftover, None
+            if self._syncing_dirty is not None:
+                extra = self._syncing_dirty if extra is None else extra.merged(self._syncing_dirty)
+                self._syncing_dirty = None
+        snapshot = self.snapshotter.take(command.epoch, command.reason, extra,
+                                         while_paused=self.hooks.on_snapshot)
+        self._snapshots[command.epoch] = snapshot
+
+    def _do_SendEpoch(self, command: proto.SendEpoch) -> None:
+        self._spawn(self._send_epoch(command.epoch), session=True)
+
+    # -- sending -------------------------------------------------------------------
+    async def _send(self, parts) -> None:
+        socket = self.socket
+        if socket is None:
+            return
+        async with self._send_lock:
+            await socket.send_multipart(parts, copy=False)
+
+    async def _send_epoch(self, epoch: int) -> None:
+        """Encode one epoch in the pool and send its frames in order (one epoch at a time)."""
+        async with self._send_lock:
+            snapshot = self._snapshots.pop(epoch, None)
+            if snapshot is None:                                   # a pre-copy epoch
+                keys, pages, buffer = self._precopy.popleft()
+                snapshot = Snapshot(epoch, "precopy", keys, pages, buffer, [], b"", False)
+            try:
+                frames, raw, encoded = await self._loop.run_in_executor(
+                    self.executor, self._encode_epoch, snapshot)
+            finally:
+                self.pool.release(snapshot.buffer)
+            if snapshot.consistent:
+                self.stats.record(snapshot, raw, encoded)
+            socket = self.socket
+            for step, parts in frames:
+                if socket is None or socket is not self.socket:
+                    return
+                await socket.send_multipart(parts, copy=False)
+                if self.hooks.on_frame_sent is not None:
+                    self.hooks.on_frame_sent(epoch, int.from_bytes(bytes(parts[0][6:8]), "little"), step)
+
+    def _encode_epoch(self, snapshot: Snapshot) -> tuple[list, int, int]:
+        """Runs in a worker thread: batches, digest, and every frame of the epoch."""
+        batch = self.config.replication.batch_pages
+        keys, pages = snapshot.keys, snapshot.pages
+        digest = EpochDigest()
+        batches = []
+        for start in range(0, len(keys), batch):               # a loop per batch, not per page
+            encoded = self.encoder.encode(keys[start:start + batch], pages[start:start + batch])
+            digest.update_pages(keys[start:start + batch], pages[start:start + batch])
+            batches.append(encoded)
+        vcpu_bytes = wire.pack_vcpu_states(snapshot.vcpus) if snapshot.consistent else b""
+        digest.update_bytes(vcpu_bytes)
+        digest.update_bytes(snapshot.device)
+        writer, epoch = self.writer, snapshot.epoch
+        raw = int(sum(b.raw_bytes for b in batches))
+        encoded_total = int(sum(b.encoded_bytes for b in batches))
+        reason = "sync" if snapshot.reason == "precopy" else snapshot.reason   # SYNC flag: pre-copy
+        frames = [("begin", writer.message(wire.EpochBegin(epoch, reason, len(keys), len(batches),
+                                                           not snapshot.consistent)))]
+        for encoded in batches:
+            frames.append(("pages", writer.frame(wire.Kind.PAGES, epoch=epoch, count=len(encoded.keys),
+                                                 payload=encoded.payload)))
+        if snapshot.consistent:
+            frames.append(("vcpu", writer.frame(wire.Kind.VCPU_STATE, epoch=epoch,
+                                                count=len(snapshot.vcpus), payload=vcpu_bytes)))
+            frames.append(("device", writer.frame(wire.Kind.DEVICE_STATE, epoch=epoch,
+                                                  payload=snapshot.device)))
+        frames.append(("end", writer.message(wire.EpochEnd(epoch, digest.digest(), len(keys), len(batches),
+                                                           raw))))
+        return frames, raw, encoded_total
+
+    # -- receiving -------------------------------------------------------------------
+    async def _recv_loop(self, socket: zmq.asyncio.Socket) -> None:
+        while True:
+            parts = await socket.recv_multipart(copy=True)
+            now = time.monotonic()
+            try:
+                frame = wire.decode_frame(parts)
+                self.guard.check(frame)
+                message = wire.decode_payload(frame)
+            except wire.WrongSession:
+                continue                                     # a stale answer to an older HELLO
+            except wire.WireError as exc:
+                self._feed(proto.ReplicaRefused(now, f"bad frame from the replica: {exc}"))
+                return
+            if frame.kind == wire.Kind.WELCOME:
+                self._feed(proto.Welcomed(now, message.version, message.last_epoch or 0))
+            elif frame.kind == wire.Kind.ACK:
+                if self.hooks.on_ack is not None:
+                    self.hooks.on_ack(frame.epoch)
+                self._feed(proto.Acked(now, frame.epoch))
+            elif frame.kind == wire.Kind.HEARTBEAT:
+                self._feed(proto.HeardFromReplica(now))
+            elif frame.kind == wire.Kind.REFUSE:
+                self._feed(proto.ReplicaRefused(now, f"{message.reason}: {message.detail}"))
+                return
+            elif frame.kind == wire.Kind.BYE:
+                self._feed(proto.ReplicaRefused(now, "the replica said goodbye"))
+                return
+
+    # -- the guest -----------------------------------------------------------------
+    def _on_guest_event(self, event: Event) -> None:
+        if isinstance(event, RingSoftFull):
+            if self.protocol.checkpointing:
+                self._feed(proto.Trigger(time.monotonic(), "ring_full"))
+            else:
+                self._drain_rings()
+        elif isinstance(event, Progress):
+            self.guest_progress = sum(self.machine.progress_all())
+        elif isinstance(event, Output):
+            self.outputs.append((self.protocol.next_epoch, event.data))
+            if not self.protocol.protected:
+                self._do_ReleaseOutputs(proto.ReleaseOutputs(None))
+            elif self.config.triggers.output and self._output_trigger is None:
+                self._output_trigger = self._loop.call_later(
+                    self.config.triggers.output_delay_ms / 1000, self._fire_output_trigger)
+        elif isinstance(event, (Done, Fault)):
+            log.error("the guest stopped: %s", event)
+            self.last_error = repr(event)
+            self._stopping.set()
+
+    def _fire_output_trigger(self) -> None:
+        self._output_trigger = None
+        if any(epoch >= self.protocol.next_epoch for epoch, _ in self.outputs):
+            self._feed(proto.Trigger(time.monotonic(), "output"))
+
+    def _drain_rings(self) -> None:
+        """Unprotected or syncing: harvest so the vCPUs go on; keep the set while syncing."""
+        self.machine.pause()
+        dirty = self.machine.harvest()
+        if self.protocol.held_reason in (None, "sync"):      # else the protocol holds the guest
+            self.machine.resume()
+        if self.protocol.mode is proto.PrimaryMode.SYNCING:
+            self._syncing_dirty = dirty if self._syncing_dirty is None else self._syncing_dirty.merged(dirty)
+
+    async def _sync(self) -> None:
+        """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy)."""
+        replication = self.config.replication
+        self._syncing_dirty = None
+        self._drain_rings()                          # tracking starts now: everything else is resident
+        self._syncing_dirty = None
+        keys = np.concatenate([(np.uint64(slot) << np.uint64(40)) | memory.resident_pages()
+                               for slot, memory in sorted(self.machine.memory.slots.items())])
+        log.info("sync: %d resident pages (%.1f MiB) to copy", len(keys), len(keys) * 4096 / 2**20)
+        for round_number in range(replication.precopy_max_rounds):
+            for start in range(0, len(keys), replication.precopy_epoch_pages):
+                chunk = keys[start:start + replication.precopy_epoch_pages]
+                while len(self._precopy) >= 1 or self.pool.free == 0:
+                    await asyncio.sleep(0.001)       # backpressure: wait for the previous batch to go
+                pages, buffer = self.snapshotter.read_pages(chunk)
+                self._precopy.append((chunk, pages, buffer))
+                self._feed(proto.PrecopyReady(time.monotonic()))
+            self._drain_rings()
+            pending, self._syncing_dirty = self._syncing_dirty, None
+            keys = page_keys(pending) if pending is not None else np.empty(0, dtype=np.uint64)
+            log.info("sync: round %d left %d dirty pages", round_number + 1, len(keys))
+            if len(keys) <= replication.precopy_done_pages:
+                self._sync_leftover = pending
+                break
+        else:
+            self._sync_leftover = DirtySet.from_entries(keys >> np.uint64(40),
+                                                        keys & np.uint64((1 << 40) - 1))
+        while self._precopy:
+            await asyncio.sleep(0.001)
+        self._feed(proto.SyncRoundsDone(time.monotonic(), self.protocol.next_epoch - 1))
+
+    # -- clocks ------------------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        config = self.protocol.config
+        period = min(config.heartbeat_interval, config.max_interval or 1.0) / 4
+        while True:
+            await asyncio.sleep(period)
+            self._feed(proto.Tick(time.monotonic()))
+
+    async def _dirty_watch_loop(self) -> None:
+        threshold = self.config.triggers.dirty_pages
+        period = self.config.triggers.poll_us / 1e6
+        while True:
+            await asyncio.sleep(period)
+            if self.protocol.checkpointing and self.protocol.held_reason is None \
+                    and self.machine.tracker.fill() >= threshold:
+                self._feed(proto.Trigger(time.monotonic(), "dirty_threshold"))
+
+    def status(self) -> dict:
+        summary = self.stats.summary()
+        self.guest_progress = sum(self.machine.progress_all()) if not self.machine._closed else 0
+        return {
+            "role": "primary",
+            "mode": self.protocol.mode.value,
+            "protected": self.protocol.protected,
+            "epoch": self.protocol.next_epoch - 1,
+            "committed_epoch": self.protocol.acked_epoch,
+            "in_flight": len(self.protocol.in_flight),
+            "guest_progress": self.guest_progress,
+            "takeover_ms": None,
+            "epochs": self.stats.epochs,
+            "reasons": dict(self.stats.reasons),
+            "released_output_bytes": self.released,
+            "last_error": self.last_error,
+            **summary,
+        }
+
+    async def _status_loop(self) -> None:
+        status = self.config.status
+        last_log = time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, status.log_interval_s))
+            figures = self.status()
+            if status.status_json:
+                write_status(status.status_json, figures)
+            if time.monotonic() - last_log >= status.log_interval_s:
+                last_log = time.monotonic()
+                log.info("%s epoch %d (committed %d) %.0f ckpt/s pause p50 %.0f us p99 %.0f us dirty p50 %.0f "
+                         "raw %.1f MB/s encoded %.1f MB/s progress %d",
+                         figures["mode"], figures["epoch"], figures["committed_epoch"],
+                         figures["checkpoints_per_s"], figures["pause_us_p50"], figures["pause_us_p99"],
+                         figures["dirty_pages_p50"], figures["raw_mb_per_s"], figures["encoded_mb_per_s"],
+                         figures["guest_progress"])

@@ -1,0 +1,158 @@
+"""The stop-the-world part of a checkpoint, and nothing else.
+
+The guest is paused only for this: every vCPU out of KVM_RUN, every ring
+harvested and reset (plus the pages the VMM wrote), the dirty pages gathered
+into a preallocated staging buffer with one np.take per slot, the vCPU and
+device state captured, the guest resumed. Encoding and sending happen after
+the resume, while the guest runs, from the staging buffer; the buffer goes
+back to its pool once the epoch is encoded.
+
+Page keys are (slot << 40) | page offset in the slot, sorted: the same keys
+the codec and the replica use.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ring.abi import PAGE_SIZE
+from ring.dirty import DirtySet, soft_limit
+from ring.machine import Machine, VcpuState
+
+SLOT_SHIFT = np.uint64(40)
+OFFSET_MASK = np.uint64((1 << 40) - 1)
+
+
+def page_keys(dirty: DirtySet) -> np.ndarray:
+    """The dirty set as sorted page keys."""
+    parts = [(np.uint64(slot) << SLOT_SHIFT) | offsets for slot, offsets in sorted(dirty.pages.items())]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+
+def split_keys(keys: np.ndarray) -> list[tuple[int, int, int]]:
+    """(slot, start, end) runs of sorted keys, one per slot."""
+    if len(keys) == 0:
+        return []
+    slots = keys >> SLOT_SHIFT
+    bounds = [0, *(np.flatnonzero(slots[1:] != slots[:-1]) + 1).tolist(), len(keys)]
+    return [(int(slots[a]), a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def gather(machine: Machine, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Copy the pages named by `keys` into out[:len(keys)] (one np.take per slot)."""
+    for slot, start, end in split_keys(keys):
+        source = machine.memory.slots[slot].pages
+        np.take(source, (keys[start:end] & OFFSET_MASK).astype(np.intp), axis=0,
+                out=out[start:end], mode="clip")
+    return out[:len(keys)]
+
+
+class StagingPool:
+    """Preallocated staging buffers, touched once so that no checkpoint pays first-touch faults."""
+
+    def __init__(self, buffers: int, capacity_pages: int) -> None:
+        self.capacity = capacity_pages
+        self._free = [self._allocate(capacity_pages) for _ in range(buffers)]
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def _allocate(pages: int) -> np.ndarray:
+        buffer = np.empty((max(pages, 1), PAGE_SIZE), dtype=np.uint8)
+        buffer.fill(0)
+        return buffer
+
+    def acquire(self, pages: int, timeout: float | None = None) -> np.ndarray:
+        """A buffer for `pages` pages; waits while all are in use (that is backpressure too)."""
+        if pages > self.capacity:
+            return self._allocate(pages)      # rare (a large final sync): not pooled
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free, timeout):
+                raise TimeoutError("no staging buffer came free: encoding is stuck")
+            return self._free.pop()
+
+    def release(self, buffer: np.ndarray) -> None:
+        if len(buffer) != max(self.capacity, 1):
+            return
+        with self._cond:
+            self._free.append(buffer)
+            self._cond.notify()
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+
+@dataclass
+class Snapshot:
+    """One closed epoch, gathered: what the encoder needs, and what the pause cost."""
+
+    epoch: int
+    reason: str
+    keys: np.ndarray
+    pages: np.ndarray                   # a view into `buffer`
+    buffer: np.ndarray
+    vcpus: list[VcpuState]
+    device: bytes
+    consistent: bool                    # carries vCPU state (not a pre-copy round)
+    times_ns: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pause_ns(self) -> int:
+        return self.times_ns.get("pause_total", 0)
+
+
+def staging_capacity(machine: Machine, extra_pages: int = 0) -> int:
+    """Pages an epoch can hold: every ring up to its soft limit, plus headroom for VMM writes."""
+    config = machine.config
+    rings = config.vcpus * soft_limit(config.ring_entries) if config.dirty_log == "ring" else 0
+    return rings + extra_pages + 256
+
+
+class Snapshotter:
+    """Takes snapshots of one machine into a pool of staging buffers."""
+
+    def __init__(self, machine: Machine, pool: StagingPool) -> None:
+        self.machine = machine
+        self.pool = pool
+
+    def take(self, epoch: int, reason: str, extra: DirtySet | None = None,
+             capture_state: bool = True, device_state=lambda: b"",
+             while_paused=None) -> Snapshot:
+        """Pause, harvest (+ `extra` pages), gather, capture, resume. The guest runs again on return."""
+        machine = self.machine
+        clock = time.perf_counter_ns
+        t0 = clock()
+        machine.pause()
+        t1 = clock()
+        try:
+            dirty = machine.harvest()
+            if extra is not None:
+                dirty = dirty.merged(extra)
+            t2 = clock()
+            keys = page_keys(dirty)
+            buffer = self.pool.acquire(len(keys))
+            pages = gather(machine, keys, buffer)
+            t3 = clock()
+            vcpus = machine.capture_vcpus() if capture_state else []
+            device = device_state() if capture_state else b""
+            t4 = clock()
+            snapshot = Snapshot(epoch, reason, keys, pages, buffer, vcpus, device, capture_state)
+            hook_ns = 0
+            if while_paused is not None:          # test hooks: inspect the machine at the checkpoint
+                while_paused(snapshot, machine)
+                hook_ns = clock() - t4
+        finally:
+            machine.resume()
+        t5 = clock()
+        snapshot.times_ns = {"kick": t1 - t0, "harvest": t2 - t1, "gather": t3 - t2, "capture": t4 - t3,
+                             "resume": t5 - t4 - hook_ns, "pause_total": t5 - t0 - hook_ns}
+        return snapshot
+
+    def read_pages(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Gather pages while the guest runs (pre-copy): returns (pages view, buffer to release)."""
+        buffer = self.pool.acquire(len(keys))
+        return gather(self.machine, keys, buffer), buffer

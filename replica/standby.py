@@ -1,0 +1,167 @@
+"""Standby memory, the staging area of the epoch in flight, and the atomic commit.
+
+The replica never writes a page of an epoch into standby memory before the
+whole epoch arrived and its digest matched: pages are decoded into staging
+(XOR pages against the committed content, which is the last version the
+primary sent), the digest is computed over the decoded content in the order
+the primary fed its own, and only a verified epoch is scattered into the
+standby with one fancy assignment per slot. A torn epoch is dropped by
+forgetting the staging cursor: nothing to undo.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from checkpointer.codec import CodecError, EpochDigest, decode_batch
+from checkpointer.snapshot import OFFSET_MASK, SLOT_SHIFT, split_keys
+from checkpointer.wire import unpack_vcpu_states
+from ring.abi import PAGE_SIZE
+from ring.guest import layout
+from ring.machine import VcpuState
+from ring.memory import GuestMemory, SlotSpec
+
+
+class StagingError(ValueError):
+    """An epoch's content cannot be staged (bad keys, overflow, undecodable batch)."""
+
+
+class Standby:
+    """The replica's copy of the guest: committed memory and state, plus one staged epoch."""
+
+    def __init__(self, slots: list[SlotSpec], initial_capacity: int = 4096) -> None:
+        self.memory = GuestMemory(slots)
+        self._slot_pages = {spec.slot: spec.pages for spec in slots}
+        self._staging = np.zeros((initial_capacity, PAGE_SIZE), dtype=np.uint8)
+        self._staging_keys = np.zeros(initial_capacity, dtype=np.uint64)
+        self.committed_epoch = 0
+        self.vcpus: list[VcpuState] = []          # of the last consistent epoch
+        self.device = b""
+        self.consistent = False
+        self._epoch: int | None = None
+        self._cursor = 0
+        self._digest: EpochDigest | None = None
+        self._staged_vcpus: list[VcpuState] | None = None
+        self._staged_vcpu_bytes = b""
+        self._staged_device = b""
+        self.last_apply_ns = 0
+
+    @property
+    def layout(self) -> list[SlotSpec]:
+        return [slot.spec for slot in self.memory.slots.values()]
+
+    # -- staging -----------------------------------------------------------------
+    def open(self, epoch: int, pages: int) -> None:
+        """Start staging `epoch` with room for `pages` pages (grows the staging area if needed)."""
+        if pages > len(self._staging):
+            capacity = max(pages, 2 * len(self._staging))
+            self._staging = np.zeros((capacity, PAGE_SIZE), dtype=np.uint8)
+            self._staging_keys = np.zeros(capacity, dtype=np.uint64)
+        self._epoch = epoch
+        self._cursor = 0
+        self._digest = EpochDigest()
+        self._staged_vcpus = None
+        self._staged_vcpu_bytes = b""
+        self._staged_device = b""
+
+    def _valid_keys(self, keys: np.ndarray) -> np.ndarray:
+        slots = keys >> SLOT_SHIFT
+        offsets = keys & OFFSET_MASK
+        valid = np.zeros(len(keys), dtype=bool)
+        for slot, pages in self._slot_pages.items():
+            valid |= (slots == np.uint64(slot)) & (offsets < np.uint64(pages))
+        return valid
+
+    def _base(self, keys: np.ndarray) -> np.ndarray:
+        out = np.empty((len(keys), PAGE_SIZE), dtype=np.uint8)
+        for slot, start, end in split_keys(keys):
+            offsets = (keys[start:end] & OFFSET_MASK).astype(np.intp)
+            np.take(self.memory.slots[slot].pages, offsets, axis=0, out=out[start:end])
+        return out
+
+    def stage_pages(self, payload) -> int:
+        """Decode one PAGES batch into staging; returns its page count."""
+        if self._epoch is None:
+            raise StagingError("PAGES with no epoch open")
+        room = len(self._staging) - self._cursor
+        try:
+            keys, pages = decode_batch(payload, self._base, out=self._staging[self._cursor:],
+                                       max_pages=room, valid_key=self._valid_keys)
+        except CodecError as exc:
+            raise StagingError(f"epoch {self._epoch}: {exc}") from exc
+        count = len(keys)
+        if self._cursor and count and keys[0] <= self._staging_keys[self._cursor - 1]:
+            raise StagingError(f"epoch {self._epoch}: batches out of key order or overlapping")
+        self._staging_keys[self._cursor:self._cursor + count] = keys
+        self._digest.update_pages(keys, pages)
+        self._cursor += count
+        return count
+
+    def stage_vcpus(self, payload) -> list[VcpuState]:
+        data = bytes(payload)
+        self._staged_vcpus = unpack_vcpu_states(data)
+        self._staged_vcpu_bytes = data
+        return self._staged_vcpus
+
+    def stage_device(self, payload) -> None:
+        self._staged_device = bytes(payload)
+
+    def verify(self, digest: bytes) -> tuple[bool, str]:
+        """Compare the staged content's digest with the primary's."""
+        if self._digest is None:
+            return False, "no epoch staged"
+        self._digest.update_bytes(self._staged_vcpu_bytes)
+        self._digest.update_bytes(self._staged_device)
+        ours = self._digest.digest()
+        if ours != bytes(digest):
+            return False, f"digest mismatch: primary {bytes(digest).hex()}, replica {ours.hex()}"
+        return True, ""
+
+    def commit(self, consistent: bool) -> int:
+        """Scatter the staged pages into standby memory; returns pages applied."""
+        if self._epoch is None:
+            raise StagingError("commit with no epoch staged")
+        start = time.perf_counter_ns()
+        keys = self._staging_keys[:self._cursor]
+        for slot, a, b in split_keys(keys):
+            offsets = (keys[a:b] & OFFSET_MASK).astype(np.intp)
+            self.memory.slots[slot].pages[offsets] = self._staging[a:b]
+        if consistent:
+            self.vcpus = self._staged_vcpus or []
+            self.device = self._staged_device
+        self.consistent = consistent
+        self.committed_epoch = self._epoch
+        applied = self._cursor
+        self._epoch = None
+        self._cursor = 0
+        self.last_apply_ns = time.perf_counter_ns() - start
+        return applied
+
+    def discard(self) -> None:
+        """Forget the staged epoch: standby memory was never touched."""
+        self._epoch = None
+        self._cursor = 0
+        self._digest = None
+
+    def progress(self) -> int:
+        """The guest's progress counters (summed over vCPUs) as committed in standby memory."""
+        params = self.memory.view(layout.PARAMS_GPA, layout.PARAMS_DTYPE.itemsize).view(layout.PARAMS_DTYPE)[0]
+        return int(params["vcpu"]["progress"].sum())
+
+    def digest_memory(self) -> bytes:
+        """A digest of all standby memory (tests compare it with the primary's)."""
+        return memory_digest(self.memory)
+
+    def close(self) -> None:
+        self.memory.close()
+
+
+def memory_digest(memory: GuestMemory) -> bytes:
+    """xxh3_128 over every slot's bytes, in slot order."""
+    import xxhash
+    digest = xxhash.xxh3_128()
+    for slot in sorted(memory.slots):
+        digest.update(memory.slots[slot].bytes)
+    return digest.digest()

@@ -1,0 +1,118 @@
+"""Run a real agent in its own process with test hooks (used by tests/test_system.py).
+
+    python -m tests.agent_harness primary --record FILE [--kill-at N:STEP] -- <colo-primary flags>
+    python -m tests.agent_harness replica --record FILE [--ack-delay-ms MS] -- <colo-replica flags>
+
+The primary records, while the guest is paused at each checkpoint, a digest of
+all guest memory, of the vCPU state and the guest's progress; the replica
+records the same of its standby after each consistent commit. Records are JSON
+lines written with os.write, so a SIGKILL loses none. `--kill-at N:STEP`
+SIGKILLs the primary at the N-th checkpoint taken while protected, at STEP:
+begin, pages (after the first page batch left), vcpu, device, end (after the
+END frame left, before its ack), or acked (when its ack arrives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+
+import xxhash
+
+from checkpointer import wire
+from checkpointer.agent import Hooks, PrimaryAgent
+from checkpointer.cli import _run, configure_logging
+from checkpointer.config import parse_primary_args, parse_replica_args
+from replica.agent import ReplicaAgent, ReplicaHooks
+from replica.standby import memory_digest
+
+
+def _vcpu_digest(states) -> str:
+    return xxhash.xxh3_128(wire.pack_vcpu_states(states)).hexdigest()
+
+
+class Recorder:
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, **record) -> None:
+        os.write(self.fd, (json.dumps(record) + "\n").encode())
+
+
+def run_primary(args, agent_args) -> int:
+    config = parse_primary_args(agent_args)
+    recorder = Recorder(args.record)
+    kill_count, kill_step = (int(args.kill_at.split(":")[0]), args.kill_at.split(":")[1]) if args.kill_at \
+        else (None, None)
+    state = {"protected": 0, "target": None}
+    agent: PrimaryAgent
+
+    def on_snapshot(snapshot, machine) -> None:
+        if not snapshot.consistent:
+            return
+        recorder.write(epoch=snapshot.epoch, reason=snapshot.reason,
+                       memory=memory_digest(machine.memory).hex(), vcpus=_vcpu_digest(snapshot.vcpus),
+                       progress=sum(machine.progress_all()))
+        if agent.protocol.protected and snapshot.reason != "sync":
+            state["protected"] += 1
+            if state["protected"] == kill_count and state["target"] is None:
+                state["target"] = snapshot.epoch
+                with open(args.record + ".target", "w") as handle:
+                    handle.write(str(snapshot.epoch))
+
+    def on_frame_sent(epoch: int, kind: int, step: str) -> None:
+        if epoch == state["target"] and step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_ack(epoch: int) -> None:
+        if state["target"] is not None and epoch >= state["target"] and kill_step == "acked":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    agent = PrimaryAgent(config, hooks=Hooks(on_snapshot=on_snapshot, on_frame_sent=on_frame_sent,
+                                             on_ack=on_ack))
+    asyncio.run(_run(agent))
+    return 1 if agent.last_error else 0
+
+
+def run_replica(args, agent_args) -> int:
+    config = parse_replica_args(agent_args)
+    recorder = Recorder(args.record)
+
+    def on_commit(epoch: int, standby) -> None:
+        if standby.consistent:
+            recorder.write(epoch=epoch, memory=standby.digest_memory().hex(),
+                           vcpus=_vcpu_digest(standby.vcpus), progress=standby.progress())
+
+    def hold_ack(epoch: int):
+        if not args.ack_delay_ms:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(args.ack_delay_ms / 1000, future.set_result, None)
+        return future
+
+    agent = ReplicaAgent(config, hooks=ReplicaHooks(on_commit=on_commit, hold_ack=hold_ack))
+    agent.bind()
+    asyncio.run(_run(agent))
+    return 1 if agent.last_error else 0
+
+
+def main() -> int:
+    configure_logging()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=("primary", "replica"))
+    parser.add_argument("--record", required=True)
+    parser.add_argument("--kill-at", default=None)
+    parser.add_argument("--ack-delay-ms", type=float, default=0.0)
+    args = parser.parse_args(argv[:split])
+    agent_args = argv[split + 1:]
+    return run_primary(args, agent_args) if args.role == "primary" else run_replica(args, agent_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

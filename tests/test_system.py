@@ -1,0 +1,157 @@
+"""System tests: the primary and the replica as separate processes over loopback TCP with CURVE.
+
+Conditions are waited for by reading the agents' status files until a deadline
+(a real wait for a state, not a sleep standing in for one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from checkpointer.security import generate_keys
+
+from .conftest import requires_kvm
+
+pytestmark = [requires_kvm, pytest.mark.kvm]
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = ["--heartbeat-ms", "20", "--timeout-ms", "300"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agents:
+    """Start and watch a replica and a primary (tests.agent_harness) in a temporary folder."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        keys = tmp / "keys"
+        generate_keys(keys, "primary")
+        generate_keys(keys, "replica")
+        self.keys = keys
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, role: str, harness: list[str] = (), agent: list[str] = ()) -> subprocess.Popen:
+        status = self.tmp / f"{role}.json"
+        if role == "replica":
+            flags = ["--listen", self.endpoint, "--keys-dir", str(self.keys),
+                     "--authorized-keys", str(self.keys / "primary.key")]
+        else:
+            flags = ["--replica", self.endpoint, "--keys-dir", str(self.keys),
+                     "--peer-public-key", str(self.keys / "replica.key"), "--workload", "uniform",
+                     "--memory-mib", "16", "--vcpus", "2", "--ring-entries", "1024",
+                     "--max-interval-ms", "20"]
+        command = [sys.executable, "-m", "tests.agent_harness", role, "--record",
+                   str(self.tmp / f"{role}.jsonl"), *harness, "--", *flags, *TIMING,
+                   "--status-json", str(status), *agent]
+        log = open(self.tmp / f"{role}.log", "w")
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[role] = process
+        return process
+
+    def status(self, role: str) -> dict:
+        try:
+            return json.loads((self.tmp / f"{role}.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def records(self, role: str) -> dict[int, dict]:
+        path = self.tmp / f"{role}.jsonl"
+        if not path.exists():
+            return {}
+        return {r["epoch"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+    def wait(self, what: str, predicate, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            for role, process in self.processes.items():
+                if process.poll() is not None and role == "replica":
+                    raise AssertionError(f"the replica exited ({process.returncode}) waiting for {what}:\n"
+                                         + self.log("replica"))
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}\n--- primary\n{self.log('primary')}\n"
+                             f"--- replica\n{self.log('replica')}")
+
+    def log(self, role: str) -> str:
+        path = self.tmp / f"{role}.log"
+        return path.read_text()[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def agents(tmp_path):
+    running = Agents(tmp_path)
+    yield running
+    running.stop()
+
+
+def test_replica_equals_primary_at_every_acknowledged_epoch(agents: Agents) -> None:
+    agents.start("replica")
+    agents.start("primary")
+    agents.wait("protection", lambda: agents.status("primary").get("protected"))
+    start = agents.status("replica").get("committed_epoch", 0)
+    agents.wait("30 more commits", lambda: agents.status("replica").get("committed_epoch", 0) >= start + 30)
+    agents.stop()
+    assert agents.processes["primary"].returncode == 0, agents.log("primary")
+    primary, replica = agents.records("primary"), agents.records("replica")
+    assert len(replica) >= 30
+    for epoch, mine in replica.items():
+        theirs = primary[epoch]
+        assert mine["memory"] == theirs["memory"], f"standby memory differs at epoch {epoch}"
+        assert mine["vcpus"] == theirs["vcpus"], f"vCPU state differs at epoch {epoch}"
+        assert mine["progress"] == theirs["progress"]
+    assert agents.status("replica")["role"] == "replica"           # BYE: no failover
+
+
+@pytest.mark.parametrize("step", ["pages", "end", "acked"])
+def test_sigkill_of_the_primary_fails_over_to_the_last_complete_epoch(agents: Agents, step: str) -> None:
+    agents.start("replica")
+    primary = agents.start("primary", harness=["--kill-at", f"8:{step}"], agent=["--report-every", "2000"])
+    agents.wait("the primary's death", lambda: primary.poll() is not None, timeout=60)
+    assert primary.returncode == -signal.SIGKILL, agents.log("primary")
+    status = agents.wait("takeover", lambda: (s := agents.status("replica")).get("takeover_ms") and s)
+    assert status["role"] == "active"
+    primary_records, replica_records = agents.records("primary"), agents.records("replica")
+    committed = max(replica_records)
+    assert status["consistent_epoch"] == committed
+    target = int((agents.tmp / "primary.jsonl.target").read_text())
+    if step == "pages":
+        assert committed == target - 1        # the epoch in transfer was discarded whole
+    elif step == "end":
+        assert committed in (target - 1, target)
+    else:
+        assert committed >= target
+    assert replica_records[committed]["memory"] == primary_records[committed]["memory"]
+    assert replica_records[committed]["vcpus"] == primary_records[committed]["vcpus"]
+    checkpointed = primary_records[committed]["progress"]
+    assert replica_records[committed]["progress"] == checkpointed
+    # the standby guest continues from the checkpointed value, and advances
+    agents.wait("the standby guest's progress", lambda: agents.status("replica")["guest_progress"]
+                > checkpointed + 20000)
+    assert 0 < status["takeover_ms"] < 5000
