@@ -331,6 +331,16 @@ class Machine:
 # --- the real thing ---------------------------------------------------------
 
 
+class _NoTracker:
+    """A machine run without dirty logging (a replica's guest after failover)."""
+
+    def collect(self) -> DirtySet:
+        return DirtySet()
+
+    def fill(self) -> int:
+        return 0
+
+
 class KvmExecutor:
     """Runs one KVM vCPU and decodes its exits."""
 
@@ -409,7 +419,7 @@ class KvmMachine(Machine):
     def __init__(self, config: MachineConfig, workload: Workload | None = None, *,
                  program: str = "workloads.c", memory: GuestMemory | None = None,
                  load: bool = True, kvm_path: str = "/dev/kvm",
-                 ports: dict[int, PortHandler] | None = None) -> None:
+                 ports: dict[int, PortHandler] | None = None, track_dirty: bool = True) -> None:
         install_kick_handler()
         image = build_program(program) if load else b""
         self._kvm = Kvm(kvm_path)
@@ -418,6 +428,7 @@ class KvmMachine(Machine):
         self._ring_maps = []
         super().__init__(config, workload, memory)
         self.extra_ports.update(ports or {})
+        self.track_dirty = track_dirty
         try:
             self._build(image, load)
         except Exception:
@@ -427,7 +438,8 @@ class KvmMachine(Machine):
     def _build(self, image: bytes, load: bool) -> None:
         config = self.config
         vm = self._vm = self._kvm.create_vm()
-        if config.dirty_log == "ring":
+        tracking = self.track_dirty
+        if tracking and config.dirty_log == "ring":
             max_bytes = vm.check_extension(abi.KVM_CAP_DIRTY_LOG_RING)
             if max_bytes <= 0:
                 raise KvmUnavailableError("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); "
@@ -436,7 +448,7 @@ class KvmMachine(Machine):
             vm.enable_cap(abi.KVM_CAP_DIRTY_LOG_RING, config.ring_entries * abi.DIRTY_GFN_DTYPE.itemsize)
         for slot in self.memory.slots.values():
             vm.set_user_memory_region(slot.spec.slot, slot.spec.guest_phys_addr, slot.spec.size,
-                                      slot.address, abi.KVM_MEM_LOG_DIRTY_PAGES)
+                                      slot.address, abi.KVM_MEM_LOG_DIRTY_PAGES if tracking else 0)
         if load:
             self.write_guest_image()
             loader.load_program(self.memory, image)
@@ -450,11 +462,13 @@ class KvmMachine(Machine):
             vcpu.set_cpuid2(cpuid)
             vcpu.set_sregs(loader.initial_sregs(vcpu.get_sregs()))
             vcpu.set_regs(loader.initial_regs(index))
-            if config.dirty_log == "ring":
+            if tracking and config.dirty_log == "ring":
                 ring_map = vcpu.map_dirty_ring(config.ring_entries * abi.DIRTY_GFN_DTYPE.itemsize)
                 self._ring_maps.append(ring_map)
                 rings.append(DirtyRing(ring_map, config.ring_entries, index))
-        if config.dirty_log == "ring":
+        if not tracking:
+            self.tracker = _NoTracker()
+        elif config.dirty_log == "ring":
             self.tracker = RingTracker(rings, vm.reset_dirty_rings)
         else:
             clear = None

@@ -17,6 +17,10 @@ import numpy as np
 from .abi import PAGE_SHIFT, PAGE_SIZE
 from .errors import ConfigError, SlotOverlapError
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+
 #: Linux's MAP_NORESERVE; Python's mmap module only exports it from 3.13 on.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
@@ -61,6 +65,19 @@ class MemorySlot:
         self.pages = self.bytes.reshape(spec.pages, PAGE_SIZE)
         self.words = self.bytes.view(np.uint64)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    def resident_pages(self) -> np.ndarray:
+        """Offsets of the pages the host has backed (mincore): the only ones that can be non-zero.
+
+        An untouched page of an anonymous mapping reads as zero, so a full copy of a
+        large, mostly untouched guest only needs these.
+        """
+        vector = np.zeros(self.spec.pages, dtype=np.uint8)
+        if _libc.mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.spec.size),
+                         vector.ctypes.data_as(ctypes.c_void_p)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mincore on slot {self.spec.slot} failed")
+        return np.flatnonzero(vector & 1).astype(np.uint64)
 
     def page(self, offset: int) -> np.ndarray:
         """The page at `offset` pages into the slot, as a uint8 view."""

@@ -7,7 +7,6 @@ Conditions are waited for by reading the agents' status files until a deadline
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
