@@ -19,6 +19,7 @@ import collections
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from .security import secure_client
 from .snapshot import Snapshot, Snapshotter, StagingPool, page_keys, staging_capacity
 
 log = logging.getLogger("colo.primary")
+
+SWITCH_INTERVAL = 0.0002
 
 
 def set_zmq_heartbeats(socket: zmq.Socket, heartbeat_ms: int, timeout_ms: int) -> None:
@@ -162,6 +165,9 @@ class PrimaryAgent:
     async def run(self, duration: float | None = None) -> None:
         """Run until stop() (or `duration` seconds); close everything on the way out."""
         self._loop = asyncio.get_running_loop()
+        # The snapshot drops the GIL at every ioctl and wait; with encoder threads running Python,
+        # taking it back costs up to the switch interval (5 ms by default) each time.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self.machine.set_event_sink(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
         self.machine.start()
         self._spawn(self._tick_loop())

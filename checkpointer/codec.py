@@ -83,6 +83,7 @@ import xxhash
 import zstandard
 
 from ring.abi import PAGE_SIZE
+from ring.memory import page_buffer
 
 MAGIC = b"CRPB"
 VERSION = 1
@@ -209,7 +210,7 @@ class PageEncoder:
         self._shift = np.uint64(64 - (self.sets.bit_length() - 1))
         self.cache_keys = np.empty((self.sets, self.ways), dtype=np.uint64)
         self.cache_stamp = np.zeros((self.sets, self.ways), dtype=np.uint64)   # 0: never used
-        self.cache_data = np.empty((self.cache_pages, PAGE_SIZE), dtype=np.uint8)  # row: set*ways+way
+        self.cache_data = page_buffer(self.cache_pages, touch=False)  # row: set*ways+way; page-aligned
         self.cache_keys.fill(EMPTY_KEY)
         self.cache_data.fill(0)                 # first touch now, not during a checkpoint
         self._clock = 0
@@ -251,8 +252,7 @@ class PageEncoder:
         """This thread's two reusable (rows, 4096) buffers, touched once when (re)allocated."""
         bufs = getattr(self._local, "scratch", None)
         if bufs is None or len(bufs[0]) < rows:
-            bufs = (np.empty((max(rows, 64), PAGE_SIZE), dtype=np.uint8),
-                    np.empty((max(rows, 64), PAGE_SIZE), dtype=np.uint8))
+            bufs = (page_buffer(max(rows, 64)), page_buffer(max(rows, 64)))
             for buf in bufs:
                 buf.fill(0)
             self._local.scratch = bufs

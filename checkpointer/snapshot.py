@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ring.abi import PAGE_SIZE
 from ring.dirty import DirtySet, soft_limit
 from ring.machine import Machine, VcpuState
+from ring.memory import page_buffer
 
 SLOT_SHIFT = np.uint64(40)
 OFFSET_MASK = np.uint64((1 << 40) - 1)
@@ -61,9 +61,7 @@ class StagingPool:
 
     @staticmethod
     def _allocate(pages: int) -> np.ndarray:
-        buffer = np.empty((max(pages, 1), PAGE_SIZE), dtype=np.uint8)
-        buffer.fill(0)
-        return buffer
+        return page_buffer(pages)          # page-aligned, like guest memory (see page_buffer)
 
     def acquire(self, pages: int, timeout: float | None = None) -> np.ndarray:
         """A buffer for `pages` pages; waits while all are in use (that is backpressure too)."""

@@ -18,10 +18,9 @@ import numpy as np
 from checkpointer.codec import CodecError, EpochDigest, decode_batch
 from checkpointer.snapshot import OFFSET_MASK, SLOT_SHIFT, split_keys
 from checkpointer.wire import unpack_vcpu_states
-from ring.abi import PAGE_SIZE
 from ring.guest import layout
 from ring.machine import VcpuState
-from ring.memory import GuestMemory, SlotSpec
+from ring.memory import GuestMemory, SlotSpec, page_buffer
 
 
 class StagingError(ValueError):
@@ -34,7 +33,7 @@ class Standby:
     def __init__(self, slots: list[SlotSpec], initial_capacity: int = 4096) -> None:
         self.memory = GuestMemory(slots)
         self._slot_pages = {spec.slot: spec.pages for spec in slots}
-        self._staging = np.zeros((initial_capacity, PAGE_SIZE), dtype=np.uint8)
+        self._staging = page_buffer(initial_capacity)       # page-aligned: see page_buffer
         self._staging_keys = np.zeros(initial_capacity, dtype=np.uint64)
         self.committed_epoch = 0
         self.vcpus: list[VcpuState] = []          # of the last consistent epoch
@@ -57,7 +56,7 @@ class Standby:
         """Start staging `epoch` with room for `pages` pages (grows the staging area if needed)."""
         if pages > len(self._staging):
             capacity = max(pages, 2 * len(self._staging))
-            self._staging = np.zeros((capacity, PAGE_SIZE), dtype=np.uint8)
+            self._staging = page_buffer(capacity)
             self._staging_keys = np.zeros(capacity, dtype=np.uint64)
         self._epoch = epoch
         self._cursor = 0
@@ -75,7 +74,7 @@ class Standby:
         return valid
 
     def _base(self, keys: np.ndarray) -> np.ndarray:
-        out = np.empty((len(keys), PAGE_SIZE), dtype=np.uint8)
+        out = page_buffer(len(keys), touch=False)[:len(keys)]
         for slot, start, end in split_keys(keys):
             offsets = (keys[start:end] & OFFSET_MASK).astype(np.intp)
             np.take(self.memory.slots[slot].pages, offsets, axis=0, out=out[start:end])

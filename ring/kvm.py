@@ -19,6 +19,8 @@ import mmap
 import os
 from typing import Iterable
 
+import numpy as np
+
 from . import abi
 from .errors import KvmError, KvmUnavailableError
 
@@ -214,6 +216,7 @@ class Vcpu(_Fd):
             self.fd = -1
             raise KvmError("mmap(kvm_run)", exc.errno or 0) from exc
         self._run_address = ctypes.addressof(ctypes.c_char.from_buffer(self.run_map))
+        self._msr_requests: dict[tuple[int, ...], tuple] = {}
         self.io = abi.RunIo.from_buffer(self.run_map, abi.RUN_EXIT_UNION)
 
     def close(self) -> None:
@@ -310,16 +313,25 @@ class Vcpu(_Fd):
         ioctl(self.fd, abi.KVM_SET_XCRS, xcrs)
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
-        """KVM_GET_MSRS; raises if KVM processed fewer than asked."""
-        indices = list(indices)
-        msrs = abi.msrs_struct(len(indices))()
-        msrs.nmsrs = len(indices)
-        for entry, index in zip(msrs.entries, indices):
-            entry.index = index
+        """KVM_GET_MSRS; raises if KVM processed fewer than asked.
+
+        The request struct is built once per set of indices and reused: building
+        ctypes arrays costs more than the ioctl.
+        """
+        indices = tuple(indices)
+        cached = self._msr_requests.get(indices)
+        if cached is None:
+            msrs = abi.msrs_struct(len(indices))()
+            msrs.nmsrs = len(indices)
+            for entry, index in zip(msrs.entries, indices):
+                entry.index = index
+            view = np.frombuffer(msrs, dtype=np.uint64, offset=8).reshape(len(indices), 2)
+            cached = self._msr_requests[indices] = (msrs, view)
+        msrs, view = cached
         done = ioctl(self.fd, abi.KVM_GET_MSRS, msrs)
         if done != len(indices):
             raise KvmError("KVM_GET_MSRS", 22, f"MSR {indices[done]:#x} was refused")
-        return {entry.index: entry.data for entry in msrs.entries}
+        return dict(zip(indices, view[:, 1].tolist()))
 
     def set_msrs(self, values: dict[int, int]) -> None:
         """KVM_SET_MSRS; raises if KVM accepted fewer than given."""

@@ -426,6 +426,7 @@ class KvmMachine(Machine):
         self._vm: Vm | None = None
         self._vcpus: list[Vcpu] = []
         self._ring_maps = []
+        self._cpuid_bytes: dict[int, bytes] = {}
         super().__init__(config, workload, memory)
         self.extra_ports.update(ports or {})
         self.track_dirty = track_dirty
@@ -495,17 +496,19 @@ class KvmMachine(Machine):
             raise StateError("capture_vcpus() needs the machine paused")
         states = []
         for vcpu in self._vcpus:
+            cpuid = self._cpuid_bytes.get(vcpu.index)
+            if cpuid is None:              # fixed once the vCPU has run: read it once
+                cpuid = self._cpuid_bytes[vcpu.index] = b"".join(e.to_bytes() for e in vcpu.get_cpuid2())
             states.append(VcpuState(
                 index=vcpu.index,
                 regs=vcpu.get_regs().to_bytes(),
                 sregs=vcpu.get_sregs().to_bytes(),
-                fpu=vcpu.get_fpu().to_bytes(),
-                xsave=vcpu.get_xsave(self._xsave_size),
+                xsave=vcpu.get_xsave(self._xsave_size),     # holds the FPU/SSE state too
                 xcrs=vcpu.get_xcrs().to_bytes(),
                 msrs=vcpu.get_msrs(self._msrs),
                 events=vcpu.get_vcpu_events(),
                 debugregs=vcpu.get_debugregs(),
-                cpuid=b"".join(entry.to_bytes() for entry in vcpu.get_cpuid2()),
+                cpuid=cpuid,
             ))
         return states
 

@@ -93,6 +93,24 @@ class MemorySlot:
             self._map = None
 
 
+def page_buffer(pages: int, touch: bool = True) -> np.ndarray:
+    """A page-aligned (pages, 4096) uint8 array on its own anonymous mapping.
+
+    Why not np.empty: numpy's allocations start 16 bytes into a page, and copying
+    pages between a page-aligned guest mapping and a buffer 16 bytes off makes
+    every store alias the next load's 4 KiB offset (4K aliasing): np.take of
+    random guest pages ran 3.5 times slower here. `touch` faults every page in
+    once, so that no checkpoint pays first-touch costs.
+    """
+    size = max(pages, 1) * PAGE_SIZE
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    buffer = np.frombuffer(mapping, dtype=np.uint8).reshape(max(pages, 1), PAGE_SIZE)
+    if touch:
+        buffer.fill(0)
+    return buffer
+
+
 class GuestMemory:
     """All of a guest's slots, checked not to overlap."""
 
