@@ -137,7 +137,9 @@ class PrimaryAgent:
             max_interval=(config.triggers.max_interval_ms / 1000) or None,
         ))
         extra = max(replication.precopy_done_pages, config.triggers.dirty_pages, 1024)
-        self.pool = StagingPool(2, staging_capacity(self.machine, extra))
+        # One buffer per epoch that may await encoding (at most max_in_flight) plus one:
+        # acquiring a buffer then never waits, and the loop never blocks on it.
+        self.pool = StagingPool(replication.max_in_flight + 1, staging_capacity(self.machine, extra))
         self.snapshotter = Snapshotter(self.machine, self.pool)
         self.encoder = PageEncoder(cache_pages=replication.cache_pages, level=replication.zstd_level)
         self.executor = ThreadPoolExecutor(replication.encode_threads, thread_name_prefix="encode")
@@ -205,10 +207,18 @@ class PrimaryAgent:
             self._stopping.set()
 
     async def _shutdown(self) -> None:
+        for task in list(self._tasks):          # no more ticks, triggers or status writes
+            task.cancel()
+        if not self.machine._closed and self.machine.runner.started:
+            self.machine.pause()                # and no more guest events
         if self.socket is not None and self.writer is not None:
+            # Let the epochs being sent finish (their frames hold sequence numbers), then BYE.
+            sending = [t for t in self._session_tasks if getattr(t, "sends_epoch", False)]
+            if sending:
+                await asyncio.wait(sending, timeout=2.0)
             try:
-                await asyncio.wait_for(self.socket.send_multipart(
-                    self.writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch), copy=False), 0.2)
+                await asyncio.wait_for(self._send(
+                    self.writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch)), 0.5)
             except (asyncio.TimeoutError, zmq.ZMQError):
                 pass
         for task in list(self._tasks | self._session_tasks):
@@ -304,7 +314,8 @@ class PrimaryAgent:
         self._snapshots[command.epoch] = snapshot
 
     def _do_SendEpoch(self, command: proto.SendEpoch) -> None:
-        self._spawn(self._send_epoch(command.epoch), session=True)
+        task = self._spawn(self._send_epoch(command.epoch), session=True)
+        task.sends_epoch = True
 
     # -- sending -------------------------------------------------------------------
     async def _send(self, parts) -> None:

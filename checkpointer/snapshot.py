@@ -63,7 +63,7 @@ class StagingPool:
     def _allocate(pages: int) -> np.ndarray:
         return page_buffer(pages)          # page-aligned, like guest memory (see page_buffer)
 
-    def acquire(self, pages: int, timeout: float | None = None) -> np.ndarray:
+    def acquire(self, pages: int, timeout: float | None = 5.0) -> np.ndarray:
         """A buffer for `pages` pages; waits while all are in use (that is backpressure too)."""
         if pages > self.capacity:
             return self._allocate(pages)      # rare (a large final sync): not pooled
