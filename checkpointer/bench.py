@@ -37,7 +37,6 @@ import numpy as np
 
 from ring.backend import kvm_status
 from ring.machine import KvmMachine, MachineConfig
-from ring.vcpus import RingSoftFull
 from ring.workloads import Workload
 
 from .agent import PrimaryAgent
