@@ -101,6 +101,15 @@ class Stats:
         }
 
 
+def _rss_mib() -> float:
+    """This process's resident memory (for the status file: bounded under backpressure)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def write_status(path: str, status: dict) -> None:
     """Replace the status file atomically (write a temporary file, then rename)."""
     temporary = f"{path}.{os.getpid()}.tmp"
@@ -161,6 +170,7 @@ class PrimaryAgent:
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.guest_progress = 0
+        self.held = 0                            # times backpressure held the guest
         self.last_error: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -217,8 +227,9 @@ class PrimaryAgent:
             if sending:
                 await asyncio.wait(sending, timeout=2.0)
             try:
+                writer = self.writer
                 await asyncio.wait_for(self._send(
-                    self.writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch)), 0.5)
+                    lambda: writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch)), 0.5)
             except (asyncio.TimeoutError, zmq.ZMQError):
                 pass
         for task in list(self._tasks | self._session_tasks):
@@ -258,7 +269,8 @@ class PrimaryAgent:
                            slots=[wire.SlotLayout(s.spec.slot, s.spec.guest_phys_addr, s.spec.size)
                                   for s in self.machine.memory.slots.values()],
                            vcpus=self.machine.config.vcpus, page_size=4096, agent="colo-ring primary")
-        self._spawn(self._send(self.writer.message(hello)), session=True)
+        writer = self.writer
+        self._spawn(self._send(lambda: writer.message(hello)), session=True)
 
     def _close_socket(self) -> None:
         for task in list(self._session_tasks):
@@ -289,6 +301,7 @@ class PrimaryAgent:
         self.outputs = keep
 
     def _do_HoldGuest(self, command: proto.HoldGuest) -> None:
+        self.held += 1
         self.machine.pause()
 
     def _do_ResumeGuest(self, command: proto.ResumeGuest) -> None:
@@ -296,7 +309,8 @@ class PrimaryAgent:
 
     def _do_SendHeartbeat(self, command: proto.SendHeartbeat) -> None:
         if self.socket is not None and not self._send_lock.locked():
-            self._spawn(self._send(self.writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.next_epoch)),
+            writer = self.writer
+            self._spawn(self._send(lambda: writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.next_epoch)),
                         session=True)
 
     def _do_BeginSync(self, command: proto.BeginSync) -> None:
@@ -318,12 +332,14 @@ class PrimaryAgent:
         task.sends_epoch = True
 
     # -- sending -------------------------------------------------------------------
-    async def _send(self, parts) -> None:
+    async def _send(self, build: Callable[[], list]) -> None:
+        """Send one frame, built (and so numbered) only now, in sending order."""
         socket = self.socket
         if socket is None:
             return
         async with self._send_lock:
-            await socket.send_multipart(parts, copy=False)
+            if socket is self.socket:
+                await socket.send_multipart(build(), copy=False)
 
     async def _send_epoch(self, epoch: int) -> None:
         """Encode one epoch in the pool and send its frames in order (one epoch at a time)."""
@@ -339,10 +355,15 @@ class PrimaryAgent:
                 self.pool.release(snapshot.buffer)
             if snapshot.consistent:
                 self.stats.record(snapshot, raw, encoded)
-            socket = self.socket
-            for step, parts in frames:
+            socket, writer = self.socket, self.writer
+            for step, *item in frames:
                 if socket is None or socket is not self.socket:
                     return
+                if len(item) == 1:
+                    parts = writer.message(item[0])
+                else:
+                    kind, count, payload = item
+                    parts = writer.frame(kind, epoch=epoch, count=count, payload=payload)
                 await socket.send_multipart(parts, copy=False)
                 if self.hooks.on_frame_sent is not None:
                     self.hooks.on_frame_sent(epoch, int.from_bytes(bytes(parts[0][6:8]), "little"), step)
@@ -360,22 +381,19 @@ class PrimaryAgent:
         vcpu_bytes = wire.pack_vcpu_states(snapshot.vcpus) if snapshot.consistent else b""
         digest.update_bytes(vcpu_bytes)
         digest.update_bytes(snapshot.device)
-        writer, epoch = self.writer, snapshot.epoch
+        epoch = snapshot.epoch
         raw = int(sum(b.raw_bytes for b in batches))
         encoded_total = int(sum(b.encoded_bytes for b in batches))
         reason = "sync" if snapshot.reason == "precopy" else snapshot.reason   # SYNC flag: pre-copy
-        frames = [("begin", writer.message(wire.EpochBegin(epoch, reason, len(keys), len(batches),
-                                                           not snapshot.consistent)))]
+        # (step, message) or (step, kind, count, payload): headers are stamped when sent
+        frames: list[tuple] = [("begin", wire.EpochBegin(epoch, reason, len(keys), len(batches),
+                                                         not snapshot.consistent))]
         for encoded in batches:
-            frames.append(("pages", writer.frame(wire.Kind.PAGES, epoch=epoch, count=len(encoded.keys),
-                                                 payload=encoded.payload)))
+            frames.append(("pages", wire.Kind.PAGES, len(encoded.keys), encoded.payload))
         if snapshot.consistent:
-            frames.append(("vcpu", writer.frame(wire.Kind.VCPU_STATE, epoch=epoch,
-                                                count=len(snapshot.vcpus), payload=vcpu_bytes)))
-            frames.append(("device", writer.frame(wire.Kind.DEVICE_STATE, epoch=epoch,
-                                                  payload=snapshot.device)))
-        frames.append(("end", writer.message(wire.EpochEnd(epoch, digest.digest(), len(keys), len(batches),
-                                                           raw))))
+            frames.append(("vcpu", wire.Kind.VCPU_STATE, len(snapshot.vcpus), vcpu_bytes))
+            frames.append(("device", wire.Kind.DEVICE_STATE, 0, snapshot.device))
+        frames.append(("end", wire.EpochEnd(epoch, digest.digest(), len(keys), len(batches), raw)))
         return frames, raw, encoded_total
 
     # -- receiving -------------------------------------------------------------------
@@ -505,6 +523,8 @@ class PrimaryAgent:
             "epochs": self.stats.epochs,
             "reasons": dict(self.stats.reasons),
             "released_output_bytes": self.released,
+            "held": self.held,
+            "rss_mib": _rss_mib(),
             "last_error": self.last_error,
             **summary,
         }

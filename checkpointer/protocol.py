@@ -660,6 +660,7 @@ class ReplicaProtocol:
         silent = event.now - self.last_heard
         if silent > self.config.primary_timeout:
             if self.consistent_epoch is None:
+                self.mode = ReplicaMode.WAITING         # say it once, then wait for a new HELLO
                 return self._discard("primary lost") + [Log(
                     "error", f"primary silent for {silent:.3f} s, but no consistent checkpoint was "
                              f"committed yet: nothing to fail over to; waiting for a primary")]

@@ -220,24 +220,25 @@ class ReplicaAgent:
         for command in self.protocol.handle(event):
             getattr(self, f"_do_{type(command).__name__}")(command)
 
-    def _send(self, parts) -> None:
-        if self.peer is None or self.socket is None:
+    def _send(self, build: Callable[[], list]) -> None:
+        """Send one frame, built (and so numbered) only now."""
+        if self.peer is None or self.socket is None or self.writer is None:
             return
         try:
-            self.socket.send_multipart([self.peer, *parts], copy=False, flags=zmq.NOBLOCK)
+            self.socket.send_multipart([self.peer, *build()], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("the primary's queue is full: a reply was dropped")
 
     def _send_refuse(self, reason: str, detail: str) -> None:
         if self.writer is not None:
             code = reason if reason in wire.REFUSE_REASONS else "bad_frame"
-            self._send(self.writer.message(wire.Refuse(code, detail[:1000])))
+            self._send(lambda: self.writer.message(wire.Refuse(code, detail[:1000])))
 
     def _do_Log(self, command: proto.Log) -> None:
         getattr(log, command.level)(command.message)
 
     def _do_SendWelcome(self, command: proto.SendWelcome) -> None:
-        self._send(self.writer.message(wire.Welcome(command.version, command.committed_epoch or None)))
+        self._send(lambda: self.writer.message(wire.Welcome(command.version, command.committed_epoch or None)))
 
     def _do_SendRefuse(self, command: proto.SendRefuse) -> None:
         reason = "no_common_version" if "version" in command.reason else "protocol"
@@ -258,12 +259,14 @@ class ReplicaAgent:
             self.hooks.on_commit(command.epoch, self.standby)
 
     def _do_SendAck(self, command: proto.SendAck) -> None:
-        parts = self.writer.message(wire.Ack(command.epoch, self.standby.last_apply_ns))
+        ack = wire.Ack(command.epoch, self.standby.last_apply_ns)
+        writer = self.writer
+        send = lambda *_: self._send(lambda: writer.message(ack)) if writer is self.writer else None  # noqa: E731
         held = self.hooks.hold_ack(command.epoch) if self.hooks.hold_ack is not None else None
         if held is None:
-            self._send(parts)
+            send()
         else:
-            held.add_done_callback(lambda _: self._send(parts))
+            held.add_done_callback(send)
 
     def _do_Discard(self, command: proto.Discard) -> None:
         log.warning("epoch %d discarded whole: %s", command.epoch, command.reason)
@@ -272,7 +275,7 @@ class ReplicaAgent:
 
     def _do_SendHeartbeat(self, command: proto.SendHeartbeat) -> None:
         if self.writer is not None:
-            self._send(self.writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.committed_epoch))
+            self._send(lambda: self.writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.committed_epoch))
 
     def _do_Failover(self, command: proto.Failover) -> None:
         log.error("FAILOVER: %s; starting the standby guest from epoch %d", command.reason, command.epoch)

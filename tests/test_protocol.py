@@ -297,9 +297,17 @@ def test_no_failover_without_a_consistent_checkpoint() -> None:
     _epoch(replica, 1, consistent=False)                    # a pre-copy round only
     commands = replica.handle(p.ReplicaTick(2.0))
     assert not _of(commands, p.Failover) and "nothing to fail over to" in commands[-1].message
-    _epoch(replica, 2, now=2.0)                             # the final sync epoch
-    _epoch(replica, 3, now=2.0, consistent=False)           # a later pre-copy spoils it again
+    assert replica.mode is p.ReplicaMode.WAITING and replica.handle(p.ReplicaTick(3.0)) == []   # said once
+
+
+def test_a_precopy_round_after_a_checkpoint_is_not_a_checkpoint() -> None:
+    replica = greeted_replica()
+    _epoch(replica, 1)                                      # the final sync epoch
+    assert replica.consistent_epoch == 1
+    _epoch(replica, 2, consistent=False)                    # a later pre-copy spoils it
     assert replica.consistent_epoch is None
+    _epoch(replica, 3)
+    assert replica.consistent_epoch == 3
 
 
 def test_new_session_invalidates_the_old_checkpoint() -> None:

@@ -153,3 +153,22 @@ def test_sigkill_of_the_primary_fails_over_to_the_last_complete_epoch(agents: Ag
     agents.wait("the standby guest's progress", lambda: agents.status("replica")["guest_progress"]
                 > checkpointed + 20000)
     assert 0 < status["takeover_ms"] < 5000
+
+
+def test_slow_replica_throttles_the_primary_and_loses_nothing(agents: Agents) -> None:
+    agents.start("replica", harness=["--ack-delay-ms", "60"])
+    agents.start("primary", agent=["--max-in-flight", "2"])
+    agents.wait("protection", lambda: agents.status("primary").get("protected"))
+    agents.wait("10 consistent commits", lambda: len(agents.records("replica")) >= 10)
+    early = agents.wait("a status", lambda: agents.status("primary").get("rss_mib"))
+    agents.wait("40 consistent commits", lambda: len(agents.records("replica")) >= 40)
+    status = agents.status("primary")
+    assert status["held"] > 0, "the primary never held the guest for a slow replica"
+    assert status["in_flight"] <= 2
+    assert status["rss_mib"] - early < 64, f"primary memory grew from {early} to {status['rss_mib']} MiB"
+    agents.stop()
+    primary, replica = agents.records("primary"), agents.records("replica")
+    epochs = sorted(replica)
+    assert epochs == list(range(epochs[0], epochs[-1] + 1)), "an epoch was dropped or reordered"
+    for epoch in epochs:
+        assert replica[epoch]["memory"] == primary[epoch]["memory"], f"epoch {epoch} differs"
