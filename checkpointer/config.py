@@ -100,7 +100,9 @@ def validate_endpoint(value: str, key: str = "endpoint", *, bind: bool = False) 
     host, sep, port = rest.rpartition(":")
     if not sep or not host:
         raise SettingError(key, f"must look like {example} (host and port), got {value!r}")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if bind and port in ("0", "*"):
+        pass                                 # any free port: the agent logs the one it got
+    elif not port.isdigit() or not 1 <= int(port) <= 65535:
         raise SettingError(key, f"port must be a number from 1 to 65535, got {port!r} in {value!r}")
     if host.startswith("[") and host.endswith("]"):
         try:
