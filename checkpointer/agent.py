@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import zmq
 import zmq.asyncio
+from tqdm import tqdm
 
 from ring.backend import open_machine
 from ring.dirty import DirtySet
@@ -462,14 +463,25 @@ class PrimaryAgent:
 
     async def _sync(self) -> None:
         """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy)."""
-        replication = self.config.replication
         self._syncing_dirty = None
         self._drain_rings()                          # tracking starts now: everything else is resident
         self._syncing_dirty = None
         keys = np.concatenate([(np.uint64(slot) << np.uint64(40)) | memory.resident_pages()
                                for slot, memory in sorted(self.machine.memory.slots.items())])
         log.info("sync: %d resident pages (%.1f MiB) to copy", len(keys), len(keys) * 4096 / 2**20)
+        bar = tqdm(total=len(keys), unit="page", desc="initial sync", file=sys.stderr, leave=False,
+                   disable=not sys.stderr.isatty())
+        try:
+            await self._precopy_rounds(keys, bar)
+        finally:
+            bar.close()
+
+    async def _precopy_rounds(self, keys: np.ndarray, bar) -> None:
+        replication = self.config.replication
         for round_number in range(replication.precopy_max_rounds):
+            if round_number:
+                bar.total += len(keys)
+                bar.set_description(f"sync round {round_number + 1}")
             for start in range(0, len(keys), replication.precopy_epoch_pages):
                 chunk = keys[start:start + replication.precopy_epoch_pages]
                 while len(self._precopy) >= 1 or self.pool.free == 0:
@@ -477,6 +489,7 @@ class PrimaryAgent:
                 pages, buffer = self.snapshotter.read_pages(chunk)
                 self._precopy.append((chunk, pages, buffer))
                 self._feed(proto.PrecopyReady(time.monotonic()))
+                bar.update(len(chunk))
             self._drain_rings()
             pending, self._syncing_dirty = self._syncing_dirty, None
             keys = page_keys(pending) if pending is not None else np.empty(0, dtype=np.uint64)

@@ -74,14 +74,14 @@ class Agents:
             return {}
         return {r["epoch"]: r for r in map(json.loads, path.read_text().splitlines())}
 
-    def wait(self, what: str, predicate, timeout: float = 60.0):
+    def wait(self, what: str, predicate, timeout: float = 60.0, replica_may_exit: bool = False):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
             if value:
                 return value
             for role, process in self.processes.items():
-                if process.poll() is not None and role == "replica":
+                if process.poll() is not None and role == "replica" and not replica_may_exit:
                     raise AssertionError(f"the replica exited ({process.returncode}) waiting for {what}:\n"
                                          + self.log("replica"))
             time.sleep(0.05)
@@ -172,3 +172,26 @@ def test_slow_replica_throttles_the_primary_and_loses_nothing(agents: Agents) ->
     assert epochs == list(range(epochs[0], epochs[-1] + 1)), "an epoch was dropped or reordered"
     for epoch in epochs:
         assert replica[epoch]["memory"] == primary[epoch]["memory"], f"epoch {epoch} differs"
+
+
+def test_replica_loss_leaves_the_guest_running_and_a_new_replica_resyncs(agents: Agents) -> None:
+    replica = agents.start("replica")
+    agents.start("primary")
+    agents.wait("protection", lambda: agents.status("primary").get("protected"))
+    replica.kill()
+    replica.wait()
+    agents.wait("the primary noticing", lambda: agents.status("primary").get("mode") == "connecting",
+                replica_may_exit=True)
+    unprotected = agents.status("primary")
+    assert not unprotected["protected"]
+    assert "UNPROTECTED" in agents.log("primary")
+    agents.wait("the guest running on", lambda: agents.status("primary")["guest_progress"]
+                > unprotected["guest_progress"] + 10000, replica_may_exit=True)
+    (agents.tmp / "replica.jsonl").unlink(missing_ok=True)
+    agents.start("replica")
+    agents.wait("protection again", lambda: agents.status("primary").get("protected"))
+    agents.wait("consistent commits after the resync", lambda: len(agents.records("replica")) >= 5)
+    agents.stop()
+    primary, replica_records = agents.records("primary"), agents.records("replica")
+    for epoch, mine in replica_records.items():
+        assert mine["memory"] == primary[epoch]["memory"], f"epoch {epoch} differs after the resync"
