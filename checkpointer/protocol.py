@@ -451,6 +451,11 @@ class ReplicaTick(ReplicaEvent):
 
 
 @dataclass(frozen=True)
+class PrimaryDisconnected(ReplicaEvent):
+    """Every authenticated connection to the replica closed (from ZeroMQ's socket monitor)."""
+
+
+@dataclass(frozen=True)
 class PrimaryLeft(ReplicaEvent):
     """The primary said BYE: an orderly stop, not a failure; do not fail over."""
 
@@ -541,6 +546,7 @@ class ReplicaProtocol:
     last_heard: float = 0.0
     last_sent: float = 0.0
     rejected: int = 0
+    warned_silent: bool = False
 
     def handle(self, event: ReplicaEvent) -> list[Command]:
         if self.mode is ReplicaMode.ACTIVE:
@@ -581,6 +587,7 @@ class ReplicaProtocol:
 
     def _on_EpochBegin(self, event: EpochBegin) -> list[Command]:
         self.last_heard = event.now
+        self.warned_silent = False
         if self.mode is not ReplicaMode.RECEIVING:
             return self._refuse(f"EPOCH_BEGIN {event.epoch} before HELLO")
         if self.open_epoch is not None:
@@ -645,6 +652,23 @@ class ReplicaProtocol:
 
     def _on_HeardFromPrimary(self, event: HeardFromPrimary) -> list[Command]:
         self.last_heard = event.now
+        self.warned_silent = False
+        return []
+
+    def _on_PrimaryDisconnected(self, event: "PrimaryDisconnected") -> list[Command]:
+        """The primary's connection closed (its process died, or ZeroMQ's heartbeats timed out)."""
+        if self.mode is not ReplicaMode.RECEIVING:
+            return []
+        if self.consistent_epoch is None:
+            return self._discard("the primary disconnected") + [Log(
+                "error", "the primary disconnected before a consistent checkpoint: nothing to fail over "
+                         "to; waiting for a primary")] + self._wait()
+        commands = self._discard("the primary disconnected before the epoch ended")
+        self.mode = ReplicaMode.ACTIVE
+        return commands + [Failover(self.consistent_epoch, "the primary's connection closed")]
+
+    def _wait(self) -> list[Command]:
+        self.mode = ReplicaMode.WAITING
         return []
 
     def _on_PrimaryLeft(self, event: PrimaryLeft) -> list[Command]:
@@ -660,10 +684,11 @@ class ReplicaProtocol:
         silent = event.now - self.last_heard
         if silent > self.config.primary_timeout:
             if self.consistent_epoch is None:
-                self.mode = ReplicaMode.WAITING         # say it once, then wait for a new HELLO
-                return self._discard("primary lost") + [Log(
-                    "error", f"primary silent for {silent:.3f} s, but no consistent checkpoint was "
-                             f"committed yet: nothing to fail over to; waiting for a primary")]
+                if self.warned_silent:
+                    return commands
+                self.warned_silent = True               # say it once; a slow sync may still go on
+                return [Log("error", f"primary silent for {silent:.3f} s, but no consistent checkpoint "
+                                     f"was committed yet: nothing to fail over to; waiting")]
             commands += self._discard("primary lost before the epoch ended")
             self.mode = ReplicaMode.ACTIVE
             commands.append(Failover(self.consistent_epoch,

@@ -78,6 +78,8 @@ class ReplicaAgent:
         self.epoch = 0
         self.rejected_frames = 0
         self.failed_over = asyncio.Event()
+        self._connections: set[int] = set()      # open connections' fds (socket monitor)
+        self.monitor: zmq.asyncio.Socket | None = None
         self.last_error: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -93,6 +95,9 @@ class ReplicaAgent:
         if listen.endswith(":0"):
             listen = listen[:-2] + ":*"
         socket.bind(listen)
+        # Failure detection at the connection: the primary's process dying closes its TCP
+        # connection at once, and ZeroMQ's heartbeats close it when its host goes silent.
+        self.monitor = socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.socket = socket
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
@@ -103,6 +108,7 @@ class ReplicaAgent:
             self.bind()
         log.info("replica listening on %s", self.endpoint)
         self._spawn(self._recv_loop())
+        self._spawn(self._monitor_loop())
         self._spawn(self._tick_loop())
         self._spawn(self._status_loop())
         try:
@@ -132,6 +138,8 @@ class ReplicaAgent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.socket is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
             self.socket.close(linger=0)
         if self.authenticator is not None:
             self.authenticator.stop()
@@ -142,30 +150,49 @@ class ReplicaAgent:
         self.context.term()
 
     # -- frames --------------------------------------------------------------------
+    async def _monitor_loop(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            # (HANDSHAKE_SUCCEEDED carries no fd, so connections are counted from ACCEPTED: a
+            # refused peer can only close its own connection, never empty the set under a live primary)
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._connections.add(event["value"])
+            elif event["event"] == zmq.EVENT_DISCONNECTED and event["value"] in self._connections:
+                self._connections.discard(event["value"])
+                if not self._connections:
+                    # what the primary sent before it went (a BYE, an epoch's end) comes first
+                    while await self.socket.poll(0):
+                        self._handle(await self.socket.recv_multipart(copy=True))
+                    self._feed(proto.PrimaryDisconnected(time.monotonic()))
+
     async def _recv_loop(self) -> None:
         while True:
-            parts = await self.socket.recv_multipart(copy=True)
-            now = time.monotonic()
-            if self.protocol.mode is proto.ReplicaMode.ACTIVE:
-                continue
-            identity, frame_parts = parts[0], parts[1:]
-            try:
-                frame = wire.decode_frame(frame_parts)
-                new_session = self.guard.check(frame)
-                message = wire.decode_payload(frame)
-            except wire.WireError as exc:
-                self.rejected_frames += 1
-                self._feed(proto.BadFrame(now, str(exc)))
-                if identity == self.peer:
-                    self._send_refuse(getattr(exc, "reason", "bad_frame"), str(exc))
-                continue
-            self.last_primary_message = now
-            if frame.kind == wire.Kind.HELLO:
-                self._on_hello(identity, message, now, new_session)
-                continue
-            if identity != self.peer:
-                continue
-            self._on_frame(frame, message, now)
+            self._handle(await self.socket.recv_multipart(copy=True))
+
+    def _handle(self, parts: list[bytes]) -> None:
+        """Decode, check and act on one message from the socket."""
+        now = time.monotonic()
+        if self.protocol.mode is proto.ReplicaMode.ACTIVE:
+            return
+        identity, frame_parts = parts[0], parts[1:]
+        try:
+            frame = wire.decode_frame(frame_parts)
+            new_session = self.guard.check(frame)
+            message = wire.decode_payload(frame)
+        except wire.WireError as exc:
+            self.rejected_frames += 1
+            self._feed(proto.BadFrame(now, str(exc)))
+            if identity == self.peer:
+                self._send_refuse(getattr(exc, "reason", "bad_frame"), str(exc))
+            return
+        self.last_primary_message = now
+        if frame.kind == wire.Kind.HELLO:
+            self._on_hello(identity, message, now, new_session)
+            return
+        if identity != self.peer:
+            return
+        self._on_frame(frame, message, now)
 
     def _on_hello(self, identity: bytes, hello: wire.Hello, now: float, new_session: bool) -> None:
         slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]

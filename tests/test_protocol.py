@@ -297,7 +297,23 @@ def test_no_failover_without_a_consistent_checkpoint() -> None:
     _epoch(replica, 1, consistent=False)                    # a pre-copy round only
     commands = replica.handle(p.ReplicaTick(2.0))
     assert not _of(commands, p.Failover) and "nothing to fail over to" in commands[-1].message
-    assert replica.mode is p.ReplicaMode.WAITING and replica.handle(p.ReplicaTick(3.0)) == []   # said once
+    assert replica.handle(p.ReplicaTick(3.0)) == []                  # said once
+    # a slow sync goes on: the session is kept
+    assert _kinds(_epoch(replica, 2, now=3.1)) == ["OpenStaging", "Verify", "Commit", "SendAck"]
+
+
+def test_disconnect_fails_over_at_once_or_waits_without_a_checkpoint() -> None:
+    replica = greeted_replica(primary_timeout=10.0)
+    _epoch(replica, 1, consistent=False)
+    commands = replica.handle(p.PrimaryDisconnected(0.1))
+    assert not _of(commands, p.Failover) and replica.mode is p.ReplicaMode.WAITING
+    replica = greeted_replica(primary_timeout=10.0)
+    _epoch(replica, 1)
+    replica.handle(p.EpochBegin(0.1, 2, 3, 2, True))
+    commands = replica.handle(p.PrimaryDisconnected(0.2))
+    assert commands[0] == p.Discard(2, commands[0].reason)
+    assert _of(commands, p.Failover) == [p.Failover(1, "the primary's connection closed")]
+    assert replica.mode is p.ReplicaMode.ACTIVE
 
 
 def test_a_precopy_round_after_a_checkpoint_is_not_a_checkpoint() -> None:
