@@ -218,24 +218,26 @@ class PrimaryAgent:
             self._stopping.set()
 
     async def _shutdown(self) -> None:
+        """Stop cleanly: no new epochs, let the ones being sent finish, say BYE, flush it, close."""
         for task in list(self._tasks):          # no more ticks, triggers or status writes
             task.cancel()
         if not self.machine._closed and self.machine.runner.started:
             self.machine.pause()                # and no more guest events
-        if self.socket is not None and self.writer is not None:
-            # Let the epochs being sent finish (their frames hold sequence numbers), then BYE.
-            sending = [t for t in self._session_tasks if getattr(t, "sends_epoch", False)]
-            if sending:
-                await asyncio.wait(sending, timeout=2.0)
-            try:
-                writer = self.writer
-                await asyncio.wait_for(self._send(
-                    lambda: writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch)), 0.5)
+        socket, writer = self.socket, self.writer
+        sending = [t for t in self._session_tasks if getattr(t, "sends_epoch", False)]
+        if socket is not None and sending:
+            await asyncio.wait(sending, timeout=2.0)
+        for task in list(self._tasks | self._session_tasks):
+            task.cancel()                       # an epoch still half-sent is discarded by the replica
+        await asyncio.gather(*self._tasks, *self._session_tasks, return_exceptions=True)
+        if socket is not None and writer is not None and socket is self.socket:
+            try:                                # the lock is free now: every sender was cancelled
+                await asyncio.wait_for(socket.send_multipart(
+                    writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch), copy=False), 1.0)
+                socket.close(linger=1000)       # flush the BYE: a replica that misses it fails over
+                self.socket = None
             except (asyncio.TimeoutError, zmq.ZMQError):
                 pass
-        for task in list(self._tasks | self._session_tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._session_tasks, return_exceptions=True)
         self._close_socket()
         self.executor.shutdown(wait=True)
         self.machine.close()

@@ -65,13 +65,13 @@ def _ring_for(pages: int) -> int:
 class Replica:
     """A colo-replica process for the benchmark."""
 
-    def __init__(self, keys: Path) -> None:
+    def __init__(self, keys: Path, log_file=None) -> None:
         self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
         self.keys = keys
         self.process = subprocess.Popen(
             [sys.executable, "-m", "replica.cli", "--listen", self.endpoint, "--keys-dir", str(keys),
              "--authorized-keys", str(keys / "primary.key"), "--heartbeat-ms", "50", "--timeout-ms", "2000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=log_file or subprocess.DEVNULL)
 
     def close(self) -> None:
         self.process.terminate()
@@ -153,7 +153,7 @@ def _floor(pages: int, rounds: int) -> tuple[float, float]:
     return float(np.median(times)) / 1000, float(np.median(first_write)) / 1000
 
 
-def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None) -> dict:
+def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, replica_log: str | None = None) -> dict:
     logging.getLogger("colo").setLevel(logging.WARNING)
     logging.getLogger("ring").setLevel(logging.WARNING)
     points = []
@@ -161,7 +161,7 @@ def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None) -> dict:
         keys = Path(tmp)
         generate_keys(keys, "primary")
         generate_keys(keys, "replica")
-        replica = Replica(keys)
+        replica = Replica(keys, open(replica_log, "w") if replica_log else None)
         try:
             first_write_us = []
             for pages in sizes:

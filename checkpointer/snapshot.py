@@ -66,7 +66,7 @@ class StagingPool:
     def acquire(self, pages: int, timeout: float | None = 5.0) -> np.ndarray:
         """A buffer for `pages` pages; waits while all are in use (that is backpressure too)."""
         if pages > self.capacity:
-            return self._allocate(pages)      # rare (a large final sync): not pooled
+            return page_buffer(pages, touch=False)   # rare (a large final sync): not pooled, touched once by the gather
         with self._cond:
             if not self._cond.wait_for(lambda: self._free, timeout):
                 raise TimeoutError("no staging buffer came free: encoding is stuck")
