@@ -45,6 +45,7 @@ from .snapshot import Snapshot, Snapshotter, StagingPool, page_keys, staging_cap
 log = logging.getLogger("colo.primary")
 
 SWITCH_INTERVAL = 0.0002
+INLINE_ENCODE_PAGES = 32          # smaller epochs are encoded on the loop: a thread handoff costs more
 
 
 def set_zmq_heartbeats(socket: zmq.Socket, heartbeat_ms: int, timeout_ms: int) -> None:
@@ -352,8 +353,11 @@ class PrimaryAgent:
                 keys, pages, buffer = self._precopy.popleft()
                 snapshot = Snapshot(epoch, "precopy", keys, pages, buffer, [], b"", False)
             try:
-                frames, raw, encoded = await self._loop.run_in_executor(
-                    self.executor, self._encode_epoch, snapshot)
+                if len(snapshot.keys) <= INLINE_ENCODE_PAGES:    # a thread handoff costs more
+                    frames, raw, encoded = self._encode_epoch(snapshot)
+                else:
+                    frames, raw, encoded = await self._loop.run_in_executor(
+                        self.executor, self._encode_epoch, snapshot)
             finally:
                 self.pool.release(snapshot.buffer)
             if snapshot.consistent:
