@@ -39,7 +39,7 @@ from . import protocol as proto
 from . import wire
 from .codec import EpochDigest, PageEncoder
 from .config import PrimaryAgentConfig
-from .security import secure_client
+from .security import client_keys, secure_client
 from .snapshot import Snapshot, Snapshotter, StagingPool, page_keys, staging_capacity
 
 log = logging.getLogger("colo.primary")
@@ -112,6 +112,19 @@ def _rss_mib() -> float:
         return 0.0
 
 
+async def status_loop(settings, figures: Callable[[], dict], log_line: Callable[[dict], None]) -> None:
+    """Both agents: the status file replaced every second, a log line every log_interval_s."""
+    last_log = time.monotonic()
+    while True:
+        await asyncio.sleep(min(1.0, settings.log_interval_s))
+        current = figures()
+        if settings.status_json:
+            write_status(settings.status_json, current)
+        if time.monotonic() - last_log >= settings.log_interval_s:
+            last_log = time.monotonic()
+            log_line(current)
+
+
 def write_status(path: str, status: dict) -> None:
     """Replace the status file atomically (write a temporary file, then rename)."""
     temporary = f"{path}.{os.getpid()}.tmp"
@@ -138,6 +151,8 @@ class PrimaryAgent:
         self.config = config
         self.hooks = hooks or Hooks()
         self.output_sink = output_sink or (lambda data: log.info("guest output: %r", data))
+        if not config.security.insecure:
+            client_keys(config.security)           # bad keys fail here, before a guest runs
         guest = config.guest
         self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend)
         replication = config.replication
@@ -548,19 +563,13 @@ class PrimaryAgent:
             **summary,
         }
 
+    def _log_line(self, figures: dict) -> None:
+        log.info("%s epoch %d (committed %d) %.0f ckpt/s pause p50 %.0f us p99 %.0f us dirty p50 %.0f "
+                 "raw %.1f MB/s encoded %.1f MB/s progress %d",
+                 figures["mode"], figures["epoch"], figures["committed_epoch"],
+                 figures["checkpoints_per_s"], figures["pause_us_p50"], figures["pause_us_p99"],
+                 figures["dirty_pages_p50"], figures["raw_mb_per_s"], figures["encoded_mb_per_s"],
+                 figures["guest_progress"])
+
     async def _status_loop(self) -> None:
-        status = self.config.status
-        last_log = time.monotonic()
-        while True:
-            await asyncio.sleep(min(1.0, status.log_interval_s))
-            figures = self.status()
-            if status.status_json:
-                write_status(status.status_json, figures)
-            if time.monotonic() - last_log >= status.log_interval_s:
-                last_log = time.monotonic()
-                log.info("%s epoch %d (committed %d) %.0f ckpt/s pause p50 %.0f us p99 %.0f us dirty p50 %.0f "
-                         "raw %.1f MB/s encoded %.1f MB/s progress %d",
-                         figures["mode"], figures["epoch"], figures["committed_epoch"],
-                         figures["checkpoints_per_s"], figures["pause_us_p50"], figures["pause_us_p99"],
-                         figures["dirty_pages_p50"], figures["raw_mb_per_s"], figures["encoded_mb_per_s"],
-                         figures["guest_progress"])
+        await status_loop(self.config.status, self.status, self._log_line)

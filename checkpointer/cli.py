@@ -24,20 +24,26 @@ async def _run(agent) -> None:
     await agent.run()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_agent_cli(prog: str, build, argv: list[str] | None) -> int:
+    """Parse, build the agent (errors: 'prog: message', exit 2), run it until a signal."""
     configure_logging()
     try:
-        config = parse_primary_args(argv)
-        from .agent import PrimaryAgent
-        agent = PrimaryAgent(config)
+        agent = build(argv)
     except (RingError, ValueError) as exc:
-        print(f"colo-primary: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     asyncio.run(_run(agent))
     if agent.last_error:
-        print(f"colo-primary: stopped: {agent.last_error}", file=sys.stderr)
+        print(f"{prog}: stopped: {agent.last_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def build(args):
+        from .agent import PrimaryAgent
+        return PrimaryAgent(parse_primary_args(args))
+    return run_agent_cli("colo-primary", build, argv)
 
 
 if __name__ == "__main__":

@@ -308,6 +308,22 @@ def secure_server(socket: zmq.Socket, ctx: zmq.Context | None,
                           _authenticator=auth, _allow=allow)
 
 
+def client_keys(security: SecuritySection) -> tuple[bytes, bytes, bytes]:
+    """The primary's (public, secret) key pair and the replica's public key, checked.
+
+    Raises ConfigError naming what is missing or damaged: the primary calls this
+    before it starts its guest, so a bad key never costs a running VM.
+    """
+    name = security.key_name or "primary"
+    keys_dir = _require(security.keys_dir, "keys_dir", "--keys-dir DIR",
+                        f"the primary needs its key pair (make it with `colo-keys DIR --name {name}`)")
+    server_path = _require(security.peer_public_key, "peer_public_key", "--peer-public-key FILE",
+                           "the primary needs the replica's public key (DIR/replica.key from "
+                           "`colo-keys DIR --name replica`)")
+    public, secret = load_key_pair(keys_dir, name)
+    return public, secret, load_public_key(server_path, "replica public key file")
+
+
 def secure_client(socket: zmq.Socket, security: SecuritySection) -> ClientSecurity:
     """Make `socket` (the primary's, before connect) a CURVE client of the replica's key.
 
@@ -318,14 +334,7 @@ def secure_client(socket: zmq.Socket, security: SecuritySection) -> ClientSecuri
         log.warning(INSECURE_WARNING.format(endpoint="the network between the agents",
                                             what="impersonate the replica"))
         return ClientSecurity(insecure=True)
-    name = security.key_name or "primary"
-    keys_dir = _require(security.keys_dir, "keys_dir", "--keys-dir DIR",
-                        f"the primary needs its key pair (make it with `colo-keys DIR --name {name}`)")
-    server_path = _require(security.peer_public_key, "peer_public_key", "--peer-public-key FILE",
-                           "the primary needs the replica's public key (DIR/replica.key from "
-                           "`colo-keys DIR --name replica`)")
-    public, secret = load_key_pair(keys_dir, name)
-    server_key = load_public_key(server_path, "replica public key file")
+    public, secret, server_key = client_keys(security)
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_serverkey = server_key

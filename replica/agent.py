@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from checkpointer import protocol as proto
 from checkpointer import wire
-from checkpointer.agent import set_zmq_heartbeats, write_status
+from checkpointer.agent import set_zmq_heartbeats, status_loop
 from checkpointer.config import ReplicaAgentConfig
 from checkpointer.security import secure_server
 from ring.guest import layout
@@ -366,18 +366,12 @@ class ReplicaAgent:
             "last_error": self.last_error,
         }
 
+    def _log_line(self, figures: dict) -> None:
+        log.info("%s committed %d (%.0f ckpt/s, dirty p50 %.0f, apply p50 %.0f us, %.1f MB/s "
+                 "encoded) progress %d%s", figures["role"], figures["committed_epoch"],
+                 figures["checkpoints_per_s"], figures["dirty_pages_p50"], figures["apply_us_p50"],
+                 figures["encoded_mb_per_s"], figures["guest_progress"],
+                 f" takeover {figures['takeover_ms']:.1f} ms" if figures["takeover_ms"] else "")
+
     async def _status_loop(self) -> None:
-        status = self.config.status
-        last_log = time.monotonic()
-        while True:
-            await asyncio.sleep(min(1.0, status.log_interval_s))
-            figures = self.status()
-            if status.status_json:
-                write_status(status.status_json, figures)
-            if time.monotonic() - last_log >= status.log_interval_s:
-                last_log = time.monotonic()
-                log.info("%s committed %d (%.0f ckpt/s, dirty p50 %.0f, apply p50 %.0f us, %.1f MB/s "
-                         "encoded) progress %d%s", figures["role"], figures["committed_epoch"],
-                         figures["checkpoints_per_s"], figures["dirty_pages_p50"], figures["apply_us_p50"],
-                         figures["encoded_mb_per_s"], figures["guest_progress"],
-                         f" takeover {figures['takeover_ms']:.1f} ms" if figures["takeover_ms"] else "")
+        await status_loop(self.config.status, self.status, self._log_line)

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from checkpointer.cli import _run, configure_logging
+from checkpointer.cli import run_agent_cli
 from checkpointer.config import parse_replica_args
-from ring.errors import RingError
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    try:
-        config = parse_replica_args(argv)
+    def build(args):
         from .agent import ReplicaAgent
-        agent = ReplicaAgent(config)
+        agent = ReplicaAgent(parse_replica_args(args))
         agent.bind()
-    except (RingError, ValueError) as exc:
-        print(f"colo-replica: {exc}", file=sys.stderr)
-        return 2
-    asyncio.run(_run(agent))
-    if agent.last_error:
-        print(f"colo-replica: stopped: {agent.last_error}", file=sys.stderr)
-        return 1
-    return 0
+        return agent
+    return run_agent_cli("colo-replica", build, argv)
 
 
 if __name__ == "__main__":

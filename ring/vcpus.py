@@ -228,7 +228,10 @@ class VcpuRunner:
                 with self._cond:
                     self._hold[index] = park
             if event is not None:
-                self._sink(event)
+                try:
+                    self._sink(event)
+                except RuntimeError:         # the consumer's event loop is gone: we are closing
+                    return
 
     def _handle(self, index: int, executor: Executor, exit_: Exit) -> tuple[Event | None, str | None]:
         if exit_.kind == "interrupted":
