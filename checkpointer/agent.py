@@ -40,6 +40,7 @@ from . import wire
 from .codec import EpochDigest, PageEncoder
 from .config import PrimaryAgentConfig
 from .security import client_keys, secure_client
+from .output import OutputBuffer
 from .snapshot import Snapshot, Snapshotter, StagingPool, page_keys, staging_capacity
 
 log = logging.getLogger("colo.primary")
@@ -174,8 +175,7 @@ class PrimaryAgent:
         self.writer: wire.FrameWriter | None = None
         self.guard: wire.FrameGuard | None = None
         self.stats = Stats()
-        self.outputs: list[tuple[int, bytes]] = []
-        self.released = 0
+        self.output = OutputBuffer()
         self._snapshots: dict[int, Snapshot] = {}
         self._precopy: collections.deque = collections.deque()
         self._send_lock = asyncio.Lock()
@@ -310,14 +310,16 @@ class PrimaryAgent:
         self._sync_leftover = self._syncing_dirty = None
 
     def _do_ReleaseOutputs(self, command: proto.ReleaseOutputs) -> None:
-        keep = []
-        for epoch, data in self.outputs:
-            if command.upto is None or epoch <= command.upto:
-                self.released += len(data)
-                self.output_sink(data)
-            else:
-                keep.append((epoch, data))
-        self.outputs = keep
+        self.output.release(command.upto)
+
+    def hold_output(self, send: Callable[[bytes], None], data: bytes) -> None:
+        """Output commit for the guest's devices: `data` reaches `send` once its epoch is acked."""
+        self.output.hold(self.protocol.next_epoch, send, data)
+        if not self.protocol.checkpointing:
+            self.output.release(None)             # unprotected: nothing to wait for
+        elif self.config.triggers.output and self._output_trigger is None:
+            self._output_trigger = self._loop.call_later(
+                self.config.triggers.output_delay_ms / 1000, self._fire_output_trigger)
 
     def _do_HoldGuest(self, command: proto.HoldGuest) -> None:
         self.held += 1
@@ -457,12 +459,7 @@ class PrimaryAgent:
         elif isinstance(event, Progress):
             self.guest_progress = sum(self.machine.progress_all())
         elif isinstance(event, Output):
-            self.outputs.append((self.protocol.next_epoch, event.data))
-            if not self.protocol.protected:
-                self._do_ReleaseOutputs(proto.ReleaseOutputs(None))
-            elif self.config.triggers.output and self._output_trigger is None:
-                self._output_trigger = self._loop.call_later(
-                    self.config.triggers.output_delay_ms / 1000, self._fire_output_trigger)
+            self.hold_output(self.output_sink, event.data)
         elif isinstance(event, (Done, Fault)):
             log.error("the guest stopped: %s", event)
             self.last_error = repr(event)
@@ -470,7 +467,7 @@ class PrimaryAgent:
 
     def _fire_output_trigger(self) -> None:
         self._output_trigger = None
-        if any(epoch >= self.protocol.next_epoch for epoch, _ in self.outputs):
+        if self.output.pending_since(self.protocol.next_epoch):
             self._feed(proto.Trigger(time.monotonic(), "output"))
 
     def _drain_rings(self) -> None:
@@ -556,7 +553,10 @@ class PrimaryAgent:
             "takeover_ms": None,
             "epochs": self.stats.epochs,
             "reasons": dict(self.stats.reasons),
-            "released_output_bytes": self.released,
+            "released_output_bytes": self.output.released_bytes,
+            "held_output_bytes": self.output.held_bytes,
+            "output_latency_us_p50": self.output.latency_percentiles()[0],
+            "output_latency_us_p99": self.output.latency_percentiles()[1],
             "held": self.held,
             "rss_mib": _rss_mib(),
             "last_error": self.last_error,
