@@ -37,7 +37,7 @@ from ring.vcpus import Done, Event, Fault, Output, Progress, RingSoftFull
 
 from . import protocol as proto
 from . import wire
-from .codec import EpochDigest, PageEncoder
+from .codec import CodecError, EpochDigest, PageEncoder
 from .config import PrimaryAgentConfig
 from .security import client_keys, secure_client
 from .output import OutputBuffer
@@ -179,6 +179,7 @@ class PrimaryAgent:
         self._snapshots: dict[int, Snapshot] = {}
         self._precopy: collections.deque = collections.deque()
         self._send_lock = asyncio.Lock()
+        self._encoding: set[asyncio.Future] = set()
         self._tasks: set[asyncio.Task] = set()
         self._session_tasks: set[asyncio.Task] = set()
         self._sync_leftover: DirtySet | None = None
@@ -300,8 +301,7 @@ class PrimaryAgent:
 
     def _do_DropReplica(self, command: proto.DropReplica) -> None:
         log.error("dropping the replica: %s", command.reason)
-        self._close_socket()
-        self.encoder.reset()                      # the next replica starts from a full sync
+        self._close_socket()                      # (the encoder is reset when the next sync starts)
         for snapshot in self._snapshots.values():
             self.pool.release(snapshot.buffer)
         self._snapshots.clear()
@@ -371,26 +371,34 @@ class PrimaryAgent:
                 snapshot = Snapshot(epoch, "precopy", keys, pages, buffer, [], b"", False)
             try:
                 if len(snapshot.keys) <= INLINE_ENCODE_PAGES:    # a thread handoff costs more
-                    frames, raw, encoded = self._encode_epoch(snapshot)
+                    try:
+                        frames, raw, encoded = self._encode_epoch(snapshot)
+                    finally:
+                        self.pool.release(snapshot.buffer)
                 else:
-                    frames, raw, encoded = await self._loop.run_in_executor(
-                        self.executor, self._encode_epoch, snapshot)
-            finally:
-                self.pool.release(snapshot.buffer)
-            if snapshot.consistent:
-                self.stats.record(snapshot, raw, encoded)
-            socket, writer = self.socket, self.writer
-            for step, *item in frames:
-                if socket is None or socket is not self.socket:
-                    return
-                if len(item) == 1:
-                    parts = writer.message(item[0])
-                else:
-                    kind, count, payload = item
-                    parts = writer.frame(kind, epoch=epoch, count=count, payload=payload)
-                await socket.send_multipart(parts, copy=False)
-                if self.hooks.on_frame_sent is not None:
-                    self.hooks.on_frame_sent(epoch, int.from_bytes(bytes(parts[0][6:8]), "little"), step)
+                    future = self._loop.run_in_executor(self.executor, self._encode_epoch, snapshot)
+                    # The thread goes on even if this task is cancelled: the buffer goes back to
+                    # the pool, and a new session may reset the encoder, only once it is done.
+                    self._encoding.add(future)
+                    future.add_done_callback(self._encoding.discard)
+                    future.add_done_callback(lambda _, buffer=snapshot.buffer: self.pool.release(buffer))
+                    frames, raw, encoded = await asyncio.shield(future)
+                if snapshot.consistent:
+                    self.stats.record(snapshot, raw, encoded)
+                socket, writer = self.socket, self.writer
+                for step, *item in frames:
+                    if socket is None or socket is not self.socket:
+                        return
+                    if len(item) == 1:
+                        parts = writer.message(item[0])
+                    else:
+                        kind, count, payload = item
+                        parts = writer.frame(kind, epoch=epoch, count=count, payload=payload)
+                    await socket.send_multipart(parts, copy=False)
+                    if self.hooks.on_frame_sent is not None:
+                        self.hooks.on_frame_sent(epoch, int.from_bytes(bytes(parts[0][6:8]), "little"), step)
+            except (zmq.ZMQError, CodecError, wire.WireError) as exc:
+                self._feed(proto.SendFailed(time.monotonic(), f"epoch {epoch}: {exc!r}"))
 
     def _encode_epoch(self, snapshot: Snapshot) -> tuple[list, int, int]:
         """Runs in a worker thread: batches, digest, and every frame of the epoch."""
@@ -481,6 +489,9 @@ class PrimaryAgent:
 
     async def _sync(self) -> None:
         """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy)."""
+        if self._encoding:                           # an encode of the old session still runs
+            await asyncio.wait(list(self._encoding))
+        self.encoder.reset()                         # the new replica has nothing we sent before
         self._syncing_dirty = None
         self._drain_rings()                          # tracking starts now: everything else is resident
         self._syncing_dirty = None

@@ -315,6 +315,8 @@ class PrimaryProtocol:
                                          f"sent (in flight: {self.in_flight})")
         self.acked_epoch = event.epoch
         self.in_flight = [e for e in self.in_flight if e > event.epoch]
+        for epoch in [e for e in self.epoch_reasons if e <= event.epoch]:
+            del self.epoch_reasons[epoch]
         commands: list[Command] = []
         if self.mode is PrimaryMode.SYNCING and self.final_sync_epoch is not None \
                 and event.epoch >= self.final_sync_epoch:
@@ -355,6 +357,7 @@ class PrimaryProtocol:
             self.held_reason = None
         self.precopy_waiting = False
         self.in_flight.clear()
+        self.epoch_reasons.clear()
         self.final_sync_epoch = None
         self.mode = PrimaryMode.CONNECTING
         self.last_connect = now
@@ -550,6 +553,8 @@ class ReplicaProtocol:
 
     def handle(self, event: ReplicaEvent) -> list[Command]:
         if self.mode is ReplicaMode.ACTIVE:
+            if isinstance(event, Hello):      # say why, so that a primary does not wait forever
+                return [SendRefuse("this replica has failed over: its guest is the active one")]
             return []                # after failover the old primary's frames mean nothing
         method = getattr(self, f"_on_{type(event).__name__}", None)
         if method is None:
@@ -582,8 +587,13 @@ class ReplicaProtocol:
         return commands
 
     def _refuse(self, reason: str) -> list[Command]:
+        """Refuse the session. The primary will drop us and release its held outputs, so the
+        standby is no longer a checkpoint anyone may fail over to: wait for a new HELLO."""
         self.rejected += 1
-        return self._discard(reason) + [SendRefuse(reason), Log("error", reason)]
+        commands = self._discard(reason) + [SendRefuse(reason), Log("error", reason)]
+        self.consistent_epoch = None
+        self.mode = ReplicaMode.WAITING
+        return commands
 
     def _on_EpochBegin(self, event: EpochBegin) -> list[Command]:
         self.last_heard = event.now

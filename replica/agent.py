@@ -37,6 +37,8 @@ from .standby import Standby, StagingError
 
 log = logging.getLogger("colo.replica")
 
+DISCONNECT_GRACE = 0.02          # seconds between a closed connection and the failover decision
+
 
 @dataclass
 class ReplicaHooks:
@@ -161,10 +163,11 @@ class ReplicaAgent:
             elif event["event"] == zmq.EVENT_DISCONNECTED and event["value"] in self._connections:
                 self._connections.discard(event["value"])
                 if not self._connections:
-                    # what the primary sent before it went (a BYE, an epoch's end) comes first
-                    while await self.socket.poll(0):
-                        self._handle(await self.socket.recv_multipart(copy=True))
-                    self._feed(proto.PrimaryDisconnected(time.monotonic()))
+                    # What the primary sent before it went (a BYE, an epoch's end) must be handled
+                    # first: the receive loop gets it from ZeroMQ within this grace period.
+                    await asyncio.sleep(DISCONNECT_GRACE)
+                    if not self._connections:
+                        self._feed(proto.PrimaryDisconnected(time.monotonic()))
 
     async def _recv_loop(self) -> None:
         while True:
@@ -182,9 +185,11 @@ class ReplicaAgent:
             message = wire.decode_payload(frame)
         except wire.WireError as exc:
             self.rejected_frames += 1
-            self._feed(proto.BadFrame(now, str(exc)))
-            if identity == self.peer:
+            if identity == self.peer:             # another peer's junk must not touch our session
+                self._feed(proto.BadFrame(now, str(exc)))
                 self._send_refuse(getattr(exc, "reason", "bad_frame"), str(exc))
+            else:
+                log.warning("ignored a bad frame from a peer that is not our primary: %s", exc)
             return
         self.last_primary_message = now
         if frame.kind == wire.Kind.HELLO:
@@ -195,17 +200,27 @@ class ReplicaAgent:
         self._on_frame(frame, message, now)
 
     def _on_hello(self, identity: bytes, hello: wire.Hello, now: float, new_session: bool) -> None:
-        slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]
-        if self.standby is None or [(s.slot, s.guest_phys_addr, s.size) for s in self.standby.layout] != \
-                [(s.slot, s.guest_phys_addr, s.size) for s in slots]:
+        commands = self.protocol.handle(proto.Hello(now, hello.session, tuple(hello.versions)))
+        if any(isinstance(c, proto.SendWelcome) for c in commands):
+            # adopt the session only once the protocol welcomed it, and start from empty memory:
+            # the sync sends only the pages the new guest has, so nothing old may remain
             if self.standby is not None:
                 self.standby.close()
+            slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]
             self.standby = Standby(slots)
             log.info("standby memory: %s", ", ".join(f"slot {s.slot} {s.size >> 20} MiB" for s in slots))
-        self.peer = identity
-        self.vcpu_count = hello.vcpus
-        self.writer = wire.FrameWriter(session=hello.session)
-        self._feed(proto.Hello(now, hello.session, tuple(hello.versions)))
+            self.peer = identity
+            self.vcpu_count = hello.vcpus
+            self.writer = wire.FrameWriter(session=hello.session)
+            self._digests.clear()
+            self._run(commands)
+            return
+        peer, writer = self.peer, self.writer      # refused: answer that peer, keep ours
+        self.peer, self.writer = identity, wire.FrameWriter(session=hello.session)
+        try:
+            self._run(commands)
+        finally:
+            self.peer, self.writer = peer, writer
 
     def _on_frame(self, frame: wire.Frame, message, now: float) -> None:
         kind = frame.kind
@@ -230,7 +245,7 @@ class ReplicaAgent:
                     standby.stage_device(frame.payload)
                 self._feed(proto.EpochPart(now, frame.epoch, "device"))
             elif kind == wire.Kind.EPOCH_END:
-                self._digests[message.epoch] = message.digest
+                self._digests = {message.epoch: message.digest}     # only the epoch being verified
                 self._epoch_bytes[0] = message.raw_bytes
                 self._feed(proto.EpochEnd(now, message.epoch, message.pages, message.batches))
             elif kind == wire.Kind.HEARTBEAT:
@@ -244,16 +259,21 @@ class ReplicaAgent:
 
     # -- commands ------------------------------------------------------------------
     def _feed(self, event: proto.ReplicaEvent) -> None:
-        for command in self.protocol.handle(event):
+        self._run(self.protocol.handle(event))
+
+    def _run(self, commands: list[proto.Command]) -> None:
+        for command in commands:
             getattr(self, f"_do_{type(command).__name__}")(command)
 
     def _send(self, build: Callable[[], list]) -> None:
         """Send one frame, built (and so numbered) only now."""
         if self.peer is None or self.socket is None or self.writer is None:
             return
+        seq = self.writer.next_seq
         try:
             self.socket.send_multipart([self.peer, *build()], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
+            self.writer.next_seq = seq            # not sent: the number is not used up
             log.warning("the primary's queue is full: a reply was dropped")
 
     def _send_refuse(self, reason: str, detail: str) -> None:

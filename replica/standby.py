@@ -54,6 +54,9 @@ class Standby:
     # -- staging -----------------------------------------------------------------
     def open(self, epoch: int, pages: int) -> None:
         """Start staging `epoch` with room for `pages` pages (grows the staging area if needed)."""
+        total = sum(self._slot_pages.values())
+        if not 0 <= pages <= total:
+            raise StagingError(f"epoch {epoch} announces {pages} pages, but the guest has {total}")
         if pages > len(self._staging):
             capacity = max(pages, 2 * len(self._staging))
             self._staging = page_buffer(capacity)

@@ -428,3 +428,25 @@ def test_triggers_after_the_final_sync_snapshot_are_checkpoints() -> None:
     primary.handle(p.SyncRoundsDone(0.0, 0))
     assert primary.checkpointing and not primary.protected
     assert primary.handle(p.Trigger(0.0, "ring_full")) == [p.TakeSnapshot(2, "ring_full"), p.SendEpoch(2)]
+
+
+def test_after_refusing_the_primary_the_replica_never_fails_over_to_its_old_checkpoint() -> None:
+    """The refused primary drops us and releases its held outputs: our checkpoint is stale."""
+    replica = greeted_replica(primary_timeout=1.0)
+    _epoch(replica, 1)
+    replica.handle(p.EpochBegin(0.1, 2, 3, 2, True))
+    commands = replica.handle(p.Verified(0.2, 2, False, "digest mismatch"))   # nobody asked: logged
+    commands = replica.handle(p.EpochBegin(0.2, 7, 1, 1, True))               # out of order: refused
+    assert "SendRefuse" in _kinds(commands)
+    assert replica.mode is p.ReplicaMode.WAITING and replica.consistent_epoch is None
+    assert not _of(replica.handle(p.PrimaryDisconnected(0.3)), p.Failover)
+    assert not _of(replica.handle(p.ReplicaTick(5.0)), p.Failover)
+
+
+def test_an_active_replica_refuses_a_new_primary() -> None:
+    replica = greeted_replica(primary_timeout=1.0)
+    _epoch(replica, 1)
+    replica.handle(p.PrimaryDisconnected(0.1))
+    assert replica.mode is p.ReplicaMode.ACTIVE
+    commands = replica.handle(p.Hello(0.2, 99, (1,)))
+    assert _kinds(commands) == ["SendRefuse"] and "failed over" in commands[0].reason
