@@ -52,7 +52,8 @@ def build_program(source: str | Path, include_dirs: tuple[Path, ...] = ()) -> by
     version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout
     for part in (version, " ".join(CFLAGS), *(str(d) for d in include_dirs)):
         digest.update(part.encode())
-    for path in inputs + [PROGRAMS / "link.ld", PROGRAMS / "runtime.h"]:
+    headers = sorted(PROGRAMS.glob("*.h")) + [h for d in include_dirs for h in sorted(Path(d).glob("*.h"))]
+    for path in inputs + [PROGRAMS / "link.ld", *headers]:
         digest.update(path.read_bytes())
     target = cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.bin"
     if target.exists():
