@@ -32,13 +32,15 @@ from tqdm import tqdm
 
 from ring.backend import open_machine
 from ring.dirty import DirtySet
-from ring.machine import Machine
+from ring.machine import KvmMachine, Machine
+from ring.stream import StreamDevice
+from scenarios.service import DEFAULT_REQUEST_MAX, DEFAULT_TABLE_ENTRIES, KVSTORE, write_service_params
 from ring.vcpus import Done, Event, Fault, Output, Progress, RingSoftFull
 
 from . import protocol as proto
 from . import wire
 from .codec import CodecError, EpochDigest, PageEncoder
-from .config import PrimaryAgentConfig
+from .config import SERVICE_WORKLOAD, PrimaryAgentConfig
 from .security import client_keys, secure_client
 from .output import OutputBuffer
 from .snapshot import Snapshot, Snapshotter, StagingPool, page_keys, staging_capacity
@@ -155,7 +157,16 @@ class PrimaryAgent:
         if not config.security.insecure:
             client_keys(config.security)           # bad keys fail here, before a guest runs
         guest = config.guest
-        self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend)
+        self.device: StreamDevice | None = None
+        if guest.workload == SERVICE_WORKLOAD:
+            # The service guest: its stream device's output goes through output commit.
+            self.device = StreamDevice(guest.service_host, guest.service_port, output=self._device_output)
+            self.machine = KvmMachine(guest.machine_config(), guest.workload_config(), program=str(KVSTORE),
+                                      ports=self.device.ports)
+            write_service_params(self.machine, DEFAULT_TABLE_ENTRIES, DEFAULT_REQUEST_MAX)
+            self.device.attach(self.machine)
+        else:
+            self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend)
         replication = config.replication
         self.protocol = proto.PrimaryProtocol(proto.PrimaryConfig(
             max_in_flight=replication.max_in_flight,
@@ -199,6 +210,9 @@ class PrimaryAgent:
         # taking it back costs up to the switch interval (5 ms by default) each time.
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.machine.set_event_sink(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
+        if self.device is not None:
+            await self.device.start()
+            log.info("the kvstore service listens on %s:%d", self.config.guest.service_host, self.device.port)
         self.machine.start()
         self._spawn(self._tick_loop())
         if self.config.triggers.dirty_pages:
@@ -257,6 +271,8 @@ class PrimaryAgent:
                 pass
         self._close_socket()
         self.executor.shutdown(wait=True)
+        if self.device is not None:
+            self.device.close()
         self.machine.close()
         self.context.term()
 
@@ -312,6 +328,11 @@ class PrimaryAgent:
     def _do_ReleaseOutputs(self, command: proto.ReleaseOutputs) -> None:
         self.output.release(command.upto)
 
+    def _device_output(self, slot: int, data: bytes, generation: int) -> None:
+        """The stream device's replies: held until their epoch is acknowledged."""
+        device = self.device
+        self.hold_output(lambda held: device.write_to_client(slot, held, generation), data)
+
     def hold_output(self, send: Callable[[bytes], None], data: bytes) -> None:
         """Output commit for the guest's devices: `data` reaches `send` once its epoch is acked."""
         self.output.hold(self.protocol.next_epoch, send, data)
@@ -344,7 +365,8 @@ class PrimaryAgent:
             if self._syncing_dirty is not None:
                 extra = self._syncing_dirty if extra is None else extra.merged(self._syncing_dirty)
                 self._syncing_dirty = None
-        snapshot = self.snapshotter.take(command.epoch, command.reason, extra,
+        device_state = self.device.device_state if self.device is not None else (lambda: b"")
+        snapshot = self.snapshotter.take(command.epoch, command.reason, extra, device_state=device_state,
                                          while_paused=self.hooks.on_snapshot)
         self._snapshots[command.epoch] = snapshot
 

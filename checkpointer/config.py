@@ -178,6 +178,9 @@ class _Section:
             raise self._fail(name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+SERVICE_WORKLOAD = "kvstore"         # the Redis-protocol key-value guest (scenarios/guests/kvstore.c)
+
+
 @dataclass(frozen=True)
 class GuestSection(_Section):
     """[guest] (primary): the KVM guest and the workload it runs."""
@@ -192,6 +195,8 @@ class GuestSection(_Section):
     working_set_pages: int = 0        # 0: the whole data region
     report_every: int = 10000         # a progress event every N writes per vCPU (0: none)
     backend: str = "kvm"              # "kvm" or "sim"
+    service_port: int = 6380          # workload "kvstore": the Redis-protocol service's TCP port
+    service_host: str = "127.0.0.1"
 
     def _validate(self) -> None:
         self._between("vcpus", 1, layout.MAX_VCPUS)
@@ -202,7 +207,10 @@ class GuestSection(_Section):
             validate_ring_entries(self.ring_entries)
         except RingSizeError as exc:
             raise self._fail("ring_entries", str(exc)) from None
-        self._one_of("workload", tuple(WORKLOAD_IDS))
+        self._one_of("workload", tuple(WORKLOAD_IDS) + (SERVICE_WORKLOAD,))
+        self._between("service_port", 0, 65535)
+        if self.workload == SERVICE_WORKLOAD and self.backend != "kvm":
+            raise self._fail("backend", "the kvstore service runs on the kvm backend only")
         self._between("seed", 0, (1 << 64) - 1)
         self._between("working_set_pages", 0, self.data_pages)
         self._at_least("report_every", 0)
@@ -221,6 +229,8 @@ class GuestSection(_Section):
     def workload_config(self) -> Any:
         """The ring.Workload this guest runs."""
         from ring.workloads import Workload
+        if self.workload == SERVICE_WORKLOAD:            # its own program reads report_every only
+            return Workload(seed=self.seed, report_every=self.report_every)
         return Workload(self.workload, seed=self.seed,
                         working_set_pages=self.working_set_pages or None,
                         report_every=self.report_every)
@@ -617,6 +627,8 @@ _PRIMARY_FLAGS = (
     _Flag("--memory-mib", "guest.memory_mib", int, "guest data memory (a multiple of 2)", "MIB"),
     _Flag("--ring-entries", "guest.ring_entries", int, "dirty ring entries per vCPU", "N"),
     _Flag("--seed", "guest.seed", int, "workload seed", "N"),
+    _Flag("--service-port", "guest.service_port", int,
+          "workload kvstore: the TCP port its clients connect to", "PORT"),
     _Flag("--report-every", "guest.report_every", int,
           "a guest progress report every N writes per vCPU (0: none)", "N"),
     _Flag("--backend", "guest.backend", str, "kvm or sim", "NAME"),
@@ -632,6 +644,8 @@ _PRIMARY_FLAGS = (
 
 _REPLICA_FLAGS = (
     _Flag("--listen", "replica.listen", str, "where to listen for the primary", "tcp://HOST:PORT"),
+    _Flag("--service-port", "replica.service_port", int,
+          "after a failover, serve the kvstore guest's clients on this port (0: no service)", "PORT"),
     _Flag("--authorized-keys", "security.authorized_keys", str,
           "the primary public keys allowed: a key file or a directory of them", "PATH"),
 )

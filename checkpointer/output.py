@@ -38,10 +38,12 @@ class OutputBuffer:
         self.held_bytes = 0
 
     def hold(self, epoch: int, send: Callable[[bytes], None], data: bytes) -> None:
-        """Keep `data` (produced during `epoch`) until release(upto >= epoch), then send(data)."""
-        if data:
-            self._held.append(Held(epoch, send, bytes(data), time.monotonic()))
-            self.held_bytes += len(data)
+        """Keep `data` (produced during `epoch`) until release(upto >= epoch), then send(data).
+
+        Empty data is held too: a device may use it to close a connection after its replies.
+        """
+        self._held.append(Held(epoch, send, bytes(data), time.monotonic()))
+        self.held_bytes += len(data)
 
     def release(self, upto: int | None) -> int:
         """Deliver every output of epochs <= upto (None: everything); returns bytes delivered."""

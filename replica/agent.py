@@ -31,6 +31,7 @@ from checkpointer.security import secure_server
 from ring.guest import layout
 from ring.machine import KvmMachine, MachineConfig
 from ring.memory import SlotSpec
+from ring.stream import StreamDevice
 from ring.vcpus import Event, Fault, Progress, RingSoftFull
 
 from .standby import Standby, StagingError
@@ -68,6 +69,7 @@ class ReplicaAgent:
         self.peer: bytes | None = None
         self.endpoint: str | None = None
         self.machine: KvmMachine | None = None
+        self.device: StreamDevice | None = None
         self.takeover_ms: float | None = None
         self.last_primary_message = 0.0
         self._digests: dict[int, bytes] = {}
@@ -145,6 +147,8 @@ class ReplicaAgent:
             self.socket.close(linger=0)
         if self.authenticator is not None:
             self.authenticator.stop()
+        if self.device is not None:
+            self.device.close()
         if self.machine is not None:
             self.machine.close()
         if self.standby is not None:
@@ -330,11 +334,24 @@ class ReplicaAgent:
         standby = self.standby
         data = standby.memory.slots[layout.DATA_SLOT].spec
         config = MachineConfig(vcpus=len(standby.vcpus), data_bytes=data.size, dirty_log="bitmap")
-        machine = KvmMachine(config, memory=standby.memory, load=False, track_dirty=False)
+        service_port = self.config.replica.service_port
+        if service_port:
+            # The guest's service: a stream device over the restored memory. attach() closes every
+            # connection the checkpoint shows open (those clients were the dead primary's).
+            self.device = StreamDevice("127.0.0.1", service_port)
+        ports = self.device.ports if self.device is not None else None
+        machine = KvmMachine(config, memory=standby.memory, load=False, track_dirty=False, ports=ports)
         machine.restore_vcpus(standby.vcpus)
         machine.set_event_sink(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
         self.machine = machine
+        if self.device is not None:
+            self.device.attach(machine)
+            self._spawn(self._serve())
         machine.start()
+
+    async def _serve(self) -> None:
+        await self.device.start()
+        log.error("the service is back on port %d", self.device.port)
 
     def _on_guest_event(self, event: Event) -> None:
         if isinstance(event, Progress) and self.takeover_ms is None:
