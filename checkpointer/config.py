@@ -552,6 +552,8 @@ seed = 1
 working_set_pages = 0       # 0: the whole data memory
 report_every = 10000        # progress event every N writes per vCPU; 0: none
 backend = "kvm"             # "kvm", or "sim" (the simulated ring, no /dev/kvm needed)
+service_port = 6380         # workload "kvstore" (the Redis-protocol service): its clients' port
+service_host = "127.0.0.1"
 
 [triggers]
 # A checkpoint starts when any enabled trigger fires; 0 turns a number off.
