@@ -6,7 +6,7 @@
 The primary records, while the guest is paused at each checkpoint, a digest of
 all guest memory, of the vCPU state and the guest's progress; the replica
 records the same of its standby after each consistent commit. Records are JSON
-lines written with os.write, so a SIGKILL loses none. `--kill-at N:STEP`
+lines written with os.write, so a SIGKILL loses none. `--hold-acks` lets the test hold the replica's acks: SIGUSR2 starts holding, SIGUSR2 again releases. `--kill-at N:STEP`
 SIGKILLs the primary at the N-th checkpoint taken while protected, at STEP:
 begin, pages (after the first page batch left), vcpu, device, end (after the
 END frame left, before its ack), or acked (when its ack arrives).
@@ -87,11 +87,33 @@ def run_replica(args, agent_args) -> int:
             recorder.write(epoch=epoch, memory=standby.digest_memory().hex(),
                            vcpus=_vcpu_digest(standby.vcpus), progress=standby.progress())
 
+    held: list[asyncio.Future] = []
+    state = {"holding": False}
+
+    def toggle_acks() -> None:               # SIGUSR2: start holding acks; again: let them go
+        state["holding"] = not state["holding"]
+        if state["holding"]:
+            with open(args.record + ".holding", "w") as handle:
+                handle.write("holding")
+            return
+        for future in held:
+            if not future.done():
+                future.set_result(None)
+        held.clear()
+
     def hold_ack(epoch: int):
+        loop = asyncio.get_running_loop()
+        if args.hold_acks and not state.get("handler"):
+            loop.add_signal_handler(signal.SIGUSR2, toggle_acks)
+            state["handler"] = True
+        if state["holding"]:
+            future = loop.create_future()
+            held.append(future)
+            return future
         if not args.ack_delay_ms:
             return None
-        future = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_later(args.ack_delay_ms / 1000, future.set_result, None)
+        future = loop.create_future()
+        loop.call_later(args.ack_delay_ms / 1000, future.set_result, None)
         return future
 
     agent = ReplicaAgent(config, hooks=ReplicaHooks(on_commit=on_commit, hold_ack=hold_ack))
@@ -109,6 +131,8 @@ def main() -> int:
     parser.add_argument("--record", required=True)
     parser.add_argument("--kill-at", default=None)
     parser.add_argument("--ack-delay-ms", type=float, default=0.0)
+    parser.add_argument("--hold-acks", action="store_true",
+                        help="SIGUSR2 starts holding every ack (writes RECORD.holding); SIGUSR2 again releases")
     args = parser.parse_args(argv[:split])
     agent_args = argv[split + 1:]
     return run_primary(args, agent_args) if args.role == "primary" else run_replica(args, agent_args)
