@@ -351,7 +351,11 @@ class ReplicaAgent:
 
     async def _serve(self) -> None:
         await self.device.start()
-        log.error("the service is back on port %d", self.device.port)
+        if self.takeover_ms is None:             # the service is back: that is the takeover
+            self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
+            self.failed_over.set()
+        log.error("the service is back on port %d (takeover %.1f ms after the primary's last message)",
+                  self.device.port, self.takeover_ms)
 
     def _on_guest_event(self, event: Event) -> None:
         if isinstance(event, Progress) and self.takeover_ms is None:
