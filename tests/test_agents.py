@@ -48,9 +48,11 @@ class FakePrimary:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while (remaining := deadline - loop.time()) > 0:
-            if not await self.socket.poll(remaining * 1000):
+            try:        # asyncio's own timeout: a zmq poll future with a timeout once never resolved
+                parts = await asyncio.wait_for(self.socket.recv_multipart(), remaining)
+            except asyncio.TimeoutError:
                 return None
-            frame = wire.decode_frame(await self.socket.recv_multipart())
+            frame = wire.decode_frame(parts)
             self.guard.check(frame)
             if frame.kind != wire.Kind.HEARTBEAT:
                 return frame
