@@ -34,7 +34,7 @@ from ring.backend import open_machine
 from ring.dirty import DirtySet
 from ring.machine import KvmMachine, Machine
 from ring.stream import StreamDevice
-from scenarios.service import DEFAULT_REQUEST_MAX, DEFAULT_TABLE_ENTRIES, KVSTORE, write_service_params
+from scenarios.service import KVSTORE, write_service_params
 from ring.vcpus import Done, Event, Fault, Output, Progress, RingSoftFull
 
 from . import protocol as proto
@@ -163,7 +163,7 @@ class PrimaryAgent:
             self.device = StreamDevice(guest.service_host, guest.service_port, output=self._device_output)
             self.machine = KvmMachine(guest.machine_config(), guest.workload_config(), program=str(KVSTORE),
                                       ports=self.device.ports)
-            write_service_params(self.machine, DEFAULT_TABLE_ENTRIES, DEFAULT_REQUEST_MAX)
+            write_service_params(self.machine, guest.table_entries, guest.request_max)
             self.device.attach(self.machine)
         else:
             self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend)

@@ -197,6 +197,8 @@ class GuestSection(_Section):
     backend: str = "kvm"              # "kvm" or "sim"
     service_port: int = 6380          # workload "kvstore": the Redis-protocol service's TCP port
     service_host: str = "127.0.0.1"
+    table_entries: int = 65536        # kvstore: hash table buckets (a power of two)
+    request_max: int = 65536          # kvstore: the largest request accepted, in bytes
 
     def _validate(self) -> None:
         self._between("vcpus", 1, layout.MAX_VCPUS)
@@ -211,6 +213,12 @@ class GuestSection(_Section):
         self._between("service_port", 0, 65535)
         if self.workload == SERVICE_WORKLOAD and self.backend != "kvm":
             raise self._fail("backend", "the kvstore service runs on the kvm backend only")
+        if self.workload == SERVICE_WORKLOAD:
+            from scenarios.service import check_service_params
+            try:
+                check_service_params(self.memory_mib, self.table_entries, self.request_max)
+            except ValueError as exc:
+                raise self._fail("workload", f"kvstore: {exc}") from None
         self._between("seed", 0, (1 << 64) - 1)
         self._between("working_set_pages", 0, self.data_pages)
         self._at_least("report_every", 0)
@@ -554,6 +562,8 @@ report_every = 10000        # progress event every N writes per vCPU; 0: none
 backend = "kvm"             # "kvm", or "sim" (the simulated ring, no /dev/kvm needed)
 service_port = 6380         # workload "kvstore" (the Redis-protocol service): its clients' port
 service_host = "127.0.0.1"
+table_entries = 65536       # kvstore: hash table buckets, a power of two
+request_max = 65536         # kvstore: the largest request accepted, in bytes
 
 [triggers]
 # A checkpoint starts when any enabled trigger fires; 0 turns a number off.

@@ -14,6 +14,8 @@ from replica import cli as replica_cli
     (["--replica", "tcp://127.0.0.1:7800", "--workload", "uniform", "--max-interval-ms", "-3",
       "--insecure"], "triggers.max_interval_ms (from --max-interval-ms): must be >= 0"),
     (["--replica", "tcp://127.0.0.1:7800", "--workload", "uniform"], "colo-keys"),
+    (["--replica", "tcp://127.0.0.1:7800", "--workload", "kvstore", "--memory-mib", "32", "--insecure"],
+     "needs at least 64 MiB"),
 ])
 def test_primary_refuses_bad_settings(argv, words, capsys) -> None:
     assert primary_cli.main(argv) == 2
