@@ -217,8 +217,7 @@ def _live_view(cluster: Cluster, clients: list[Worker], seconds: float, live: bo
     """Run the load for `seconds` (or until the primary dies), with a live line on a terminal."""
     from tqdm import tqdm
     bar = tqdm(total=None, desc="drill", file=sys.stderr, disable=not live, bar_format="{desc}: {postfix}")
-    started = last_ops = time.monotonic(), 0
-    started, last_ops = started[0], 0
+    started, last_ops = time.monotonic(), 0
     deadline = started + seconds + (30 if until_dead else 0)
     try:
         while time.monotonic() < deadline:
