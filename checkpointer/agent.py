@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from ring.backend import open_machine
 from ring.dirty import DirtySet
+from ring.errors import ConfigError
 from ring.machine import KvmMachine, Machine
 from ring.stream import StreamDevice
 from scenarios.service import KVSTORE, write_service_params
@@ -40,7 +42,7 @@ from ring.vcpus import Done, Event, Fault, Output, Progress, RingSoftFull
 from . import protocol as proto
 from . import wire
 from .codec import CodecError, EpochDigest, PageEncoder
-from .config import SERVICE_WORKLOAD, PrimaryAgentConfig
+from .config import SERVICE_WORKLOAD, PrimaryAgentConfig, TriggerSection
 from .security import client_keys, secure_client
 from .output import OutputBuffer
 from .snapshot import Snapshot, Snapshotter, StagingPool, page_keys, staging_capacity
@@ -201,6 +203,7 @@ class PrimaryAgent:
         self.guest_progress = 0
         self.held = 0                            # times backpressure held the guest
         self.last_error: str | None = None
+        self.control_endpoint: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, duration: float | None = None) -> None:
@@ -215,8 +218,9 @@ class PrimaryAgent:
             log.info("the kvstore service listens on %s:%d", self.config.guest.service_host, self.device.port)
         self.machine.start()
         self._spawn(self._tick_loop())
-        if self.config.triggers.dirty_pages:
-            self._spawn(self._dirty_watch_loop())
+        self._spawn(self._dirty_watch_loop())
+        if self.config.primary.control:
+            self._spawn(self._control_loop(self.config.primary.control))
         self._spawn(self._status_loop())
         self._execute(self.protocol.handle(proto.Start(time.monotonic())))
         try:
@@ -558,17 +562,63 @@ class PrimaryAgent:
     # -- clocks ------------------------------------------------------------------------
     async def _tick_loop(self) -> None:
         config = self.protocol.config
-        period = min(config.heartbeat_interval, config.max_interval or 1.0) / 4
-        while True:
-            await asyncio.sleep(period)
+        while True:                              # (re-read: the interval may change at run time)
+            await asyncio.sleep(min(config.heartbeat_interval, config.max_interval or 1.0) / 4)
             self._feed(proto.Tick(time.monotonic()))
 
+    def set_triggers(self, changes: dict) -> dict:
+        """Change [triggers] settings while running (the control interface); returns them all.
+
+        The new values go through the same checks as the config file: a bad one raises
+        ConfigError naming it, and nothing changes.
+        """
+        known = {f.name for f in dataclasses.fields(TriggerSection)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown [triggers] setting(s) {', '.join(unknown)}: the control interface "
+                              f"changes {', '.join(sorted(known))}")
+        triggers = dataclasses.replace(self.config.triggers, **changes)     # validates
+        self.config = dataclasses.replace(self.config, triggers=triggers)
+        self.protocol.config.max_interval = (triggers.max_interval_ms / 1000) or None
+        log.warning("triggers changed at run time: %s", changes)
+        return dataclasses.asdict(triggers)
+
+    async def _control_loop(self, endpoint: str) -> None:
+        """JSON requests on a REP socket: {"get": "triggers"} or {"set": {"dirty_pages": 512, ...}}."""
+        socket = self.context.socket(zmq.REP)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind(endpoint[:-2] + ":*" if endpoint.endswith(":0") else endpoint)
+        self.control_endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("control interface on %s", self.control_endpoint)
+        try:
+            while True:
+                raw = await socket.recv()
+                try:
+                    request = json.loads(raw)
+                    if not isinstance(request, dict):
+                        raise ConfigError("a request is a JSON object")
+                    if "set" in request:
+                        if not isinstance(request["set"], dict):
+                            raise ConfigError('"set" takes an object of [triggers] settings')
+                        reply = {"ok": True, "triggers": self.set_triggers(request["set"])}
+                    elif request.get("get") == "triggers":
+                        reply = {"ok": True, "triggers": dataclasses.asdict(self.config.triggers)}
+                    elif request.get("get") == "status":
+                        reply = {"ok": True, "status": self.status()}
+                    else:
+                        raise ConfigError('expected {"get": "triggers" | "status"} or {"set": {...}}')
+                except (ValueError, TypeError) as exc:          # ConfigError is a ValueError
+                    reply = {"ok": False, "error": str(exc)}
+                await socket.send(json.dumps(reply).encode())
+        finally:
+            socket.close(linger=0)
+
     async def _dirty_watch_loop(self) -> None:
-        threshold = self.config.triggers.dirty_pages
-        period = self.config.triggers.poll_us / 1e6
-        while True:
-            await asyncio.sleep(period)
-            if self.protocol.checkpointing and self.protocol.held_reason is None \
+        while True:                              # settings re-read: they may change at run time
+            triggers = self.config.triggers
+            await asyncio.sleep(triggers.poll_us / 1e6 if triggers.dirty_pages else 0.05)
+            threshold = self.config.triggers.dirty_pages
+            if threshold and self.protocol.checkpointing and self.protocol.held_reason is None \
                     and self.machine.tracker.fill() >= threshold:
                 self._feed(proto.Trigger(time.monotonic(), "dirty_threshold"))
 

@@ -339,10 +339,13 @@ class PrimarySection(_Section):
     SECTION: ClassVar[str] = "primary"
 
     replica: str = ""                 # tcp://HOST:PORT; "": not set (then --replica is required)
+    control: str = ""                 # tcp://127.0.0.1:PORT: change [triggers] at run time; "": off
 
     def _validate(self) -> None:
         if self.replica:
             validate_endpoint(self.replica, self._key("replica"))
+        if self.control:
+            validate_endpoint(self.control, self._key("control"), bind=True)
 
 
 @dataclass(frozen=True)
@@ -550,6 +553,7 @@ DEFAULT_TOML = """\
 [primary]
 # Where the replica listens (colo-primary --replica).
 replica = "tcp://127.0.0.1:7800"
+control = ""                # tcp://127.0.0.1:PORT: change [triggers] at run time; "": off
 
 [guest]
 vcpus = 2
@@ -634,6 +638,8 @@ _COMMON_FLAGS = (
 _PRIMARY_FLAGS = (
     _Flag("--replica", "primary.replica", str, "the replica's endpoint (required unless the config "
           "file sets [primary] replica)", "tcp://HOST:PORT"),
+    _Flag("--control", "primary.control", str,
+          "listen for run-time changes of [triggers] here (JSON over ZeroMQ REQ/REP)", "tcp://HOST:PORT"),
     _Flag("--workload", "guest.workload", str, f"guest workload: {', '.join(WORKLOAD_IDS)}", "NAME"),
     _Flag("--vcpus", "guest.vcpus", int, "guest vCPUs", "N"),
     _Flag("--memory-mib", "guest.memory_mib", int, "guest data memory (a multiple of 2)", "MIB"),
