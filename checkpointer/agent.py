@@ -605,8 +605,13 @@ class PrimaryAgent:
                         reply = {"ok": True, "triggers": dataclasses.asdict(self.config.triggers)}
                     elif request.get("get") == "status":
                         reply = {"ok": True, "status": self.status()}
+                    elif request.get("reset") == "stats":     # measure a new setting from scratch
+                        self.stats = Stats()
+                        self.output.latency_us.clear()
+                        reply = {"ok": True}
                     else:
-                        raise ConfigError('expected {"get": "triggers" | "status"} or {"set": {...}}')
+                        raise ConfigError('expected {"get": "triggers" | "status"}, {"reset": "stats"} '
+                                          'or {"set": {...}}')
                 except (ValueError, TypeError) as exc:          # ConfigError is a ValueError
                     reply = {"ok": False, "error": str(exc)}
                 await socket.send(json.dumps(reply).encode())

@@ -107,7 +107,8 @@ class Worker:
 class Cluster:
     """A replica and a drill primary in their own processes, in a temporary folder."""
 
-    def __init__(self, tmp: Path, keys: Path, kill_at: str, log_to: Path) -> None:
+    def __init__(self, tmp: Path, keys: Path, kill_at: str, log_to: Path, primary_flags: list[str] = (),
+                 with_replica: bool = True) -> None:
         self.tmp, self.keys = tmp, keys
         self.service_primary, self.service_replica = _free_port(), _free_port()
         endpoint = f"tcp://127.0.0.1:{_free_port()}"
@@ -116,12 +117,13 @@ class Cluster:
             [sys.executable, "-m", "replica.cli", "--listen", endpoint, "--authorized-keys",
              str(keys / "primary.key"), "--service-port", str(self.service_replica),
              "--status-json", str(tmp / "replica.json"), *common],
-            stdout=subprocess.DEVNULL, stderr=open(log_to / "replica.log", "w"))
+            stdout=subprocess.DEVNULL, stderr=open(log_to / "replica.log", "w")) if with_replica else None
         self.primary = subprocess.Popen(
             [sys.executable, "-m", "scenarios.drill_primary", "--kill-at", kill_at, "--",
              "--replica", endpoint, "--peer-public-key", str(keys / "replica.key"), "--workload", "kvstore",
              "--service-port", str(self.service_primary), "--vcpus", "1", "--memory-mib", "64",
-             "--report-every", "50", "--status-json", str(tmp / "primary.json"), *common],
+             "--report-every", "50", "--status-json", str(tmp / "primary.json"), *common,
+             *primary_flags],
             stdout=subprocess.DEVNULL, stderr=open(log_to / "primary.log", "w"))
 
     def status(self, role: str) -> dict:
@@ -136,16 +138,20 @@ class Cluster:
             value = predicate()
             if value:
                 return value
-            if self.replica.poll() is not None:
+            if self.replica is not None and self.replica.poll() is not None:
                 raise RuntimeError(f"the replica exited while waiting for {what}")
+            if self.primary.poll() is not None and what != "the replica's takeover" \
+                    and not what.startswith("the service on the replica"):
+                raise RuntimeError(f"the primary exited ({self.primary.returncode}) while waiting for {what}")
             time.sleep(0.02)
         raise RuntimeError(f"timed out waiting for {what}")
 
     def stop(self) -> None:
-        for process in (self.primary, self.replica):
+        processes = [p for p in (self.primary, self.replica) if p is not None]
+        for process in processes:
             if process.poll() is None:
                 process.terminate()
-        for process in (self.primary, self.replica):
+        for process in processes:
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:

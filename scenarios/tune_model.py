@@ -93,5 +93,6 @@ def toml_snippet(setting: dict) -> str:
     """What to paste into the primary's TOML for a recommended setting."""
     lines = ["[guest]", f"ring_entries = {setting['ring_entries']}", "", "[triggers]",
              f"dirty_pages = {setting.get('dirty_pages_trigger', 0)}",
-             f"max_interval_ms = {setting.get('max_interval_ms', 0.0)}"]
+             f"max_interval_ms = {setting.get('max_interval_ms', 0.0)}",
+             f"output_delay_ms = {setting.get('output_delay_ms', 1.0)}"]
     return "\n".join(lines) + "\n"
