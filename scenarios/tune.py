@@ -63,11 +63,20 @@ def _load(cluster: Cluster, workers: int, stop: threading.Event) -> list[Worker]
     return clients
 
 
+def _work_done(control: Control | None, cluster: Cluster, clients: list[Worker]) -> float:
+    """Client operations (the service), or the guest's own progress counter (a dirtying workload)."""
+    if clients:
+        return float(sum(c.ops for c in clients))
+    if control is not None:
+        return float(control.ask({"get": "status"})["status"]["guest_progress"])
+    return float(cluster.status("primary").get("guest_progress", 0))
+
+
 def _measure(control: Control, cluster: Cluster, clients: list[Worker], seconds: float) -> dict:
     control.ask({"reset": "stats"})
-    ops0, t0 = sum(c.ops for c in clients), time.monotonic()
+    ops0, t0 = _work_done(control, cluster, clients), time.monotonic()
     time.sleep(seconds)                                   # the measurement window itself
-    ops1, t1 = sum(c.ops for c in clients), time.monotonic()
+    ops1, t1 = _work_done(control, cluster, clients), time.monotonic()
     status = control.ask({"get": "status"})["status"]
     replica = cluster.status("replica")
     return {"pause_us_p50": status["pause_us_p50"], "pause_us_p99": status["pause_us_p99"],
@@ -79,8 +88,18 @@ def _measure(control: Control, cluster: Cluster, clients: list[Worker], seconds:
             "overhead": status["checkpoints_per_s"] * status["pause_us_p50"] / 1e6}
 
 
-def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=print) -> dict:
-    """Measure every setting of `grid`; returns {"baseline_ops_per_s", "settings"}."""
+def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=print,
+          workload: str = "kvstore") -> dict:
+    """Measure every setting of `grid`; returns {"baseline_ops_per_s", "settings"}.
+
+    The service is measured by its clients' operations/s; a dirtying workload by its own progress
+    counter (writes/s), with no clients and no output trigger to speak of.
+    """
+    service = workload == "kvstore"
+    guest_flags = [] if service else ["--workload", workload, "--report-every", "0"]
+    if not service:
+        workers = 0
+        grid = {**grid, "output_delays_ms": []}
     keys = log_dir / "keys"
     if not (keys / "primary.key").exists():
         generate_keys(keys, "primary")
@@ -88,23 +107,24 @@ def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=prin
     settings = []
     with tempfile.TemporaryDirectory(prefix="colo-tune-") as tmp:
         # the same load, unprotected (no replica: the primary runs its guest alone)
-        cluster = Cluster(Path(tmp), keys, "none:0", log_dir, with_replica=False)
+        cluster = Cluster(Path(tmp), keys, "none:0", log_dir, primary_flags=guest_flags, with_replica=False)
         stop = threading.Event()
         try:
-            cluster.wait("the unprotected service", lambda: cluster.status("primary").get("mode"))
+            cluster.wait("the unprotected guest", lambda: cluster.status("primary").get("mode"))
             clients = _load(cluster, workers, stop)
-            time.sleep(0.5)
-            ops0, t0 = sum(c.ops for c in clients), time.monotonic()
-            time.sleep(seconds)
-            baseline = (sum(c.ops for c in clients) - ops0) / (time.monotonic() - t0)
+            time.sleep(1.0)
+            ops0, t0 = _work_done(None, cluster, clients), time.monotonic()
+            time.sleep(max(seconds, 2.0))                # the status file is rewritten every second
+            baseline = (_work_done(None, cluster, clients) - ops0) / (time.monotonic() - t0)
         finally:
             stop.set()
             cluster.stop()
-        progress(f"unprotected: {baseline:.0f} ops/s")
+            progress(f"unprotected: {baseline:.0f} {'ops' if service else 'writes'}/s")
         for ring in grid["rings"]:
             control_endpoint = f"tcp://127.0.0.1:{_free_port()}"
             cluster = Cluster(Path(tmp), keys, "none:0", log_dir,
-                              primary_flags=["--ring-entries", str(ring), "--control", control_endpoint])
+                              primary_flags=[*guest_flags, "--ring-entries", str(ring), "--control",
+                                             control_endpoint])
             stop = threading.Event()
             control = None
             try:
@@ -201,8 +221,9 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="colo-tune", description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", choices=("kvstore",), default="kvstore",
-                        help="the guest under load (the drill's service)")
+    parser.add_argument("--workload", choices=("kvstore", "uniform", "hotcold", "sequential"),
+                        default="kvstore", help="the guest: the drill's service under client load (default) "
+                                                "or a dirtying workload")
     parser.add_argument("--slo-latency-ms", type=float, default=10.0, help="output latency p99 objective")
     parser.add_argument("--max-overhead", type=float, default=20.0, help="largest share of time paused, %%")
     parser.add_argument("--quick", action="store_true", help="a small sweep (under a minute)")
@@ -225,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quiet = args.json
     result = sweep(grid, seconds, args.workers, out, progress=(lambda _: None) if quiet else
-                   (lambda line: print(line, file=sys.stderr)))
+                   (lambda line: print(line, file=sys.stderr)), workload=args.workload)
+    result["workload"] = args.workload
     best, why = recommend(result["settings"], args.slo_latency_ms, args.max_overhead)
     result.update({"recommended": best, "why": why, "snippet": toml_snippet(best) if best else "",
                    "slo_latency_ms": args.slo_latency_ms, "max_overhead_pct": args.max_overhead})

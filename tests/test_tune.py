@@ -48,3 +48,21 @@ def test_suggestion_from_a_running_primarys_status() -> None:
     assert "paused 50.0%" in suggest_from_status(busy, slo_latency_ms=10, max_overhead_pct=20)
     fine = {"output_latency_us_p99": 2000, "checkpoints_per_s": 100, "pause_us_p50": 500}
     assert "nothing to change" in suggest_from_status(fine, slo_latency_ms=10, max_overhead_pct=20)
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_quick_sweep_of_a_dirtying_workload_follows_the_threshold(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "scenarios.tune", "--quick", "--json", "--workload", "hotcold",
+                             "--out", str(tmp_path), "--slo-latency-ms", "1000", "--max-overhead", "100"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    dirty = sorted((s for s in report["settings"] if s["kind"] == "dirty"), key=lambda s: s["dirty_pages_trigger"])
+    assert len(dirty) == 3
+    # a larger threshold: more pages per epoch, a longer pause, fewer checkpoints
+    measured = [s["dirty_pages"] for s in dirty]
+    assert measured == sorted(measured) and measured[-1] > measured[0]
+    assert dirty[-1]["pause_us_p50"] > dirty[0]["pause_us_p50"]
+    assert dirty[-1]["checkpoints_per_s"] < dirty[0]["checkpoints_per_s"]
+    assert report["model"]["per_page_us"] > 0 and report["baseline_ops_per_s"] > 0
