@@ -8,6 +8,7 @@ even heard.
 from __future__ import annotations
 
 import asyncio
+import socket as socket_module
 
 import numpy as np
 import pytest
@@ -159,31 +160,53 @@ async def test_bad_frames_are_refused_and_the_standby_is_unchanged(damage: str) 
         context.term()
 
 
-@pytest.mark.asyncio
-async def test_primary_without_an_authorized_key_is_refused(tmp_path) -> None:
+def test_primary_without_an_authorized_key_is_refused(tmp_path) -> None:
+    """The replica in its own process (CURVE server); plain blocking sockets here, bounded waits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     keys = tmp_path / "keys"
     generate_keys(keys, "primary")
     generate_keys(keys, "replica")
     generate_keys(tmp_path / "other", "primary")
-    config = replica_config(**{"security.insecure": False, "security.keys_dir": str(keys),
-                               "security.authorized_keys": str(keys / "primary.key")})
-    agent, task = await start_replica(config)
-    context = zmq.asyncio.Context()
-    good = load_config("primary", None, {"primary.replica": agent.endpoint, "security.keys_dir": str(keys),
-                                          "security.peer_public_key": str(keys / "replica.key")}).security
-    bad = load_config("primary", None, {"primary.replica": agent.endpoint,
-                                         "security.keys_dir": str(tmp_path / "other"),
-                                         "security.peer_public_key": str(keys / "replica.key")}).security
-    intruder = FakePrimary(context, agent.endpoint, bad)
-    honest = FakePrimary(context, agent.endpoint, good)
+    with socket_module.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    replica = subprocess.Popen([sys.executable, "-m", "replica.cli", "--listen", endpoint, "--keys-dir", str(keys),
+                                "--authorized-keys", str(keys / "primary.key"), "--heartbeat-ms", "20"],
+                               cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    context = zmq.Context()
+
+    def hello_from(keys_dir: Path) -> bytes | None:
+        """Send HELLO with this key pair; the first non-heartbeat answer, or None within 2 s."""
+        security = load_config("primary", None, {"primary.replica": endpoint, "security.keys_dir": str(keys_dir),
+                                                  "security.peer_public_key": str(keys / "replica.key")}).security
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 2000)
+        secure_client(sock, security)
+        sock.connect(endpoint)
+        writer = wire.FrameWriter()
+        try:
+            sock.send_multipart(writer.message(wire.Hello(versions=[1], session=writer.session, slots=SLOTS,
+                                                          vcpus=1, page_size=4096, agent="test")))
+            while True:
+                try:
+                    frame = wire.decode_frame(sock.recv_multipart())
+                except zmq.Again:
+                    return None
+                if frame.kind != wire.Kind.HEARTBEAT:
+                    return frame.kind
+        finally:
+            sock.close()
+
     try:
-        await intruder.send(intruder.writer.message(wire.Hello(
-            versions=[1], session=intruder.writer.session, slots=SLOTS, vcpus=1, page_size=4096, agent="x")))
-        assert await intruder.receive(timeout=0.5) is None, "an unauthorized primary was answered"
-        assert agent.standby is None and agent.peer is None
-        assert (await honest.hello()).kind == wire.Kind.WELCOME
+        assert hello_from(tmp_path / "other") is None, "an unauthorized primary was answered"
+        assert hello_from(keys) == wire.Kind.WELCOME
     finally:
-        intruder.socket.close()
-        honest.socket.close()
-        await stop(agent, task)
         context.term()
+        replica.terminate()
+        replica.wait(10)
