@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -145,7 +145,6 @@ class Hooks:
     on_snapshot: Callable[[Snapshot, Machine], None] | None = None     # called while paused
     on_frame_sent: Callable[[int, int, str], None] | None = None      # (epoch, kind, step)
     on_ack: Callable[[int], None] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class PrimaryAgent:

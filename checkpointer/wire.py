@@ -109,7 +109,7 @@ Rules
 - Bad frames: a receiver rejects a frame it cannot decode or check with a
   typed ``WireError`` and never applies any of it. The replica stages an
   epoch's frames and commits nothing until EPOCH_END arrives and its digest
-  (``EpochDigest``) and totals match; an epoch with any bad, missing, replayed
+  (``checkpointer.codec.EpochDigest``, over the decoded content) and totals match; an epoch with any bad, missing, replayed
   or reordered frame is discarded whole, so the standby stays at its last
   complete epoch.
 """
@@ -133,7 +133,7 @@ __all__ = [
     "MAX_PAYLOAD", "Kind", "Flag", "PRIMARY_KINDS", "REPLICA_KINDS", "HANDSHAKE_KINDS", "Message", "Frame", "encode_frame", "decode_frame", "FrameGuard", "FrameWriter",
     "negotiate_version", "SlotLayout", "Hello", "Welcome", "EpochBegin", "EpochEnd", "Ack", "Refuse",
     "EPOCH_REASONS", "REFUSE_REASONS", "pack_message", "decode_payload", "pack_vcpu_states",
-    "unpack_vcpu_states", "EpochDigest", "WireError", "TruncatedFrame", "MalformedFrame", "BadMagic",
+    "unpack_vcpu_states", "WireError", "TruncatedFrame", "MalformedFrame", "BadMagic",
     "UnsupportedVersion", "BadChecksum", "UnknownKind", "UnexpectedKind", "OversizedFrame",
     "MalformedPayload", "ReplayedFrame", "OutOfOrderFrame", "WrongSession",
 ]
@@ -548,7 +548,7 @@ class EpochBegin:
 @dataclass(frozen=True)
 class EpochEnd:
     epoch: int
-    digest: bytes                        # EpochDigest of the epoch's content frames
+    digest: bytes                        # codec.EpochDigest of the epoch's decoded content
     pages: int
     batches: int
     raw_bytes: int
@@ -881,41 +881,3 @@ def unpack_vcpu_states(data: Any) -> list[VcpuState]:
     if pos != view.nbytes:
         raise MalformedPayload(f"VCPU_STATE payload has {view.nbytes - pos} trailing bytes")
     return states
-
-
-# --- epoch digest ---------------------------------------------------------------------------
-
-_DIGEST_EPOCH = struct.Struct("<Q")
-_DIGEST_ITEM = struct.Struct("<HHIQ")       # kind, 0, count, payload length
-
-
-class EpochDigest:
-    """The EPOCH_END digest: xxh3_128 over the epoch's content frames, in send order.
-
-    It covers the epoch number, then for every PAGES, VCPU_STATE and
-    DEVICE_STATE frame of the epoch its kind, count and payload length
-    followed by the payload. The primary feeds the frames it sends, the
-    replica the frames it staged; a lost, extra, reordered or altered content
-    frame changes the digest, and the replica discards the epoch.
-    """
-
-    CONTENT_KINDS = frozenset({Kind.PAGES, Kind.VCPU_STATE, Kind.DEVICE_STATE})
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-        self._hash = xxhash.xxh3_128(_DIGEST_EPOCH.pack(epoch))
-
-    def add(self, kind: Kind, count: int, payload: Any) -> None:
-        if kind not in self.CONTENT_KINDS:
-            raise UnexpectedKind(f"{_kind_name(kind)} is not a content frame of epoch {self.epoch}")
-        view = _byte_view(payload, f"{_kind_name(kind)} payload")
-        self._hash.update(_DIGEST_ITEM.pack(kind, 0, count, view.nbytes))
-        self._hash.update(view)
-
-    def add_frame(self, frame: Frame) -> None:
-        if frame.epoch != self.epoch:
-            raise MalformedPayload(f"{frame} does not belong to epoch {self.epoch}")
-        self.add(frame.kind, frame.count, frame.payload)
-
-    def digest(self) -> bytes:
-        return self._hash.digest()

@@ -81,7 +81,6 @@ class ReplicaAgent:
         self._epoch_bytes = [0, 0]
         self.epoch = 0
         self.rejected_frames = 0
-        self.failed_over = asyncio.Event()
         self._connections: set[int] = set()      # open connections' fds (socket monitor)
         self.monitor: zmq.asyncio.Socket | None = None
         self.last_error: str | None = None
@@ -353,7 +352,6 @@ class ReplicaAgent:
         await self.device.start()
         if self.takeover_ms is None:             # the service is back: that is the takeover
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
-            self.failed_over.set()
         log.error("the service is back on port %d (takeover %.1f ms after the primary's last message)",
                   self.device.port, self.takeover_ms)
 
@@ -363,7 +361,6 @@ class ReplicaAgent:
             log.error("the standby guest is running (takeover %.1f ms after the primary's last "
                       "message; %.1f ms after the failover decision)", self.takeover_ms,
                       (time.monotonic() - self._failover_started) * 1000)
-            self.failed_over.set()
         elif isinstance(event, RingSoftFull):
             pass                                  # not tracked after failover
         elif isinstance(event, Fault):

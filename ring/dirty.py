@@ -76,11 +76,6 @@ class DirtySet:
     def slot(self, slot: int) -> np.ndarray:
         return self.pages.get(slot, np.empty(0, dtype=np.uint64))
 
-    def gfns(self, first_gfns: dict[int, int]) -> np.ndarray:
-        """All dirty pages as guest frame numbers, sorted."""
-        parts = [offsets + np.uint64(first_gfns[slot]) for slot, offsets in self.pages.items()]
-        return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
-
     def merged(self, other: "DirtySet") -> "DirtySet":
         """The union of two dirty sets (per slot, sorted unique); entries and last entries kept."""
         pages = dict(self.pages)

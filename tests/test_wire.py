@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from checkpointer import wire
 from checkpointer.wire import (HEADER, HEADER_SIZE, MAGIC, PRIMARY_KINDS, REPLICA_KINDS, Ack, BadChecksum, BadMagic,
-                               EpochBegin, EpochDigest, EpochEnd, Flag, Frame, FrameGuard, FrameWriter, Hello, Kind,
+                               EpochBegin, EpochEnd, Flag, Frame, FrameGuard, FrameWriter, Hello, Kind,
                                MalformedFrame, MalformedPayload, OutOfOrderFrame, OversizedFrame, Refuse,
                                ReplayedFrame, SlotLayout, TruncatedFrame, UnexpectedKind, UnknownKind,
                                UnsupportedVersion, Welcome, WireError, WrongSession, decode_frame, decode_payload,
@@ -567,31 +567,6 @@ def test_random_vcpu_payloads_only_raise_malformed(data) -> None:
     except MalformedPayload:
         return
     assert pack_vcpu_states(states) == data
-
-
-# --- epoch digest ------------------------------------------------------------------------------------
-
-def test_epoch_digest_detects_lost_reordered_and_altered_frames() -> None:
-    content = [(Kind.PAGES, 1, b"a" * 10), (Kind.PAGES, 2, b"b" * 10), (Kind.VCPU_STATE, 1, b"v")]
-
-    def digest(items, epoch=4):
-        d = EpochDigest(epoch)
-        for kind, count, payload in items:
-            d.add(kind, count, payload)
-        return d.digest()
-
-    base = digest(content)
-    assert len(base) == 16 and base == digest(content)
-    assert base != digest(content[1:])
-    assert base != digest([content[1], content[0], content[2]])
-    assert base != digest([content[0], (Kind.PAGES, 2, b"b" * 9 + b"c"), content[2]])
-    assert base != digest(content, epoch=5)
-    # boundaries are hashed too: moving bytes from one batch to the next changes the digest
-    assert base != digest([(Kind.PAGES, 1, b"a" * 11), (Kind.PAGES, 2, b"b" * 9), content[2]])
-    with pytest.raises(UnexpectedKind):
-        EpochDigest(4).add(Kind.ACK, 0, b"")
-    with pytest.raises(MalformedPayload, match="epoch 4"):
-        EpochDigest(4).add_frame(Frame(Kind.PAGES, SESSION, 0, 5, 1, 0, b"x"))
 
 
 # --- a real socket --------------------------------------------------------------------------------------
