@@ -9,10 +9,9 @@ import socket as pysocket
 import pytest
 import redis
 
-from .conftest import requires_kvm
-from .test_system import Agents, free_port
+from tests.support import Agents, free_port
 
-pytestmark = [requires_kvm, pytest.mark.kvm]
+pytestmark = pytest.mark.kvm
 
 
 @pytest.fixture

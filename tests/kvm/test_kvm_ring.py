@@ -8,9 +8,8 @@ import pytest
 from ring import KvmMachine, LimitReached, MachineConfig, RingSoftFull, Workload
 from ring.guest import layout
 
-from .conftest import requires_kvm
 
-pytestmark = [requires_kvm, pytest.mark.kvm]
+pytestmark = pytest.mark.kvm
 
 
 def _oracle_run(vcpus: int, iterations: int, ring_entries: int, data_pages: int, seed: int) -> int:

@@ -176,7 +176,7 @@ def test_primary_without_an_authorized_key_is_refused(tmp_path) -> None:
     endpoint = f"tcp://127.0.0.1:{port}"
     replica = subprocess.Popen([sys.executable, "-m", "replica.cli", "--listen", endpoint, "--keys-dir", str(keys),
                                 "--authorized-keys", str(keys / "primary.key"), "--heartbeat-ms", "20"],
-                               cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+                               cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     context = zmq.Context()
 

@@ -12,10 +12,9 @@ import zmq.asyncio
 from checkpointer.agent import PrimaryAgent
 from checkpointer.config import load_config
 
-from .conftest import requires_kvm
-from .test_system import free_port
+from tests.support import free_port
 
-pytestmark = [requires_kvm, pytest.mark.kvm]
+pytestmark = pytest.mark.kvm
 
 
 @pytest.mark.asyncio

@@ -1,7 +1,7 @@
-"""Run a real agent in its own process with test hooks (used by tests/test_system.py).
+"""Run a real agent in its own process with test hooks (used by tests/system/test_system.py).
 
-    python -m tests.agent_harness primary --record FILE [--kill-at N:STEP] -- <colo-primary flags>
-    python -m tests.agent_harness replica --record FILE [--ack-delay-ms MS] -- <colo-replica flags>
+    python -m tests.system.agent_harness primary --record FILE [--kill-at N:STEP] -- <colo-primary flags>
+    python -m tests.system.agent_harness replica --record FILE [--ack-delay-ms MS] -- <colo-replica flags>
 
 The primary records, while the guest is paused at each checkpoint, a digest of
 all guest memory, of the vCPU state and the guest's progress; the replica

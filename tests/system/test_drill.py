@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import requires_kvm
 
-pytestmark = [requires_kvm, pytest.mark.kvm]
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.kvm
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_drill_five_kill_points_all_verified(tmp_path) -> None:

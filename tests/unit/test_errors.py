@@ -11,7 +11,6 @@ from ring.guest import build
 from ring.kvm import Kvm
 from ring.memory import GuestMemory, SlotSpec, check_no_overlap
 
-from .conftest import requires_kvm
 
 
 @pytest.mark.parametrize("entries, words", [
@@ -69,23 +68,6 @@ def test_overlapping_slots_are_refused() -> None:
         GuestMemory(specs)
     with pytest.raises(SlotOverlapError, match="not unique"):
         check_no_overlap([SlotSpec(0, 0, 4096), SlotSpec(0, 8192, 4096)])
-
-
-@requires_kvm
-def test_kernel_refuses_overlapping_slots_with_named_ioctl() -> None:
-    memory = GuestMemory([SlotSpec(0, 0, 4 << 20), SlotSpec(1, 8 << 20, 4 << 20)])
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    try:
-        first = memory.slots[0]
-        vm.set_user_memory_region(0, 0, 4 << 20, first.address)
-        with pytest.raises(KvmError, match="KVM_SET_USER_MEMORY_REGION failed: EEXIST") as info:
-            vm.set_user_memory_region(1, 2 << 20, 4 << 20, memory.slots[1].address)
-        assert info.value.op == "KVM_SET_USER_MEMORY_REGION" and info.value.errno == 17
-    finally:
-        vm.close()
-        kvm.close()
-        memory.close()
 
 
 def test_misaligned_slot() -> None:

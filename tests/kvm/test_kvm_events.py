@@ -8,9 +8,8 @@ import pytest
 
 from ring import Done, Fault, KvmMachine, MachineConfig, Output, Progress, Workload
 
-from .conftest import requires_kvm
 
-pytestmark = [requires_kvm, pytest.mark.kvm]
+pytestmark = pytest.mark.kvm
 
 EVENTS_GUEST = str(Path(__file__).with_name("guests") / "events.c")
 CONFIG = MachineConfig(vcpus=1, data_bytes=2 << 20, ring_entries=256)

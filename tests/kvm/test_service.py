@@ -15,7 +15,6 @@ from ring import ConfigError
 from ring import stream
 from scenarios.service import Service, start_service
 
-from .conftest import requires_kvm
 
 redis = pytest.importorskip("redis")
 
@@ -82,7 +81,6 @@ def test_device_region_fits_the_low_slot() -> None:
 # --- redis-py ---------------------------------------------------------------------
 
 
-@requires_kvm
 @pytest.mark.kvm
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_every_command_through_redis_py(service, protocol) -> None:
@@ -125,7 +123,6 @@ def test_every_command_through_redis_py(service, protocol) -> None:
     r.close()
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_many_keys(client) -> None:
     for i in range(2000):
@@ -140,7 +137,6 @@ def test_many_keys(client) -> None:
     assert client.get("many:10") is None and client.get("many:1999") == b"value-1999" * (1 + 1999 % 7)
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_binary_values_and_sizes(client) -> None:
     binary = bytes(range(256)) * 4 + b"\r\n*3\r\n$1\r\n\r\n\x00"
@@ -160,7 +156,6 @@ def test_binary_values_and_sizes(client) -> None:
     assert client.ping() is True
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_concurrent_clients(service) -> None:
     errors = []
@@ -200,7 +195,6 @@ MALFORMED = [
 ]
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_malformed_resp_gets_an_error_and_the_connection_stays_usable(service) -> None:
     with socket.create_connection(("127.0.0.1", service.port)) as sock:
@@ -213,7 +207,6 @@ def test_malformed_resp_gets_an_error_and_the_connection_stays_usable(service) -
         assert recv_lines(sock, 4) == b"$6\r\ninline\r\n+PONG\r\n+PONG\r\n"
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_oversized_requests_are_refused_and_skipped(service) -> None:
     with socket.create_connection(("127.0.0.1", service.port)) as sock:
@@ -229,7 +222,6 @@ def test_oversized_requests_are_refused_and_skipped(service) -> None:
         assert recv_lines(sock, 1) == b"$-1\r\n"
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_half_closed_connection_gets_its_replies(service) -> None:
     with socket.create_connection(("127.0.0.1", service.port)) as sock:
@@ -242,7 +234,6 @@ def test_half_closed_connection_gets_its_replies(service) -> None:
     assert data == b"+OK\r\n$1\r\n1\r\n"
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_a_client_that_does_not_read_holds_up_no_one(service, client) -> None:
     value = bytes(range(256)) * ((REQUEST_MAX - 200) // 256)
@@ -269,7 +260,6 @@ def test_a_client_that_does_not_read_holds_up_no_one(service, client) -> None:
 # --- stock command-line clients -------------------------------------------------------
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_redis_cli_and_benchmark(service) -> None:
     cli = shutil.which("redis-cli")
@@ -295,7 +285,6 @@ def test_redis_cli_and_benchmark(service) -> None:
 # --- checkpoints ------------------------------------------------------------------------
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_device_writes_are_in_the_harvest(service) -> None:
     machine, device = service.machine, service.device
@@ -325,7 +314,6 @@ def test_device_writes_are_in_the_harvest(service) -> None:
     assert rx_pages | {ctrl_page} <= dirty, (sorted(rx_pages), ctrl_page, sorted(dirty))
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_pluggable_output_holds_replies_until_released() -> None:
     held = []
@@ -344,7 +332,6 @@ def test_pluggable_output_holds_replies_until_released() -> None:
             assert svc.call(svc.device.write_to_client, slot, b"late", generation + 2) is False
 
 
-@requires_kvm
 @pytest.mark.kvm
 def test_restored_service_serves_the_captured_data() -> None:
     with start_service(0, table_entries=4096) as first:
