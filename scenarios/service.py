@@ -29,6 +29,7 @@ from typing import Callable
 
 from ring.errors import ConfigError, GuestFault
 from ring.guest import layout
+from ring.guest.spec import STREAM_DEVICE, GuestParam, GuestSpec
 from ring.machine import KvmMachine, MachineConfig, MachineState
 from ring.memory import GuestMemory
 from ring.stream import STREAM_SLOTS, StreamDevice
@@ -67,6 +68,19 @@ def check_service_params(memory_mib: int, table_entries: int, request_max: int) 
     if needed > memory_mib << 20:
         raise ConfigError(f"{memory_mib} MiB cannot hold the kvstore's buffers and a table of {table_entries} "
                           f"buckets ({needed >> 20} MiB needed before the arena)")
+
+
+def _check_spec_params(memory_mib: int, params) -> None:
+    check_service_params(memory_mib, params["table_entries"], params["request_max"])
+
+
+#: The kvstore as the agents see it (registered under the `colo_ring.guests` entry point group).
+KVSTORE_SPEC = GuestSpec(
+    "kvstore", program=KVSTORE, devices=(STREAM_DEVICE,),
+    params=(GuestParam("table_entries", PARAM_TABLE_ENTRIES, DEFAULT_TABLE_ENTRIES),
+            GuestParam("request_max", PARAM_REQUEST_MAX, DEFAULT_REQUEST_MAX)),
+    min_memory_mib=64, backends=("kvm",), validate=_check_spec_params,
+    description="a Redis-protocol key-value store in C (scenarios/guests/kvstore.c)")
 
 
 def write_service_params(machine, table_entries: int, request_max: int) -> None:
@@ -261,5 +275,5 @@ def start_service(port: int = 0, **kwargs) -> ServiceHandle:
     return ServiceHandle(service, loop, thread)
 
 
-__all__ = ["Service", "ServiceHandle", "start_service", "KVSTORE", "write_service_params",
+__all__ = ["Service", "ServiceHandle", "start_service", "KVSTORE", "KVSTORE_SPEC", "write_service_params",
            "check_service_params", "data_bytes_needed"]
