@@ -70,24 +70,7 @@ class MachineConfig:
                 SlotSpec(layout.DATA_SLOT, layout.DATA_GPA, self.data_bytes, "data")]
 
 
-@dataclass
-class VcpuState:
-    """Everything a long-mode CPL3 vCPU needs to continue elsewhere, as raw KVM structs."""
-
-    index: int
-    regs: bytes
-    sregs: bytes
-    fpu: bytes = b""
-    xsave: bytes = b""
-    xcrs: bytes = b""
-    msrs: dict[int, int] = field(default_factory=dict)
-    events: bytes = b""
-    debugregs: bytes = b""
-    cpuid: bytes = b""                 # kvm_cpuid_entry2 records, as set on the vCPU
-
-    @property
-    def rip(self) -> int:
-        return abi.Regs.from_bytes(self.regs).rip
+from .vcpu_state import VcpuState  # noqa: E402  (defined beside its serialisation; kept importable here)
 
 
 @dataclass
