@@ -26,7 +26,7 @@ import zmq
 from checkpointer.security import generate_keys
 
 from .drill import Cluster, Worker, _free_port
-from .tune_model import fit_model, recommend, toml_snippet
+from .tune_model import PRIOR_PER_PAGE_US, model_report, parse_predict, recommend, toml_snippet
 
 QUICK = {"rings": [1024], "dirty_pages": [64, 256, 768], "intervals_ms": [5.0, 20.0],
          "output_delays_ms": [0.5, 4.0, 16.0]}
@@ -85,7 +85,8 @@ def _measure(control: Control, cluster: Cluster, clients: list[Worker], seconds:
             "output_latency_us_p50": status["output_latency_us_p50"],
             "output_latency_us_p99": status["output_latency_us_p99"],
             "apply_us_p50": replica.get("apply_us_p50", 0.0), "ops_per_s": (ops1 - ops0) / (t1 - t0),
-            "overhead": status["checkpoints_per_s"] * status["pause_us_p50"] / 1e6}
+            "overhead": status["checkpoints_per_s"] * status["pause_us_p50"] / 1e6,
+            "reasons": status.get("reasons", {})}
 
 
 def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=print,
@@ -235,7 +236,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="also predict settings not measured (dirty pages, optional dirty rate pages/s)")
     parser.add_argument("--from-status", default=None, metavar="FILE",
                         help="read a running primary's status file and suggest a change (no sweep)")
+    parser.add_argument("--prior-per-page-us", type=float, default=PRIOR_PER_PAGE_US, metavar="US",
+                        help="the per-page pause cost to assume when the sweep cannot fit it (its epochs "
+                             f"all about the same size; default {PRIOR_PER_PAGE_US})")
     args = parser.parse_args(argv)
+    try:
+        predict = parse_predict(args.predict) if args.predict is not None else None
+    except ValueError as exc:
+        parser.error(f"--predict {exc}")
+    if args.prior_per_page_us <= 0:
+        parser.error("--prior-per-page-us must be above zero")
     if args.from_status:
         status = json.loads(Path(args.from_status).read_text())
         print(suggest_from_status(status, args.slo_latency_ms, args.max_overhead))
@@ -251,32 +261,33 @@ def main(argv: list[str] | None = None) -> int:
     best, why = recommend(result["settings"], args.slo_latency_ms, args.max_overhead)
     result.update({"recommended": best, "why": why, "snippet": toml_snippet(best) if best else "",
                    "slo_latency_ms": args.slo_latency_ms, "max_overhead_pct": args.max_overhead})
-    points = [{"dirty_pages": s["dirty_pages"], "pause_us": s["pause_us_p50"],
-               "checkpoints_per_s": s["checkpoints_per_s"], "raw_mb_per_s": s["raw_mb_per_s"],
-               "encoded_mb_per_s": s["encoded_mb_per_s"]} for s in result["settings"]
-              if s["checkpoints_per_s"] > 0 and s["dirty_pages"] > 0]
-    try:
-        model = fit_model(points)
-        result["model"] = model.__dict__
-        if args.predict:
-            spec, _, rate = args.predict.partition("@")
-            result["predictions"] = [model.predict(float(p), float(rate) if rate else None)
-                                     for p in spec.split(",")]
-    except ValueError as exc:
-        result["model"] = {"error": str(exc)}
+    result.update(model_report(result["settings"], predict, args.prior_per_page_us))
     (out / "tune.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "tune.png")
+    status = 0
+    if predict is not None and "error" in result["model"]:
+        print(f"colo-tune: no predictions: {result['model']['error']}", file=sys.stderr)
+        status = 1
     if args.json:
         print(json.dumps(result, indent=1))
-        return 0
+        return status
     print(format_table(result))
     print(f"\nrecommended: {why}\n\npaste into the primary's TOML:\n{result['snippet']}")
-    if "predictions" in result:
-        for p in result["predictions"]:
-            print(f"predicted at {p['dirty_pages']:.0f} pages: pause {p['pause_us']:.0f} us, "
-                  f"{p['checkpoints_per_s']:.0f} ckpt/s, {p['encoded_mb_per_s']:.2f} MB/s encoded")
+    print(format_model(result["model"]))
+    for p in result.get("predictions", []):
+        print(f"predicted at {p['dirty_pages']:.0f} pages: pause {p['pause_us']:.0f} us, "
+              f"{p['checkpoints_per_s']:.0f} ckpt/s, {p['encoded_mb_per_s']:.2f} MB/s encoded")
     print(f"report: {out / 'tune.json'}, plot: {out / 'tune.png'}")
-    return 0
+    return status
+
+
+def format_model(model: dict) -> str:
+    """The fitted model in one line (or why there is none, or why its per-page cost is a prior)."""
+    if "error" in model:
+        return f"model: none: {model['error']}"
+    line = (f"model: pause = {model['fixed_us']:.0f} us + {model['per_page_us']:.2f} us per dirty page, "
+            f"dirty rate {model['dirty_rate']:.0f} pages/s, compression {model['compression']:.1f}x")
+    return f"{line}\n  {model['note']}" if model["note"] else line
 
 
 def suggest_from_status(status: dict, slo_latency_ms: float, max_overhead_pct: float) -> str:
