@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from checkpointer.config import (DEFAULT_TOML, ConfigError, GuestSection, PrimaryAgentConfig,
                                  ReplicaAgentConfig, ReplicationSection, SecuritySection,
-                                 TriggerSection, dump_toml, load_config, parse_primary_args,
-                                 parse_replica_args, primary_arg_parser, to_dict, validate_endpoint)
+                                 ServiceSection, TriggerSection, dump_toml, flag_overrides,
+                                 load_config, parse_primary_args, parse_replica_args,
+                                 primary_arg_parser, replica_arg_parser, settings, to_dict,
+                                 validate_endpoint)
 
 
 def write(tmp_path, text: str, name: str = "colo.toml") -> str:
@@ -82,9 +87,14 @@ peer_public_key = "/etc/colo/keys/replica.key"
 [status]
 status_json = "/run/colo/primary.json"
 log_interval_s = 0
+[service]
+host = "0.0.0.0"
+port = 6390
+takeover_port = 6391
+table_entries = 1024
+request_max = 4096
 [replica]
 listen = "tcp://*:7900"
-service_port = 8080
 """)
     cfg = load_config("primary", path, {})
     assert cfg.replica == "tcp://10.0.0.2:7900"
@@ -97,8 +107,10 @@ service_port = 8080
     assert cfg.guest.machine_config().data_bytes == 1024 << 20
     assert cfg.guest.workload_config().working_set_pages == 1000
     # the same file serves the replica: it takes its own sections and shares [replication]
+    assert cfg.service.port == 6390 and cfg.guest_params() == {}          # uniform takes none
     rep = load_config("replica", path, {})
-    assert rep.replica.listen == "tcp://*:7900" and rep.replica.service_port == 8080
+    assert rep.replica.listen == "tcp://*:7900" and rep.service.takeover_port == 6391
+    assert rep.service.host == cfg.service.host == "0.0.0.0"
     assert rep.replication == cfg.replication
     assert rep.security.key_name == "replica"
 
@@ -406,3 +418,129 @@ def test_help_lists_the_flags():
                  "--vcpus", "--memory-mib", "--ring-entries", "--seed", "--backend", "--timeout-ms",
                  "--heartbeat-ms"):
         assert flag in text, flag
+
+
+# -- one declaration per setting --------------------------------------------------------
+
+def _flag_value(s):
+    """A command line giving setting `s` its default (or example) value, and that value."""
+    value = s.shown
+    if s.type is bool:
+        return [s.option if s.default else "--no-" + s.option[2:]], s.default
+    return [s.option, str(value)], value
+
+
+@pytest.mark.parametrize("kind", ["primary", "replica"])
+def test_every_setting_an_agent_reads_has_a_flag_that_sets_its_key(kind):
+    parser = primary_arg_parser() if kind == "primary" else replica_arg_parser()
+    chosen = settings(kind)
+    sections = {f.name for f in dataclasses.fields(load_config(kind, None, {}))} - {"origins"}
+    assert {s.section for s in chosen} == sections
+    for s in chosen:
+        argv, value = _flag_value(s)
+        overrides, names = flag_overrides(parser.parse_args(argv))
+        assert overrides == {s.key: value} and names == {s.key: s.option}, s.key
+
+
+def test_flags_follow_the_roles_that_read_them(capsys):
+    primary, replica = primary_arg_parser().format_help(), replica_arg_parser().format_help()
+    for flag in ("--replica", "--control", "--workload", "--dirty-pages", "--peer-public-key",
+                 "--table-entries", "--ring-full"):
+        assert flag in primary and flag not in replica, flag
+    for flag in ("--listen", "--authorized-keys"):
+        assert flag in replica and flag not in primary, flag
+    for flag in ("--service-port", "--service-host", "--heartbeat-ms", "--status-json", "--insecure"):
+        assert flag in primary and flag in replica, flag
+
+
+def test_service_port_is_each_agents_own_port(tmp_path):
+    cfg = parse_primary_args(["--replica", "tcp://h:1", "--service-port", "7001", "--service-host", "::1"])
+    assert (cfg.service.port, cfg.service.host, cfg.service.takeover_port) == (7001, "::1", 0)
+    rep = parse_replica_args(["--service-port", "7002"])
+    assert (rep.service.takeover_port, rep.service.port) == (7002, 6380)
+    with raises("service.takeover_port (from --service-port): must be between 0 and 65535, got 70000"):
+        parse_replica_args(["--service-port", "70000"])
+    with raises("service.host (from --service-host): must be a host name or an IP address"):
+        parse_replica_args(["--service-host", "no host"])
+
+
+def test_the_guest_is_checked_by_its_spec_with_the_keys_named(tmp_path):
+    with raises("guest.workload (from --workload; guest.memory_mib from --memory-mib): the kvstore guest "
+                "needs at least 64 MiB"):
+        parse_primary_args(["--replica", "tcp://h:1", "--workload", "kvstore", "--memory-mib", "32"])
+    path = write(tmp_path, '[guest]\nworkload = "kvstore"\nmemory_mib = 64\n[service]\ntable_entries = 1000\n')
+    with raises(f"guest.workload (in {path}; guest.memory_mib in {path}; service.table_entries in {path}): "
+                f"kvstore: table_entries must be a power of two"):
+        load_config("primary", path, {})
+    with raises("guest.workload (in"):               # the replica checks the primary's guest too
+        load_config("replica", path, {})
+    with raises("the kvstore guest runs on the kvm backend only"):
+        load_config("primary", None, {"guest.workload": "kvstore", "guest.backend": "sim"})
+
+
+def test_guest_params_come_from_the_service_section_with_the_specs_defaults():
+    from ring.guest.spec import find_guest
+    spec = find_guest("kvstore")
+    assert {p.name: p.default for p in spec.params} == {
+        "table_entries": ServiceSection().table_entries, "request_max": ServiceSection().request_max}
+    cfg = load_config("primary", None, {"guest.workload": "kvstore", "guest.memory_mib": 64,
+                                        "service.request_max": 4096})
+    assert cfg.guest_spec() is spec or cfg.guest_spec() == spec
+    assert cfg.guest_params() == {"table_entries": 65536, "request_max": 4096}
+    assert cfg.guest.workload_config().name == "uniform"     # the service runs its own program
+
+
+def test_workload_choices_are_the_registered_guests():
+    from ring.guest.spec import guest_names
+    names = guest_names()
+    assert "kvstore" in names and "uniform" in names
+    help_text = " ".join(primary_arg_parser().format_help().split())
+    assert f"what the guest runs ({', '.join(names)};" in help_text
+    assert f'workload = "uniform"' in DEFAULT_TOML and ", ".join(names) in DEFAULT_TOML
+
+
+def test_settings_that_moved_are_pointed_to(tmp_path):
+    path = write(tmp_path, "[guest]\nservice_port = 6380\n")
+    with raises("unknown key 'guest.service_port' (it moved to 'service.port')"):
+        load_config("primary", path, {})
+    path = write(tmp_path, "[replica]\nservice_port = 6381\n")
+    with raises("unknown key 'replica.service_port' (it moved to 'service.takeover_port')"):
+        load_config("replica", path, {})
+
+
+def test_default_toml_is_generated_from_the_declarations():
+    lines = DEFAULT_TOML.splitlines()
+    for s in settings():
+        line = next(x for x in lines if x.startswith(f"{s.name} = ") and s.help in x)
+        if s.constraint():
+            assert f"({s.constraint()})" in line, line
+    assert any(x.startswith("vcpus = 2 ") and "(1..8)" in x for x in lines)
+    assert any(x.startswith("port = 6380 ") and "primary: " in x for x in lines)
+
+
+def test_origins_say_where_each_setting_came_from(tmp_path):
+    path = write(tmp_path, "[replication]\nheartbeat_ms = 20\n")
+    cfg = parse_replica_args(["--config", path, "--listen", "tcp://127.0.0.1:7801"])
+    assert cfg.origin("replica.listen") == "from --listen"
+    assert cfg.origin("replication.heartbeat_ms") == f"in {path}"
+    assert cfg.origin("replication.timeout_ms") == ""
+    assert str(cfg.error("replication.timeout_ms", "x")) == "replication.timeout_ms (the default): x"
+    assert cfg == parse_replica_args(["--listen", "tcp://127.0.0.1:7801", "--heartbeat-ms", "20"])
+
+
+def test_listen_addresses_name_their_settings():
+    cfg = load_config("primary", None, {"primary.control": "tcp://127.0.0.1:7900",
+                                        "guest.workload": "kvstore", "guest.memory_mib": 64})
+    assert cfg.listen_addresses() == [("primary.control", "tcp://127.0.0.1:7900"),
+                                      ("service.port", "tcp://127.0.0.1:6380")]
+    assert load_config("primary", None, {}).listen_addresses() == []
+    assert load_config("replica", None, {}).listen_addresses() == [("replica.listen", "tcp://127.0.0.1:7800")]
+
+
+def test_config_does_not_import_the_layers_above():
+    code = ("import sys, checkpointer.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scenarios', 'replica') "
+            "or m in ('checkpointer.agent',)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"
