@@ -8,7 +8,10 @@ authenticated with short-term keys) gives both secrecy and peer
 authentication inside libzmq, with no extra process or certificate authority,
 and it keeps ZeroMQ's reconnect behaviour. It is on by default; ``--insecure``
 (``[security] insecure = true``) turns it off for local experiments, and says
-so loudly in the log.
+so loudly in the log: once per process and side, and again only when what it
+says changes (the primary sets up a new socket on every reconnect attempt,
+twice a second while it waits for a replica; the same warning each time would
+bury everything else in the log).
 
 Which side is which. In CURVE the *server* is the side that holds a key pair
 the other side must already know; here that is the replica, because it binds
@@ -72,6 +75,7 @@ from .config import SecuritySection
 __all__ = [
     "ZAP_DOMAIN", "generate_keys", "keys_main", "load_public_key", "load_key_pair",
     "load_authorized_keys", "ServerSecurity", "ClientSecurity", "secure_server", "secure_client",
+    "forget_setup_messages",
 ]
 
 log = logging.getLogger("colo.security")
@@ -83,6 +87,33 @@ SECRET_SUFFIX = ".key_secret"
 INSECURE_WARNING = ("INSECURE: the replication channel is neither authenticated nor encrypted "
                     "(--insecure). Anyone who can reach {endpoint} can read the guest's memory "
                     "and {what}. Use this for local experiments only.")
+
+
+class _SaidOnce:
+    """Per side ("server", "client"): the last setup message logged, so a repeat is not logged again.
+
+    Shared by every socket of the process (the primary makes a socket per reconnect).
+    Thread-safe: agents and tests set sockets up from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._said: dict[str, str] = {}
+
+    def say(self, side: str, level: int, message: str) -> None:
+        with self._lock:
+            repeat = self._said.get(side) == message
+            self._said[side] = message
+        log.log(logging.DEBUG if repeat else level, message)
+
+    def forget(self) -> None:
+        """Log every message again once (for tests, and for a process that starts over)."""
+        with self._lock:
+            self._said.clear()
+
+
+_said = _SaidOnce()
+forget_setup_messages = _said.forget
 
 
 # -- key files -----------------------------------------------------------------
@@ -265,16 +296,18 @@ class ClientSecurity:
 
 
 def secure_server(socket: zmq.Socket, ctx: zmq.Context | None,
-                  security: SecuritySection) -> ServerSecurity:
+                  security: SecuritySection, endpoint: str | None = None) -> ServerSecurity:
     """Make `socket` (the replica's, before bind) a CURVE server accepting only the authorized keys.
 
     Starts a ThreadAuthenticator on `ctx` (default: the socket's context; one per
-    context). With security.insecure, sets nothing and logs a loud warning.
+    context). With security.insecure, sets nothing and logs a loud warning (once,
+    and again when it changes: `endpoint`, if given, is named in it).
     Raises ConfigError for missing, unreadable or damaged key files.
     """
     if security.insecure:
-        log.warning(INSECURE_WARNING.format(endpoint="the replica's endpoint",
-                                            what="send it frames that rewrite the standby guest"))
+        _said.say("server", logging.WARNING, INSECURE_WARNING.format(
+            endpoint=endpoint or "the replica's endpoint",
+            what="send it frames that rewrite the standby guest"))
         return ServerSecurity(insecure=True)
     name = security.key_name or "replica"
     keys_dir = _require(security.keys_dir, "keys_dir", "--keys-dir DIR",
@@ -302,8 +335,8 @@ def secure_server(socket: zmq.Socket, ctx: zmq.Context | None,
     except BaseException:
         auth.stop()
         raise
-    log.info("replication channel: CURVE server with key %s, %d authorized primary key(s)",
-             public.decode(), len(authorized))
+    _said.say("server", logging.INFO, f"replication channel: CURVE server with key {public.decode()}, "
+                                      f"{len(authorized)} authorized primary key(s)")
     return ServerSecurity(insecure=False, public_key=public, authorized=authorized,
                           _authenticator=auth, _allow=allow)
 
@@ -324,22 +357,26 @@ def client_keys(security: SecuritySection) -> tuple[bytes, bytes, bytes]:
     return public, secret, load_public_key(server_path, "replica public key file")
 
 
-def secure_client(socket: zmq.Socket, security: SecuritySection) -> ClientSecurity:
+def secure_client(socket: zmq.Socket, security: SecuritySection,
+                  endpoint: str | None = None) -> ClientSecurity:
     """Make `socket` (the primary's, before connect) a CURVE client of the replica's key.
 
-    With security.insecure, sets nothing and logs a loud warning. Raises ConfigError
-    for missing, unreadable or damaged key files.
+    With security.insecure, sets nothing and logs a loud warning: once per process,
+    and again only when it changes (`endpoint`, the replica's, is named in it if
+    given), however often the primary reconnects. Raises ConfigError for missing,
+    unreadable or damaged key files.
     """
     if security.insecure:
-        log.warning(INSECURE_WARNING.format(endpoint="the network between the agents",
-                                            what="impersonate the replica"))
+        _said.say("client", logging.WARNING, INSECURE_WARNING.format(
+            endpoint=f"the network between the agents ({endpoint})" if endpoint
+            else "the network between the agents", what="impersonate the replica"))
         return ClientSecurity(insecure=True)
     public, secret, server_key = client_keys(security)
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_serverkey = server_key
-    log.info("replication channel: CURVE client with key %s, replica key %s",
-             public.decode(), server_key.decode())
+    _said.say("client", logging.INFO, f"replication channel: CURVE client with key {public.decode()}, "
+                                      f"replica key {server_key.decode()}")
     return ClientSecurity(insecure=False, public_key=public, server_key=server_key)
 
 

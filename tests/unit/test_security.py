@@ -19,11 +19,20 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from checkpointer.config import ConfigError, SecuritySection
-from checkpointer.security import (ZAP_DOMAIN, generate_keys, keys_main, load_authorized_keys,
-                                   load_key_pair, load_public_key, secure_client, secure_server)
+from checkpointer.security import (ZAP_DOMAIN, forget_setup_messages, generate_keys, keys_main,
+                                   load_authorized_keys, load_key_pair, load_public_key, secure_client,
+                                   secure_server)
 
 ARRIVE_MS = 5000        # an upper bound for a message that should arrive
 NEVER_MS = 500          # how long we watch for a message that must not arrive
+
+
+@pytest.fixture(autouse=True)
+def fresh_setup_messages():
+    """Each test sees the setup messages as a new process would (they are logged once per process)."""
+    forget_setup_messages()
+    yield
+    forget_setup_messages()
 
 
 @pytest.fixture
@@ -295,6 +304,48 @@ def test_insecure_mode_sets_nothing_and_says_so(ctx, caplog):
     assert server.recv_multipart()[1] == b"plain"
     srv.stop()
     cli.stop()
+
+
+def _security_records(caplog, level):
+    return [r.getMessage() for r in caplog.records if r.name == "colo.security" and r.levelno == level]
+
+
+def test_insecure_warning_once_while_the_primary_reconnects_and_again_when_it_changes(ctx, caplog):
+    insecure = SecuritySection(insecure=True)
+
+    def reconnect(endpoint=None):                 # what the primary does per connection attempt
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        secure_client(sock, insecure, endpoint)
+        sock.close()
+
+    with caplog.at_level(logging.DEBUG, logger="colo.security"):
+        for _ in range(20):
+            reconnect()
+        assert len(_security_records(caplog, logging.WARNING)) == 1
+        assert len(_security_records(caplog, logging.DEBUG)) == 19      # the repeats, out of sight
+        reconnect("tcp://10.0.0.2:7800")          # something changed: the replica's address
+        reconnect("tcp://10.0.0.2:7800")
+        warnings = _security_records(caplog, logging.WARNING)
+        assert len(warnings) == 2 and "tcp://10.0.0.2:7800" in warnings[1]
+        server = ctx.socket(zmq.ROUTER)           # the other side has its own warning
+        server.linger = 0
+        secure_server(server, ctx, insecure).stop()
+        assert len(_security_records(caplog, logging.WARNING)) == 3
+        secure_server(server, ctx, insecure).stop()
+        assert len(_security_records(caplog, logging.WARNING)) == 3
+
+
+def test_insecure_warning_comes_back_after_a_secure_setup(keys, ctx, caplog):
+    with caplog.at_level(logging.INFO, logger="colo.security"):
+        for security in (SecuritySection(insecure=True), client_section(keys), client_section(keys),
+                         SecuritySection(insecure=True)):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            secure_client(sock, security)
+            sock.close()
+    assert len(_security_records(caplog, logging.WARNING)) == 2
+    assert len([m for m in _security_records(caplog, logging.INFO) if "CURVE client" in m]) == 1
 
 
 # -- with the agents' asyncio sockets ------------------------------------------------------
