@@ -1,13 +1,18 @@
 """The primary agent: the asyncio shell around the epoch protocol.
 
-It owns the guest (a KvmMachine), the ZeroMQ socket to the replica, the
-staging pool, the encoder and the triggers, and it does what the sans-I/O
-PrimaryProtocol tells it: connect, sync, snapshot, send, release outputs,
-hold or resume the guest. Everything the protocol decides comes from events
-this shell feeds it (guest exits, frames, ticks of the clock).
+It owns the guest (a machine from ring.backend, built from the guest's spec),
+the ZeroMQ socket to the replica, and the parts that each do one job:
+triggers (checkpointer.triggers), the stop-the-world snapshot
+(checkpointer.snapshot), the encode-and-send pipeline (checkpointer.pipeline),
+the initial sync (checkpointer.sync), output commit (checkpointer.output),
+the control interface (checkpointer.control) and its figures
+(checkpointer.stats). It does what the sans-I/O PrimaryProtocol tells it;
+everything the protocol decides comes from events this shell feeds it (guest
+exits, frames, ticks of the clock). Supervision, dispatch and the status file
+are the shared agent runtime's (checkpointer.runtime).
 
 Threads: vCPUs run in their own threads and post their exits to the loop
-with call_soon_threadsafe; page batches are encoded in a thread pool (zstd
+with call_soon_threadsafe; large epochs are encoded in a thread pool (zstd
 and xxhash release the GIL); the stop-the-world snapshot runs on the loop
 (it is a few hundred microseconds, and nothing else may run during it).
 """
@@ -15,127 +20,42 @@ and xxhash release the GIL); the stop-the-world snapshot runs on the loop
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
-import json
 import logging
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import zmq
 import zmq.asyncio
-from tqdm import tqdm
 
 from ring.backend import open_machine
-from ring.dirty import DirtySet
-from ring.errors import ConfigError
-from ring.machine import KvmMachine, Machine
+from ring.machine import Machine
 from ring.stream import StreamDevice
-from scenarios.service import KVSTORE, write_service_params
 from ring.vcpus import Done, Event, Fault, Output, Progress, RingSoftFull
 
 from . import protocol as proto
 from . import wire
-from .codec import CodecError, EpochDigest, PageEncoder
-from .config import SERVICE_WORKLOAD, PrimaryAgentConfig, TriggerSection
-from .security import client_keys, secure_client
+from .codec import CodecError, PageEncoder
+from .config import PrimaryAgentConfig
+from .control import ControlServer
 from .output import OutputBuffer
-from .snapshot import Snapshot, Snapshotter, StagingPool, page_keys, staging_capacity
+from .pipeline import Pipeline
+from .runtime import Runtime, rss_mib, set_zmq_heartbeats
+from .security import client_keys, secure_client
+from .snapshot import Snapshot, Snapshotter, StagingPool, staging_capacity
+from .stats import CheckpointStats
+from .sync import InitialSync
+from .triggers import Triggers
 
 log = logging.getLogger("colo.primary")
 
 SWITCH_INTERVAL = 0.0002
-INLINE_ENCODE_PAGES = 32          # smaller epochs are encoded on the loop: a thread handoff costs more
-
-
-def set_zmq_heartbeats(socket: zmq.Socket, heartbeat_ms: int, timeout_ms: int) -> None:
-    """ZeroMQ's own heartbeats: a dead TCP peer is dropped even when nothing is sent."""
-    socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, heartbeat_ms))
-    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, timeout_ms))
-    socket.setsockopt(zmq.HEARTBEAT_TTL, max(100, timeout_ms))
-
-
-class Stats:
-    """Rolling figures for the status file and the log line."""
-
-    def __init__(self, window: int = 2048) -> None:
-        self.pause_us = collections.deque(maxlen=window)
-        self.parts_us: dict[str, collections.deque] = collections.defaultdict(
-            lambda: collections.deque(maxlen=window))
-        self.dirty_pages = collections.deque(maxlen=window)
-        self.epoch_times = collections.deque(maxlen=window)
-        self.raw_bytes = collections.deque(maxlen=window)
-        self.encoded_bytes = collections.deque(maxlen=window)
-        self.first_write_us = collections.deque(maxlen=window)
-        self.epochs = 0
-        self.reasons: collections.Counter[str] = collections.Counter()
-
-    def record(self, snapshot: Snapshot, raw: int, encoded: int) -> None:
-        now = time.monotonic()
-        self.epochs += 1
-        self.reasons[snapshot.reason] += 1
-        self.pause_us.append(snapshot.pause_ns / 1000)
-        for part, ns in snapshot.times_ns.items():
-            self.parts_us[part].append(ns / 1000)
-        self.dirty_pages.append(len(snapshot.keys))
-        self.epoch_times.append(now)
-        self.raw_bytes.append((now, raw))
-        self.encoded_bytes.append((now, encoded))
-
-    @staticmethod
-    def _pct(values, q: float) -> float:
-        return float(np.percentile(np.fromiter(values, float), q)) if values else 0.0
-
-    def summary(self, horizon: float = 5.0) -> dict:
-        now = time.monotonic()
-        recent = [t for t in self.epoch_times if now - t <= horizon]
-        span = min(horizon, now - recent[0]) if len(recent) > 1 else horizon
-        raw = sum(b for t, b in self.raw_bytes if now - t <= horizon)
-        encoded = sum(b for t, b in self.encoded_bytes if now - t <= horizon)
-        return {
-            "checkpoints_per_s": len(recent) / span if span > 0 else 0.0,
-            "pause_us_p50": self._pct(self.pause_us, 50),
-            "pause_us_p99": self._pct(self.pause_us, 99),
-            "dirty_pages_p50": self._pct(self.dirty_pages, 50),
-            "raw_mb_per_s": raw / span / 1e6 if span > 0 else 0.0,
-            "encoded_mb_per_s": encoded / span / 1e6 if span > 0 else 0.0,
-            "pause_parts_us_p50": {part: self._pct(values, 50) for part, values in self.parts_us.items()},
-        }
-
-
-def _rss_mib() -> float:
-    """This process's resident memory (for the status file: bounded under backpressure)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-async def status_loop(settings, figures: Callable[[], dict], log_line: Callable[[dict], None]) -> None:
-    """Both agents: the status file replaced every second, a log line every log_interval_s."""
-    last_log = time.monotonic()
-    while True:
-        await asyncio.sleep(min(1.0, settings.log_interval_s))
-        current = figures()
-        if settings.status_json:
-            write_status(settings.status_json, current)
-        if time.monotonic() - last_log >= settings.log_interval_s:
-            last_log = time.monotonic()
-            log_line(current)
-
-
-def write_status(path: str, status: dict) -> None:
-    """Replace the status file atomically (write a temporary file, then rename)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(status, handle, indent=1, sort_keys=True)
-    os.replace(temporary, path)
+PRIMARY_COMMANDS = (proto.Connect, proto.BeginSync, proto.HoldGuest, proto.DrainRings, proto.TakeSnapshot,
+                    proto.SendEpoch, proto.ReleaseOutputs, proto.ResumeGuest, proto.SendHeartbeat,
+                    proto.DropReplica, proto.Log)
 
 
 @dataclass
@@ -157,14 +77,15 @@ class PrimaryAgent:
         self.output_sink = output_sink or (lambda data: log.info("guest output: %r", data))
         if not config.security.insecure:
             client_keys(config.security)           # bad keys fail here, before a guest runs
-        guest = config.guest
+        guest, service = config.guest, config.service
+        self.spec = config.guest_spec()
         self.device: StreamDevice | None = None
-        if guest.workload == SERVICE_WORKLOAD:
+        if self.spec.is_service:
             # The service guest: its stream device's output goes through output commit.
-            self.device = StreamDevice(guest.service_host, guest.service_port, output=self._device_output)
-            self.machine = KvmMachine(guest.machine_config(), guest.workload_config(), program=str(KVSTORE),
-                                      ports=self.device.ports)
-            write_service_params(self.machine, guest.table_entries, guest.request_max)
+            self.device = StreamDevice(service.host, service.port, output=self._device_output)
+            self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend,
+                                        program=str(self.spec.program), ports=self.device.ports)
+            self.spec.write_params(self.machine, config.guest_params())
             self.device.attach(self.machine)
         else:
             self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend)
@@ -175,6 +96,7 @@ class PrimaryAgent:
             replica_timeout=replication.timeout_ms / 1000,
             max_interval=(config.triggers.max_interval_ms / 1000) or None,
         ))
+        self.runtime = Runtime(self, log, PRIMARY_COMMANDS)
         extra = max(replication.precopy_done_pages, config.triggers.dirty_pages, 1024)
         # One buffer per epoch that may await encoding (at most max_in_flight) plus one:
         # acquiring a buffer then never waits, and the loop never blocks on it.
@@ -182,27 +104,36 @@ class PrimaryAgent:
         self.snapshotter = Snapshotter(self.machine, self.pool)
         self.encoder = PageEncoder(cache_pages=replication.cache_pages, level=replication.zstd_level)
         self.executor = ThreadPoolExecutor(replication.encode_threads, thread_name_prefix="encode")
+        self.pipeline = Pipeline(self.encoder, self.pool, self.executor, replication.batch_pages)
+        self.sync = InitialSync(self.machine, self.snapshotter, self.pool, replication, self._feed,
+                                lambda: self.protocol.next_epoch)
+        self.output = OutputBuffer()
+        self.triggers = Triggers(config.triggers, self.protocol, self._feed, self.machine.tracker.fill,
+                                 self.output.pending_since)
+        self.stats = CheckpointStats()
         self.context = zmq.asyncio.Context()
         self.socket: zmq.asyncio.Socket | None = None
         self.writer: wire.FrameWriter | None = None
         self.guard: wire.FrameGuard | None = None
-        self.stats = Stats()
-        self.output = OutputBuffer()
+        self.control: ControlServer | None = None
         self._snapshots: dict[int, Snapshot] = {}
-        self._precopy: collections.deque = collections.deque()
-        self._send_lock = asyncio.Lock()
-        self._encoding: set[asyncio.Future] = set()
-        self._tasks: set[asyncio.Task] = set()
-        self._session_tasks: set[asyncio.Task] = set()
-        self._sync_leftover: DirtySet | None = None
-        self._syncing_dirty: DirtySet | None = None
-        self._output_trigger: asyncio.TimerHandle | None = None
-        self._stopping = asyncio.Event()
+        self._sending: set[asyncio.Task] = set()          # tasks sending an epoch (finished at a stop)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         self.guest_progress = 0
         self.held = 0                            # times backpressure held the guest
-        self.last_error: str | None = None
-        self.control_endpoint: str | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        return self.runtime.last_error
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        self.runtime.last_error = value
+
+    @property
+    def control_endpoint(self) -> str | None:
+        return self.control.endpoint if self.control is not None else None
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, duration: float | None = None) -> None:
@@ -211,59 +142,44 @@ class PrimaryAgent:
         # The snapshot drops the GIL at every ioctl and wait; with encoder threads running Python,
         # taking it back costs up to the switch interval (5 ms by default) each time.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.machine.set_event_sink(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
-        if self.device is not None:
-            await self.device.start()
-            log.info("the kvstore service listens on %s:%d", self.config.guest.service_host, self.device.port)
-        self.machine.start()
-        self._spawn(self._tick_loop())
-        self._spawn(self._dirty_watch_loop())
-        if self.config.primary.control:
-            self._spawn(self._control_loop(self.config.primary.control))
-        self._spawn(self._status_loop())
-        self._execute(self.protocol.handle(proto.Start(time.monotonic())))
+        loops = [self.triggers.tick_loop, self.triggers.dirty_watch_loop, self._status_loop]
         try:
-            if duration is None:
-                await self._stopping.wait()
-            else:
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), duration)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            await self._shutdown()
+            if self.config.primary.control:
+                self.control = ControlServer(
+                    self.context, self.config.primary.control, status=self.status,
+                    get_triggers=lambda: dataclasses.asdict(self.triggers.settings),
+                    set_triggers=self.set_triggers, reset_stats=self._reset_stats)
+                loops.append(self.control.serve)
+            self.machine.set_event_sink(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
+            if self.device is not None:
+                await self.device.start()
+                log.info("the %s service listens on %s:%d", self.spec.name, self.config.service.host,
+                         self.device.port)
+            self.machine.start()
+        except BaseException:
+            await self._close()
+            raise
+        loops.append(self._start)
+        await self.runtime.run(loops, self._shutdown, duration)
+
+    async def _start(self) -> None:
+        self._feed(proto.Start(time.monotonic()))
 
     def stop(self) -> None:
-        self._stopping.set()
-
-    def _spawn(self, coroutine, session: bool = False) -> asyncio.Task:
-        task = asyncio.ensure_future(coroutine)
-        (self._session_tasks if session else self._tasks).add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        self._session_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("agent task failed: %r", exc, exc_info=exc)
-            self.last_error = repr(exc)
-            self._stopping.set()
+        self.runtime.stop()
 
     async def _shutdown(self) -> None:
         """Stop cleanly: no new epochs, let the ones being sent finish, say BYE, flush it, close."""
-        for task in list(self._tasks):          # no more ticks, triggers or status writes
-            task.cancel()
-        if not self.machine._closed and self.machine.runner.started:
-            self.machine.pause()                # and no more guest events
+        if self._closed:
+            return
+        self.triggers.cancel()
+        if not self.machine._closed and self.machine.runner is not None and self.machine.runner.started:
+            self.machine.pause()                # no more guest events
         socket, writer = self.socket, self.writer
-        sending = [t for t in self._session_tasks if getattr(t, "sends_epoch", False)]
+        sending = [t for t in self._sending if not t.done()]
         if socket is not None and sending:
             await asyncio.wait(sending, timeout=2.0)
-        for task in list(self._tasks | self._session_tasks):
-            task.cancel()                       # an epoch still half-sent is discarded by the replica
-        await asyncio.gather(*self._tasks, *self._session_tasks, return_exceptions=True)
+        await self.runtime.cancel_all()         # an epoch still half-sent is discarded by the replica
         if socket is not None and writer is not None and socket is self.socket:
             try:                                # the lock is free now: every sender was cancelled
                 await asyncio.wait_for(socket.send_multipart(
@@ -272,7 +188,13 @@ class PrimaryAgent:
                 self.socket = None
             except (asyncio.TimeoutError, zmq.ZMQError):
                 pass
+        await self._close()
+
+    async def _close(self) -> None:
+        self._closed = True
         self._close_socket()
+        if self.control is not None:
+            self.control.socket.close(linger=0)
         self.executor.shutdown(wait=True)
         if self.device is not None:
             self.device.close()
@@ -280,16 +202,9 @@ class PrimaryAgent:
         self.context.term()
 
     # -- commands ----------------------------------------------------------------
-    def _execute(self, commands: list[proto.Command]) -> None:
-        for command in commands:
-            handler = getattr(self, f"_do_{type(command).__name__}")
-            handler(command)
-
     def _feed(self, event: proto.PrimaryEvent) -> None:
-        self._execute(self.protocol.handle(event))
-
-    def _do_Log(self, command: proto.Log) -> None:
-        getattr(log, command.level if command.level != "debug" else "debug")(command.message)
+        if not self._closed:
+            self.runtime.execute(self.protocol.handle(event))
 
     def _do_Connect(self, command: proto.Connect) -> None:
         self._close_socket()
@@ -303,17 +218,19 @@ class PrimaryAgent:
         self.socket = socket
         self.writer = wire.FrameWriter()
         self.guard = wire.FrameGuard(session=self.writer.session, accept=wire.REPLICA_KINDS)
-        self._spawn(self._recv_loop(socket), session=True)
+        self.runtime.spawn(self._recv_loop(socket), session=True)
         hello = wire.Hello(versions=list(wire.SUPPORTED_VERSIONS), session=self.writer.session,
                            slots=[wire.SlotLayout(s.spec.slot, s.spec.guest_phys_addr, s.spec.size)
                                   for s in self.machine.memory.slots.values()],
                            vcpus=self.machine.config.vcpus, page_size=4096, agent="colo-ring primary")
         writer = self.writer
-        self._spawn(self._send(lambda: writer.message(hello)), session=True)
+        self.runtime.spawn(self.pipeline.send_one(self._socket, lambda: writer.message(hello)), session=True)
+
+    def _socket(self) -> zmq.asyncio.Socket | None:
+        return self.socket
 
     def _close_socket(self) -> None:
-        for task in list(self._session_tasks):
-            task.cancel()
+        self.runtime.cancel_session()
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
@@ -324,9 +241,7 @@ class PrimaryAgent:
         for snapshot in self._snapshots.values():
             self.pool.release(snapshot.buffer)
         self._snapshots.clear()
-        while self._precopy:
-            self.pool.release(self._precopy.popleft()[2])
-        self._sync_leftover = self._syncing_dirty = None
+        self.sync.drop()
 
     def _do_ReleaseOutputs(self, command: proto.ReleaseOutputs) -> None:
         self.output.release(command.upto)
@@ -341,9 +256,8 @@ class PrimaryAgent:
         self.output.hold(self.protocol.next_epoch, send, data)
         if not self.protocol.checkpointing:
             self.output.release(None)             # unprotected: nothing to wait for
-        elif self.config.triggers.output and self._output_trigger is None:
-            self._output_trigger = self._loop.call_later(
-                self.config.triggers.output_delay_ms / 1000, self._fire_output_trigger)
+        else:
+            self.triggers.output_produced()
 
     def _do_HoldGuest(self, command: proto.HoldGuest) -> None:
         self.held += 1
@@ -352,106 +266,59 @@ class PrimaryAgent:
     def _do_ResumeGuest(self, command: proto.ResumeGuest) -> None:
         self.machine.resume()
 
+    def _do_DrainRings(self, command: proto.DrainRings) -> None:
+        self.machine.pause()
+        try:
+            dirty = self.machine.harvest()
+        finally:
+            self.machine.resume()
+        if command.keep:
+            self.sync.keep(dirty)
+
     def _do_SendHeartbeat(self, command: proto.SendHeartbeat) -> None:
-        if self.socket is not None and not self._send_lock.locked():
+        if self.socket is not None and not self.pipeline.lock.locked():
             writer = self.writer
-            self._spawn(self._send(lambda: writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.next_epoch)),
-                        session=True)
+            self.runtime.spawn(self.pipeline.send_one(
+                self._socket, lambda: writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.next_epoch)),
+                session=True)
 
     def _do_BeginSync(self, command: proto.BeginSync) -> None:
-        self._spawn(self._sync(), session=True)
+        self.runtime.spawn(self._sync(), session=True)
+
+    async def _sync(self) -> None:
+        await self.pipeline.idle()                # an encode of the old session may still run
+        self.encoder.reset()                      # the new replica has nothing we sent before
+        await self.sync.run()
 
     def _do_TakeSnapshot(self, command: proto.TakeSnapshot) -> None:
-        extra = None
-        if command.final_sync:
-            extra, self._sync_leftover = self._sync_leftover, None
-            if self._syncing_dirty is not None:
-                extra = self._syncing_dirty if extra is None else extra.merged(self._syncing_dirty)
-                self._syncing_dirty = None
+        extra = self.sync.take_leftover() if command.final_sync else None
         device_state = self.device.device_state if self.device is not None else (lambda: b"")
         snapshot = self.snapshotter.take(command.epoch, command.reason, extra, device_state=device_state,
                                          while_paused=self.hooks.on_snapshot)
         self._snapshots[command.epoch] = snapshot
 
     def _do_SendEpoch(self, command: proto.SendEpoch) -> None:
-        task = self._spawn(self._send_epoch(command.epoch), session=True)
-        task.sends_epoch = True
+        task = self.runtime.spawn(self._send_epoch(command.epoch, command.consistent), session=True)
+        if task is not None:
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     # -- sending -------------------------------------------------------------------
-    async def _send(self, build: Callable[[], list]) -> None:
-        """Send one frame, built (and so numbered) only now, in sending order."""
-        socket = self.socket
-        if socket is None:
-            return
-        async with self._send_lock:
-            if socket is self.socket:
-                await socket.send_multipart(build(), copy=False)
-
-    async def _send_epoch(self, epoch: int) -> None:
-        """Encode one epoch in the pool and send its frames in order (one epoch at a time)."""
-        async with self._send_lock:
-            snapshot = self._snapshots.pop(epoch, None)
-            if snapshot is None:                                   # a pre-copy epoch
-                keys, pages, buffer = self._precopy.popleft()
-                snapshot = Snapshot(epoch, "precopy", keys, pages, buffer, [], b"", False)
+    async def _send_epoch(self, epoch: int, consistent: bool) -> None:
+        """Encode one epoch and send its frames in order (one epoch at a time)."""
+        async with self.pipeline.lock:
+            if consistent:
+                snapshot = self._snapshots.pop(epoch)
+            else:                                                  # a pre-copy batch
+                keys, pages, buffer = self.sync.pop_batch()
+                snapshot = Snapshot(epoch, proto.EpochReason.SYNC, keys, pages, buffer, [], b"", False)
             try:
-                if len(snapshot.keys) <= INLINE_ENCODE_PAGES:    # a thread handoff costs more
-                    try:
-                        frames, raw, encoded = self._encode_epoch(snapshot)
-                    finally:
-                        self.pool.release(snapshot.buffer)
-                else:
-                    future = self._loop.run_in_executor(self.executor, self._encode_epoch, snapshot)
-                    # The thread goes on even if this task is cancelled: the buffer goes back to
-                    # the pool, and a new session may reset the encoder, only once it is done.
-                    self._encoding.add(future)
-                    future.add_done_callback(self._encoding.discard)
-                    future.add_done_callback(lambda _, buffer=snapshot.buffer: self.pool.release(buffer))
-                    frames, raw, encoded = await asyncio.shield(future)
+                encoded = await self.pipeline.encode(snapshot)
                 if snapshot.consistent:
-                    self.stats.record(snapshot, raw, encoded)
-                socket, writer = self.socket, self.writer
-                for step, *item in frames:
-                    if socket is None or socket is not self.socket:
-                        return
-                    if len(item) == 1:
-                        parts = writer.message(item[0])
-                    else:
-                        kind, count, payload = item
-                        parts = writer.frame(kind, epoch=epoch, count=count, payload=payload)
-                    await socket.send_multipart(parts, copy=False)
-                    if self.hooks.on_frame_sent is not None:
-                        self.hooks.on_frame_sent(epoch, int.from_bytes(bytes(parts[0][6:8]), "little"), step)
+                    self.stats.record(snapshot, encoded.raw_bytes, encoded.encoded_bytes)
+                await self.pipeline.send(self._socket, self.writer, encoded, self.hooks.on_frame_sent)
             except (zmq.ZMQError, CodecError, wire.WireError) as exc:
                 self._feed(proto.SendFailed(time.monotonic(), f"epoch {epoch}: {exc!r}"))
-
-    def _encode_epoch(self, snapshot: Snapshot) -> tuple[list, int, int]:
-        """Runs in a worker thread: batches, digest, and every frame of the epoch."""
-        batch = self.config.replication.batch_pages
-        keys, pages = snapshot.keys, snapshot.pages
-        digest = EpochDigest()
-        batches = []
-        for start in range(0, len(keys), batch):               # a loop per batch, not per page
-            encoded = self.encoder.encode(keys[start:start + batch], pages[start:start + batch])
-            digest.update_pages(keys[start:start + batch], pages[start:start + batch])
-            batches.append(encoded)
-        vcpu_bytes = wire.pack_vcpu_states(snapshot.vcpus) if snapshot.consistent else b""
-        digest.update_bytes(vcpu_bytes)
-        digest.update_bytes(snapshot.device)
-        epoch = snapshot.epoch
-        raw = int(sum(b.raw_bytes for b in batches))
-        encoded_total = int(sum(b.encoded_bytes for b in batches))
-        reason = "sync" if snapshot.reason == "precopy" else snapshot.reason   # SYNC flag: pre-copy
-        # (step, message) or (step, kind, count, payload): headers are stamped when sent
-        frames: list[tuple] = [("begin", wire.EpochBegin(epoch, reason, len(keys), len(batches),
-                                                         not snapshot.consistent))]
-        for encoded in batches:
-            frames.append(("pages", wire.Kind.PAGES, len(encoded.keys), encoded.payload))
-        if snapshot.consistent:
-            frames.append(("vcpu", wire.Kind.VCPU_STATE, len(snapshot.vcpus), vcpu_bytes))
-            frames.append(("device", wire.Kind.DEVICE_STATE, 0, snapshot.device))
-        frames.append(("end", wire.EpochEnd(epoch, digest.digest(), len(keys), len(batches), raw)))
-        return frames, raw, encoded_total
 
     # -- receiving -------------------------------------------------------------------
     async def _recv_loop(self, socket: zmq.asyncio.Socket) -> None:
@@ -484,11 +351,10 @@ class PrimaryAgent:
 
     # -- the guest -----------------------------------------------------------------
     def _on_guest_event(self, event: Event) -> None:
+        if self._closed:
+            return                                # queued by a vCPU thread before the machine closed
         if isinstance(event, RingSoftFull):
-            if self.protocol.checkpointing:
-                self._feed(proto.Trigger(time.monotonic(), "ring_full"))
-            else:
-                self._drain_rings()
+            self._feed(proto.Trigger(time.monotonic(), proto.EpochReason.RING_FULL))
         elif isinstance(event, Progress):
             self.guest_progress = sum(self.machine.progress_all())
         elif isinstance(event, Output):
@@ -496,139 +362,28 @@ class PrimaryAgent:
         elif isinstance(event, (Done, Fault)):
             log.error("the guest stopped: %s", event)
             self.last_error = repr(event)
-            self._stopping.set()
+            self.stop()
 
-    def _fire_output_trigger(self) -> None:
-        self._output_trigger = None
-        if self.output.pending_since(self.protocol.next_epoch):
-            self._feed(proto.Trigger(time.monotonic(), "output"))
-
-    def _drain_rings(self) -> None:
-        """Unprotected or syncing: harvest so the vCPUs go on; keep the set while syncing."""
-        self.machine.pause()
-        dirty = self.machine.harvest()
-        if self.protocol.held_reason in (None, "sync"):      # else the protocol holds the guest
-            self.machine.resume()
-        if self.protocol.mode is proto.PrimaryMode.SYNCING:
-            self._syncing_dirty = dirty if self._syncing_dirty is None else self._syncing_dirty.merged(dirty)
-
-    async def _sync(self) -> None:
-        """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy)."""
-        if self._encoding:                           # an encode of the old session still runs
-            await asyncio.wait(list(self._encoding))
-        self.encoder.reset()                         # the new replica has nothing we sent before
-        self._syncing_dirty = None
-        self._drain_rings()                          # tracking starts now: everything else is resident
-        self._syncing_dirty = None
-        keys = np.concatenate([(np.uint64(slot) << np.uint64(40)) | memory.resident_pages()
-                               for slot, memory in sorted(self.machine.memory.slots.items())])
-        log.info("sync: %d resident pages (%.1f MiB) to copy", len(keys), len(keys) * 4096 / 2**20)
-        bar = tqdm(total=len(keys), unit="page", desc="initial sync", file=sys.stderr, leave=False,
-                   disable=not sys.stderr.isatty())
-        try:
-            await self._precopy_rounds(keys, bar)
-        finally:
-            bar.close()
-
-    async def _precopy_rounds(self, keys: np.ndarray, bar) -> None:
-        replication = self.config.replication
-        for round_number in range(replication.precopy_max_rounds):
-            if round_number:
-                bar.total += len(keys)
-                bar.set_description(f"sync round {round_number + 1}")
-            for start in range(0, len(keys), replication.precopy_epoch_pages):
-                chunk = keys[start:start + replication.precopy_epoch_pages]
-                while len(self._precopy) >= 1 or self.pool.free == 0:
-                    await asyncio.sleep(0.001)       # backpressure: wait for the previous batch to go
-                pages, buffer = self.snapshotter.read_pages(chunk)
-                self._precopy.append((chunk, pages, buffer))
-                self._feed(proto.PrecopyReady(time.monotonic()))
-                bar.update(len(chunk))
-            self._drain_rings()
-            pending, self._syncing_dirty = self._syncing_dirty, None
-            keys = page_keys(pending) if pending is not None else np.empty(0, dtype=np.uint64)
-            log.info("sync: round %d left %d dirty pages", round_number + 1, len(keys))
-            if len(keys) <= replication.precopy_done_pages:
-                self._sync_leftover = pending
-                break
-        else:
-            self._sync_leftover = DirtySet.from_entries(keys >> np.uint64(40),
-                                                        keys & np.uint64((1 << 40) - 1))
-        while self._precopy:
-            await asyncio.sleep(0.001)
-        self._feed(proto.SyncRoundsDone(time.monotonic(), self.protocol.next_epoch - 1))
-
-    # -- clocks ------------------------------------------------------------------------
-    async def _tick_loop(self) -> None:
-        config = self.protocol.config
-        while True:                              # (re-read: the interval may change at run time)
-            await asyncio.sleep(min(config.heartbeat_interval, config.max_interval or 1.0) / 4)
-            self._feed(proto.Tick(time.monotonic()))
-
+    # -- run-time settings and figures -------------------------------------------------
     def set_triggers(self, changes: dict) -> dict:
         """Change [triggers] settings while running (the control interface); returns them all.
 
         The new values go through the same checks as the config file: a bad one raises
         ConfigError naming it, and nothing changes.
         """
-        known = {f.name for f in dataclasses.fields(TriggerSection)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ConfigError(f"unknown [triggers] setting(s) {', '.join(unknown)}: the control interface "
-                              f"changes {', '.join(sorted(known))}")
-        triggers = dataclasses.replace(self.config.triggers, **changes)     # validates
+        triggers = self.triggers.change(changes)
         self.config = dataclasses.replace(self.config, triggers=triggers)
-        self.protocol.config.max_interval = (triggers.max_interval_ms / 1000) or None
-        log.warning("triggers changed at run time: %s", changes)
         return dataclasses.asdict(triggers)
 
-    async def _control_loop(self, endpoint: str) -> None:
-        """JSON requests on a REP socket: {"get": "triggers"} or {"set": {"dirty_pages": 512, ...}}."""
-        socket = self.context.socket(zmq.REP)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.bind(endpoint[:-2] + ":*" if endpoint.endswith(":0") else endpoint)
-        self.control_endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("control interface on %s", self.control_endpoint)
-        try:
-            while True:
-                raw = await socket.recv()
-                try:
-                    request = json.loads(raw)
-                    if not isinstance(request, dict):
-                        raise ConfigError("a request is a JSON object")
-                    if "set" in request:
-                        if not isinstance(request["set"], dict):
-                            raise ConfigError('"set" takes an object of [triggers] settings')
-                        reply = {"ok": True, "triggers": self.set_triggers(request["set"])}
-                    elif request.get("get") == "triggers":
-                        reply = {"ok": True, "triggers": dataclasses.asdict(self.config.triggers)}
-                    elif request.get("get") == "status":
-                        reply = {"ok": True, "status": self.status()}
-                    elif request.get("reset") == "stats":     # measure a new setting from scratch
-                        self.stats = Stats()
-                        self.output.latency_us.clear()
-                        reply = {"ok": True}
-                    else:
-                        raise ConfigError('expected {"get": "triggers" | "status"}, {"reset": "stats"} '
-                                          'or {"set": {...}}')
-                except (ValueError, TypeError) as exc:          # ConfigError is a ValueError
-                    reply = {"ok": False, "error": str(exc)}
-                await socket.send(json.dumps(reply).encode())
-        finally:
-            socket.close(linger=0)
-
-    async def _dirty_watch_loop(self) -> None:
-        while True:                              # settings re-read: they may change at run time
-            triggers = self.config.triggers
-            await asyncio.sleep(triggers.poll_us / 1e6 if triggers.dirty_pages else 0.05)
-            threshold = self.config.triggers.dirty_pages
-            if threshold and self.protocol.checkpointing and self.protocol.held_reason is None \
-                    and self.machine.tracker.fill() >= threshold:
-                self._feed(proto.Trigger(time.monotonic(), "dirty_threshold"))
+    def _reset_stats(self) -> None:
+        """Measure a new setting from scratch (colo-tune)."""
+        self.stats = CheckpointStats()
+        self.output.latency_us.clear()
 
     def status(self) -> dict:
         summary = self.stats.summary()
         self.guest_progress = sum(self.machine.progress_all()) if not self.machine._closed else 0
+        latency = self.output.latency_percentiles()
         return {
             "role": "primary",
             "mode": self.protocol.mode.value,
@@ -642,10 +397,10 @@ class PrimaryAgent:
             "reasons": dict(self.stats.reasons),
             "released_output_bytes": self.output.released_bytes,
             "held_output_bytes": self.output.held_bytes,
-            "output_latency_us_p50": self.output.latency_percentiles()[0],
-            "output_latency_us_p99": self.output.latency_percentiles()[1],
+            "output_latency_us_p50": latency[0],
+            "output_latency_us_p99": latency[1],
             "held": self.held,
-            "rss_mib": _rss_mib(),
+            "rss_mib": rss_mib(),
             "last_error": self.last_error,
             **summary,
         }
@@ -659,4 +414,4 @@ class PrimaryAgent:
                  figures["guest_progress"])
 
     async def _status_loop(self) -> None:
-        await status_loop(self.config.status, self.status, self._log_line)
+        await self.runtime.status_loop(self.config.status, self.status, self._log_line)

@@ -37,6 +37,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .frames import EpochReason, RefuseReason
+from .wire import UnsupportedVersion, negotiate_version
+
+
+class LogLevel(str, Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class PartKind(str, Enum):
+    """The frames of an epoch between its BEGIN and its END."""
+
+    PAGES = "pages"
+    VCPU = "vcpu"
+    DEVICE = "device"
+
 # ---------------------------------------------------------------------------
 # primary: events
 
@@ -61,9 +79,13 @@ class Welcomed(PrimaryEvent):
 
 @dataclass(frozen=True)
 class Trigger(PrimaryEvent):
-    """A checkpoint trigger fired: ring_full, dirty_threshold or output."""
+    """A checkpoint trigger fired (the interval trigger is raised here, from Tick).
 
-    reason: str
+    A full ring while nothing is checkpointed (unprotected, or a sync before its final
+    copy) becomes DrainRings: the vCPU must go on, and a sync keeps what it dirtied.
+    """
+
+    reason: EpochReason
 
 
 @dataclass(frozen=True)
@@ -133,17 +155,32 @@ class HoldGuest(Command):
 
 
 @dataclass(frozen=True)
+class DrainRings(Command):
+    """Nothing is checkpointed now: harvest the rings so the vCPUs go on, and resume the guest.
+
+    keep: a sync is running, so the harvested pages must be copied again (merged into the
+    sync's dirty set); otherwise (unprotected) they are dropped.
+    """
+
+    keep: bool
+
+
+@dataclass(frozen=True)
 class TakeSnapshot(Command):
     """Pause (if running), harvest, gather, capture state, resume: epoch `epoch` is closed."""
 
     epoch: int
-    reason: str
+    reason: EpochReason
     final_sync: bool = False
 
 
 @dataclass(frozen=True)
 class SendEpoch(Command):
+    """Encode and send epoch `epoch`; consistent: a checkpoint (vCPU and device state), not a
+    pre-copy batch of pages gathered while the guest ran."""
+
     epoch: int
+    consistent: bool = True
 
 
 @dataclass(frozen=True)
@@ -172,7 +209,7 @@ class DropReplica(Command):
 
 @dataclass(frozen=True)
 class Log(Command):
-    level: str
+    level: LogLevel
     message: str
 
 
@@ -201,7 +238,8 @@ class PrimaryProtocol:
     next_epoch: int = 1                 # the epoch the guest is running in now
     acked_epoch: int = 0
     in_flight: list[int] = field(default_factory=list)
-    held_reason: str | None = None      # a trigger waiting for a free place ("sync": the final copy)
+    held_trigger: EpochReason | None = None   # a trigger waiting for a free place (the guest is held)
+    final_sync_waiting: bool = False    # the final stop-and-copy waiting for a free place
     precopy_waiting: bool = False       # a gathered pre-copy batch waiting for a free place
     final_sync_epoch: int | None = None
     session: int = 0
@@ -210,11 +248,17 @@ class PrimaryProtocol:
     last_sent: float = 0.0
     last_snapshot: float = 0.0
     last_connect: float = float("-inf")
-    epoch_reasons: dict[int, str] = field(default_factory=dict)
+    epoch_reasons: dict[int, EpochReason] = field(default_factory=dict)   # epochs in flight
+    precopy_epochs: set[int] = field(default_factory=set)                  # of those, pre-copy ones
 
     @property
     def protected(self) -> bool:
         return self.mode is PrimaryMode.PROTECTED
+
+    @property
+    def guest_held(self) -> bool:
+        """HoldGuest was issued and no snapshot or ResumeGuest has let the guest go since."""
+        return self.held_trigger is not None
 
     @property
     def checkpointing(self) -> bool:
@@ -239,27 +283,28 @@ class PrimaryProtocol:
 
     def _on_Start(self, event: Start) -> list[Command]:
         if self.mode is not PrimaryMode.IDLE:
-            return [Log("warning", "start received twice: ignored")]
+            return [Log(LogLevel.WARNING, "start received twice: ignored")]
         self.last_snapshot = event.now
-        return [Log("warning", "guest running UNPROTECTED until a replica has synced"),
+        return [Log(LogLevel.WARNING, "guest running UNPROTECTED until a replica has synced"),
                 ReleaseOutputs(None)] + self._connect(event.now)
 
     def _on_Welcomed(self, event: Welcomed) -> list[Command]:
         if self.mode is not PrimaryMode.CONNECTING:
-            return [Log("warning", f"unexpected WELCOME in mode {self.mode.value}: ignored")]
+            return [Log(LogLevel.WARNING, f"unexpected WELCOME in mode {self.mode.value}: ignored")]
         self.mode = PrimaryMode.SYNCING
         self.last_heard = event.now
         self.in_flight.clear()
-        self.held_reason = None
+        self.held_trigger = None
+        self.final_sync_waiting = False
         self.precopy_waiting = False
         self.final_sync_epoch = None
-        return [Log("info", f"replica welcomed us (protocol v{event.version}); full sync from "
+        return [Log(LogLevel.INFO, f"replica welcomed us (protocol v{event.version}); full sync from "
                             f"epoch {self.next_epoch}"), BeginSync(self.next_epoch)]
 
     def _on_PrecopyReady(self, event: "PrecopyReady") -> list[Command]:
         """The shell gathered a pre-copy batch of pages (guest running): number it and send it."""
         if self.mode is not PrimaryMode.SYNCING:
-            return [Log("warning", "pre-copy outside a sync: ignored")]
+            return [Log(LogLevel.WARNING, "pre-copy outside a sync: ignored")]
         if len(self.in_flight) >= self.config.max_in_flight:
             self.precopy_waiting = True          # sent when an ack frees a place
             return []
@@ -269,25 +314,26 @@ class PrimaryProtocol:
         epoch = self.next_epoch
         self.next_epoch += 1
         self.in_flight.append(epoch)
-        self.epoch_reasons[epoch] = "precopy"
+        self.epoch_reasons[epoch] = EpochReason.SYNC
+        self.precopy_epochs.add(epoch)
         self.last_sent = now
-        return [SendEpoch(epoch)]
+        return [SendEpoch(epoch, consistent=False)]
 
     def _on_SyncRoundsDone(self, event: SyncRoundsDone) -> list[Command]:
         if self.mode is not PrimaryMode.SYNCING or self.final_sync_epoch is not None \
-                or self.held_reason is not None:
-            return [Log("warning", "sync rounds done outside a sync: ignored")]
+                or self.final_sync_waiting:
+            return [Log(LogLevel.WARNING, "sync rounds done outside a sync: ignored")]
         if len(self.in_flight) >= self.config.max_in_flight:
-            self.held_reason = "sync"
+            self.final_sync_waiting = True       # taken when an ack frees a place
             return []
         return self._final_sync(event.now)
 
     def _final_sync(self, now: float) -> list[Command]:
         self.final_sync_epoch = self.next_epoch
-        return self._snapshot(now, "sync", final_sync=True)
+        return self._snapshot(now, EpochReason.SYNC, final_sync=True)
 
     # -- epochs ----------------------------------------------------------------
-    def _snapshot(self, now: float, reason: str, final_sync: bool = False) -> list[Command]:
+    def _snapshot(self, now: float, reason: EpochReason, final_sync: bool = False) -> list[Command]:
         epoch = self.next_epoch
         self.next_epoch += 1
         self.in_flight.append(epoch)
@@ -297,19 +343,21 @@ class PrimaryProtocol:
         return [TakeSnapshot(epoch, reason, final_sync), SendEpoch(epoch)]
 
     def _on_Trigger(self, event: Trigger) -> list[Command]:
-        if not self.checkpointing:
-            return []                   # unprotected: nothing to checkpoint to (the shell harvests)
-        if self.held_reason is not None:
+        if not self.checkpointing:      # nothing to checkpoint to: a full ring must still be emptied
+            if event.reason == EpochReason.RING_FULL:
+                return [DrainRings(keep=self.mode is PrimaryMode.SYNCING)]
+            return []
+        if self.held_trigger is not None:
             return []                   # already held: one snapshot will cover it
         if len(self.in_flight) >= self.config.max_in_flight:
-            self.held_reason = event.reason
+            self.held_trigger = event.reason
             return [HoldGuest(f"{len(self.in_flight)} epochs await their ack")]
         return self._snapshot(event.now, event.reason)
 
     def _on_Acked(self, event: Acked) -> list[Command]:
         self.last_heard = event.now
         if event.epoch <= self.acked_epoch:
-            return [Log("debug", f"duplicate ack for epoch {event.epoch}")]
+            return [Log(LogLevel.DEBUG, f"duplicate ack for epoch {event.epoch}")]
         if event.epoch not in self.in_flight:
             return self._lose(event.now, f"replica acknowledged epoch {event.epoch}, which was never "
                                          f"sent (in flight: {self.in_flight})")
@@ -317,11 +365,12 @@ class PrimaryProtocol:
         self.in_flight = [e for e in self.in_flight if e > event.epoch]
         for epoch in [e for e in self.epoch_reasons if e <= event.epoch]:
             del self.epoch_reasons[epoch]
+            self.precopy_epochs.discard(epoch)
         commands: list[Command] = []
         if self.mode is PrimaryMode.SYNCING and self.final_sync_epoch is not None \
                 and event.epoch >= self.final_sync_epoch:
             self.mode = PrimaryMode.PROTECTED
-            commands.append(Log("info", f"protected: the replica committed the full sync "
+            commands.append(Log(LogLevel.INFO, f"protected: the replica committed the full sync "
                                         f"(epoch {event.epoch})"))
         if self.mode is PrimaryMode.PROTECTED:
             commands.append(ReleaseOutputs(event.epoch))
@@ -329,11 +378,11 @@ class PrimaryProtocol:
             if self.precopy_waiting:
                 self.precopy_waiting = False
                 commands += self._precopy(event.now)
-            elif self.held_reason == "sync":
-                self.held_reason = None
+            elif self.final_sync_waiting:
+                self.final_sync_waiting = False
                 commands += self._final_sync(event.now)
-            elif self.held_reason is not None:
-                reason, self.held_reason = self.held_reason, None
+            elif self.held_trigger is not None:
+                reason, self.held_trigger = self.held_trigger, None
                 commands += self._snapshot(event.now, reason)
         return commands
 
@@ -351,17 +400,18 @@ class PrimaryProtocol:
     def _lose(self, now: float, reason: str) -> list[Command]:
         was_protected = self.mode is PrimaryMode.PROTECTED
         commands: list[Command] = [DropReplica(reason)]
-        if self.held_reason is not None:
-            if self.held_reason != "sync":
-                commands.append(ResumeGuest())
-            self.held_reason = None
+        if self.held_trigger is not None:
+            commands.append(ResumeGuest())
+            self.held_trigger = None
+        self.final_sync_waiting = False
         self.precopy_waiting = False
         self.in_flight.clear()
         self.epoch_reasons.clear()
+        self.precopy_epochs.clear()
         self.final_sync_epoch = None
         self.mode = PrimaryMode.CONNECTING
         self.last_connect = now
-        commands.append(Log("error", f"replica lost ({reason}): guest running UNPROTECTED"
+        commands.append(Log(LogLevel.ERROR, f"replica lost ({reason}): guest running UNPROTECTED"
                                      + ("" if was_protected else " (it was not yet protected)")))
         commands.append(ReleaseOutputs(None))
         return commands
@@ -380,15 +430,14 @@ class PrimaryProtocol:
             return self._lose(now, f"no word from the replica for {now - self.last_heard:.3f} s "
                                    f"(timeout {config.replica_timeout} s)")
         if self.mode is PrimaryMode.PROTECTED and config.max_interval is not None \
-                and now - self.last_snapshot >= config.max_interval and self.held_reason is None:
-            commands += self._on_Trigger(Trigger(now, "interval"))
+                and now - self.last_snapshot >= config.max_interval and self.held_trigger is None:
+            commands += self._on_Trigger(Trigger(now, EpochReason.INTERVAL))
         if now - self.last_sent >= config.heartbeat_interval:
             self.last_sent = now
             commands.append(SendHeartbeat())
         return commands
 
 
-# ---------------------------------------------------------------------------
 # replica: events
 
 
@@ -413,11 +462,12 @@ class EpochBegin(ReplicaEvent):
 
 @dataclass(frozen=True)
 class EpochPart(ReplicaEvent):
-    """A PAGES, VCPU_STATE or DEVICE_STATE frame of an epoch (already decoded into staging)."""
+    """A PAGES, VCPU_STATE or DEVICE_STATE frame of an epoch arrived (decoded and checked, not
+    staged): the protocol answers StagePart if it belongs to the open epoch."""
 
     epoch: int
-    kind: str                 # "pages", "vcpu", "device"
-    pages: int = 0
+    kind: PartKind
+    pages: int = 0            # PAGES: the batch's page count (the frame's count)
 
 
 @dataclass(frozen=True)
@@ -438,9 +488,11 @@ class Verified(ReplicaEvent):
 
 @dataclass(frozen=True)
 class BadFrame(ReplicaEvent):
-    """A frame failed to decode, verify or stage (checksum, replay, order, hostile content)."""
+    """A frame of our primary failed to decode, verify or stage (checksum, replay, order,
+    hostile content). `code` is the refusal the primary is sent."""
 
     reason: str
+    code: RefuseReason = RefuseReason.BAD_FRAME
 
 
 @dataclass(frozen=True)
@@ -467,6 +519,14 @@ class PrimaryLeft(ReplicaEvent):
 
 
 @dataclass(frozen=True)
+class AdoptSession(Command):
+    """The HELLO being handled is our primary's from now on: answer that peer, and start from
+    an empty standby (a sync sends only the pages the new guest has, so nothing old may stay)."""
+
+    session: int
+
+
+@dataclass(frozen=True)
 class SendWelcome(Command):
     version: int
     committed_epoch: int
@@ -474,13 +534,24 @@ class SendWelcome(Command):
 
 @dataclass(frozen=True)
 class SendRefuse(Command):
-    reason: str
+    """Refuse the sender of the frame being handled (the adopted primary, or a new HELLO's peer)."""
+
+    code: RefuseReason
+    detail: str
 
 
 @dataclass(frozen=True)
 class OpenStaging(Command):
     epoch: int
     pages: int
+
+
+@dataclass(frozen=True)
+class StagePart(Command):
+    """Stage the frame being handled into the open epoch (a StagingError becomes BadFrame)."""
+
+    epoch: int
+    kind: PartKind
 
 
 @dataclass(frozen=True)
@@ -554,7 +625,8 @@ class ReplicaProtocol:
     def handle(self, event: ReplicaEvent) -> list[Command]:
         if self.mode is ReplicaMode.ACTIVE:
             if isinstance(event, Hello):      # say why, so that a primary does not wait forever
-                return [SendRefuse("this replica has failed over: its guest is the active one")]
+                return [SendRefuse(RefuseReason.BUSY, "this replica has failed over: its guest is the "
+                                                      "active one")]
             return []                # after failover the old primary's frames mean nothing
         method = getattr(self, f"_on_{type(event).__name__}", None)
         if method is None:
@@ -571,26 +643,26 @@ class ReplicaProtocol:
 
     def _on_Hello(self, event: Hello) -> list[Command]:
         self.last_heard = event.now
-        common = set(event.versions) & set(self.config.supported_versions)
-        if not common:
-            return [SendRefuse(f"no common protocol version: primary offers {sorted(event.versions)}, "
-                               f"replica supports {sorted(self.config.supported_versions)}")]
+        try:
+            version = negotiate_version(event.versions, self.config.supported_versions)
+        except UnsupportedVersion as exc:
+            return [SendRefuse(RefuseReason.NO_COMMON_VERSION, str(exc))]
         commands = self._discard("a new primary session began")
         if self.session is not None and self.session != event.session:
-            commands.append(Log("warning", "new primary session: the standby is not a consistent "
-                                           "checkpoint until its full sync is committed"))
+            commands.append(Log(LogLevel.WARNING, "new primary session: the standby is not a consistent "
+                                                  "checkpoint until its full sync is committed"))
         self.session = event.session
         self.mode = ReplicaMode.RECEIVING
         self.consistent_epoch = None            # a new sync overwrites the standby
         self.expect_epoch = None
-        commands.append(SendWelcome(max(common), self.committed_epoch))
+        commands += [AdoptSession(event.session), SendWelcome(version, self.committed_epoch)]
         return commands
 
-    def _refuse(self, reason: str) -> list[Command]:
+    def _refuse(self, reason: str, code: RefuseReason = RefuseReason.BAD_FRAME) -> list[Command]:
         """Refuse the session. The primary will drop us and release its held outputs, so the
         standby is no longer a checkpoint anyone may fail over to: wait for a new HELLO."""
         self.rejected += 1
-        commands = self._discard(reason) + [SendRefuse(reason), Log("error", reason)]
+        commands = self._discard(reason) + [SendRefuse(code, reason), Log(LogLevel.ERROR, reason)]
         self.consistent_epoch = None
         self.mode = ReplicaMode.WAITING
         return commands
@@ -614,21 +686,25 @@ class ReplicaProtocol:
 
     def _on_EpochPart(self, event: EpochPart) -> list[Command]:
         self.last_heard = event.now
-        if event.epoch != self.open_epoch or self.verifying is not None:
-            return self._refuse(f"{event.kind} frame for epoch {event.epoch}, but the open epoch is "
+        if self.mode is not ReplicaMode.RECEIVING or event.epoch != self.open_epoch \
+                or self.verifying is not None:
+            return self._refuse(f"{event.kind.value} frame for epoch {event.epoch}, but the open epoch is "
                                 f"{self.open_epoch}")
-        if event.kind == "pages":
+        if event.kind == PartKind.PAGES:
             self.staged_pages += event.pages
             self.staged_batches += 1
             if self.staged_pages > self.expected_pages or self.staged_batches > self.expected_batches:
                 return self._refuse(f"epoch {event.epoch} sent more pages or batches than it announced")
-        elif event.kind == "vcpu":
+        elif event.kind == PartKind.VCPU:
+            if not self.open_consistent:
+                return self._refuse(f"epoch {event.epoch} is pages only, but sent vCPU state")
             self.staged_vcpu = True
-        return []
+        return [StagePart(event.epoch, event.kind)]
 
     def _on_EpochEnd(self, event: EpochEnd) -> list[Command]:
         self.last_heard = event.now
-        if event.epoch != self.open_epoch or self.verifying is not None:
+        if self.mode is not ReplicaMode.RECEIVING or event.epoch != self.open_epoch \
+                or self.verifying is not None:
             return self._refuse(f"EPOCH_END {event.epoch}, but the open epoch is {self.open_epoch}")
         announced = (self.expected_pages, self.expected_batches)
         if (event.pages, event.batches) != announced or (self.staged_pages, self.staged_batches) != announced:
@@ -642,7 +718,7 @@ class ReplicaProtocol:
 
     def _on_Verified(self, event: Verified) -> list[Command]:
         if event.epoch != self.verifying:
-            return [Log("warning", f"verification result for epoch {event.epoch} nobody asked for")]
+            return [Log(LogLevel.WARNING, f"verification result for epoch {event.epoch} nobody asked for")]
         if not event.ok:
             return self._refuse(f"epoch {event.epoch} failed verification: {event.reason}")
         self.verifying = None
@@ -657,8 +733,9 @@ class ReplicaProtocol:
         return [Commit(event.epoch, self.open_consistent), SendAck(event.epoch)]
 
     def _on_BadFrame(self, event: BadFrame) -> list[Command]:
-        self.rejected += 1
-        return self._discard(event.reason) + [Log("error", f"rejected a frame: {event.reason}")]
+        # Refused, the primary drops us and releases what it held: the standby is stale from then
+        # on, so it must not be failed over to (the same rule as every refusal).
+        return self._refuse(f"rejected a frame: {event.reason}", event.code)
 
     def _on_HeardFromPrimary(self, event: HeardFromPrimary) -> list[Command]:
         self.last_heard = event.now
@@ -671,8 +748,8 @@ class ReplicaProtocol:
             return []
         if self.consistent_epoch is None:
             return self._discard("the primary disconnected") + [Log(
-                "error", "the primary disconnected before a consistent checkpoint: nothing to fail over "
-                         "to; waiting for a primary")] + self._wait()
+                LogLevel.ERROR, "the primary disconnected before a consistent checkpoint: nothing to fail "
+                                "over to; waiting for a primary")] + self._wait()
         commands = self._discard("the primary disconnected before the epoch ended")
         self.mode = ReplicaMode.ACTIVE
         return commands + [Failover(self.consistent_epoch, "the primary's connection closed")]
@@ -684,8 +761,8 @@ class ReplicaProtocol:
     def _on_PrimaryLeft(self, event: PrimaryLeft) -> list[Command]:
         commands = self._discard("the primary left")
         self.mode = ReplicaMode.WAITING
-        return commands + [Log("warning", "the primary stopped on purpose (BYE): no failover; "
-                                          "waiting for a primary")]
+        return commands + [Log(LogLevel.WARNING, "the primary stopped on purpose (BYE): no failover; "
+                                                 "waiting for a primary")]
 
     def _on_ReplicaTick(self, event: ReplicaTick) -> list[Command]:
         commands: list[Command] = []
@@ -697,8 +774,8 @@ class ReplicaProtocol:
                 if self.warned_silent:
                     return commands
                 self.warned_silent = True               # say it once; a slow sync may still go on
-                return [Log("error", f"primary silent for {silent:.3f} s, but no consistent checkpoint "
-                                     f"was committed yet: nothing to fail over to; waiting")]
+                return [Log(LogLevel.ERROR, f"primary silent for {silent:.3f} s, but no consistent "
+                                            f"checkpoint was committed yet: nothing to fail over to; waiting")]
             commands += self._discard("primary lost before the epoch ended")
             self.mode = ReplicaMode.ACTIVE
             commands.append(Failover(self.consistent_epoch,

@@ -1,13 +1,18 @@
 """The replica agent: the asyncio shell around ReplicaProtocol.
 
 It listens on a ROUTER socket (CURVE server unless --insecure), decodes every
-frame (checksums, session, sequence), stages each epoch in `Standby`, commits
-verified epochs and acknowledges them, and, when the primary falls silent,
-starts the standby guest on a fresh KVM VM built over the standby memory
-itself (no copy) with the vCPU state of the last consistent epoch.
+frame (checksums, session, sequence), feeds what it decoded to the protocol,
+and carries out what the protocol answers: adopt a session, stage a frame
+into `Standby`, verify, commit, acknowledge, refuse, fail over. The decisions
+(which session is ours, whether a frame belongs to the open epoch, which
+refusal to send, when to fail over) are the protocol's; this shell only
+knows which peer sent the frame it is handling, so that an answer goes back
+to it. Supervision, dispatch and the status file are the shared agent
+runtime's (checkpointer.runtime); the failover itself is replica.failover.
 
 Takeover time is measured from the last message received from the primary to
-the standby guest's first progress report.
+the service back (or, without a service, the standby guest's first progress
+report).
 """
 
 from __future__ import annotations
@@ -25,20 +30,23 @@ import zmq.asyncio
 
 from checkpointer import protocol as proto
 from checkpointer import wire
-from checkpointer.agent import set_zmq_heartbeats, status_loop
 from checkpointer.config import ReplicaAgentConfig
+from checkpointer.runtime import Rolling, Runtime, set_zmq_heartbeats
 from checkpointer.security import secure_server
-from ring.guest import layout
-from ring.machine import KvmMachine, MachineConfig
 from ring.memory import SlotSpec
-from ring.stream import StreamDevice
 from ring.vcpus import Event, Fault, Progress, RingSoftFull
 
+from .failover import start_standby
 from .standby import Standby, StagingError
 
 log = logging.getLogger("colo.replica")
 
 DISCONNECT_GRACE = 0.02          # seconds between a closed connection and the failover decision
+REPLICA_COMMANDS = (proto.AdoptSession, proto.SendWelcome, proto.SendRefuse, proto.OpenStaging,
+                    proto.StagePart, proto.Verify, proto.Commit, proto.SendAck, proto.Discard,
+                    proto.SendHeartbeat, proto.Failover, proto.Log)
+PART_KINDS = {wire.Kind.PAGES: proto.PartKind.PAGES, wire.Kind.VCPU_STATE: proto.PartKind.VCPU,
+              wire.Kind.DEVICE_STATE: proto.PartKind.DEVICE}
 
 
 @dataclass
@@ -47,6 +55,15 @@ class ReplicaHooks:
 
     on_commit: Callable[[int, Standby], None] | None = None
     hold_ack: Callable[[int], "asyncio.Future | None"] | None = None   # a future delays the ack
+
+
+@dataclass
+class _Incoming:
+    """The message being handled: who sent it, and what it is (answers go back to `identity`)."""
+
+    identity: bytes
+    frame: wire.Frame | None = None
+    message: object = None
 
 
 class ReplicaAgent:
@@ -60,6 +77,7 @@ class ReplicaAgent:
             supported_versions=wire.SUPPORTED_VERSIONS,
             heartbeat_interval=replication.heartbeat_ms / 1000,
             primary_timeout=replication.timeout_ms / 1000))
+        self.runtime = Runtime(self, log, REPLICA_COMMANDS)
         self.context = zmq.asyncio.Context()
         self.socket: zmq.asyncio.Socket | None = None
         self.authenticator = None
@@ -68,22 +86,29 @@ class ReplicaAgent:
         self.writer: wire.FrameWriter | None = None
         self.peer: bytes | None = None
         self.endpoint: str | None = None
-        self.machine: KvmMachine | None = None
-        self.device: StreamDevice | None = None
+        self.active = None                        # replica.failover.ActiveGuest once failed over
         self.takeover_ms: float | None = None
         self.last_primary_message = 0.0
+        self._incoming: _Incoming | None = None
         self._digests: dict[int, bytes] = {}
-        self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._failover_started = 0.0
-        self.commits = collections.deque(maxlen=4096)      # (time, pages, raw, encoded, apply_ns)
+        self.commit_pages = Rolling(4096)
+        self.commit_raw = Rolling(4096)
+        self.commit_encoded = Rolling(4096)
+        self.apply_us = Rolling(4096)
         self._epoch_bytes = [0, 0]
         self.epoch = 0
         self.rejected_frames = 0
         self._connections: set[int] = set()      # open connections' fds (socket monitor)
         self.monitor: zmq.asyncio.Socket | None = None
-        self.last_error: str | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        return self.runtime.last_error
+
+    @property
+    def machine(self):
+        return self.active.machine if self.active is not None else None
 
     # -- lifecycle ---------------------------------------------------------------
     def bind(self) -> str:
@@ -106,52 +131,30 @@ class ReplicaAgent:
         return self.endpoint
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
         if self.socket is None:
             self.bind()
         log.info("replica listening on %s", self.endpoint)
-        self._spawn(self._recv_loop())
-        self._spawn(self._monitor_loop())
-        self._spawn(self._tick_loop())
-        self._spawn(self._status_loop())
-        try:
-            await self._stopping.wait()
-        finally:
-            await self._shutdown()
+        await self.runtime.run([self._recv_loop, self._monitor_loop, self._tick_loop, self._status_loop],
+                               self._shutdown)
 
     def stop(self) -> None:
-        self._stopping.set()
-
-    def _spawn(self, coroutine) -> asyncio.Task:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("replica task failed: %r", exc, exc_info=exc)
-            self.last_error = repr(exc)
-            self._stopping.set()
+        self.runtime.stop()
 
     async def _shutdown(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runtime.cancel_all()
         if self.socket is not None:
             self.socket.disable_monitor()
             self.monitor.close(linger=0)
             self.socket.close(linger=0)
+            self.socket = None
         if self.authenticator is not None:
             self.authenticator.stop()
-        if self.device is not None:
-            self.device.close()
-        if self.machine is not None:
-            self.machine.close()
+            self.authenticator = None
+        if self.active is not None:
+            self.active.close()
         if self.standby is not None:
             self.standby.close()
+            self.standby = None
         self.context.term()
 
     # -- frames --------------------------------------------------------------------
@@ -177,125 +180,109 @@ class ReplicaAgent:
             self._handle(await self.socket.recv_multipart(copy=True))
 
     def _handle(self, parts: list[bytes]) -> None:
-        """Decode, check and act on one message from the socket."""
+        """Decode and check one message from the socket, then let the protocol decide."""
         now = time.monotonic()
-        if self.protocol.mode is proto.ReplicaMode.ACTIVE:
-            return
         identity, frame_parts = parts[0], parts[1:]
+        self._incoming = _Incoming(identity)
         try:
-            frame = wire.decode_frame(frame_parts)
-            new_session = self.guard.check(frame)
-            message = wire.decode_payload(frame)
-        except wire.WireError as exc:
-            self.rejected_frames += 1
-            if identity == self.peer:             # another peer's junk must not touch our session
-                self._feed(proto.BadFrame(now, str(exc)))
-                self._send_refuse(getattr(exc, "reason", "bad_frame"), str(exc))
-            else:
-                log.warning("ignored a bad frame from a peer that is not our primary: %s", exc)
-            return
-        self.last_primary_message = now
-        if frame.kind == wire.Kind.HELLO:
-            self._on_hello(identity, message, now, new_session)
-            return
-        if identity != self.peer:
-            return
-        self._on_frame(frame, message, now)
-
-    def _on_hello(self, identity: bytes, hello: wire.Hello, now: float, new_session: bool) -> None:
-        commands = self.protocol.handle(proto.Hello(now, hello.session, tuple(hello.versions)))
-        if any(isinstance(c, proto.SendWelcome) for c in commands):
-            # adopt the session only once the protocol welcomed it, and start from empty memory:
-            # the sync sends only the pages the new guest has, so nothing old may remain
-            if self.standby is not None:
-                self.standby.close()
-            slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]
-            self.standby = Standby(slots)
-            log.info("standby memory: %s", ", ".join(f"slot {s.slot} {s.size >> 20} MiB" for s in slots))
-            self.peer = identity
-            self.vcpu_count = hello.vcpus
-            self.writer = wire.FrameWriter(session=hello.session)
-            self._digests.clear()
-            self._run(commands)
-            return
-        peer, writer = self.peer, self.writer      # refused: answer that peer, keep ours
-        self.peer, self.writer = identity, wire.FrameWriter(session=hello.session)
-        try:
-            self._run(commands)
+            try:
+                frame = wire.decode_frame(frame_parts)
+                new_session = self.guard.check(frame)
+                message = wire.decode_payload(frame)
+            except wire.WireError as exc:
+                self.rejected_frames += 1
+                if identity == self.peer:             # another peer's junk must not touch our session
+                    self._feed(proto.BadFrame(now, str(exc), proto.RefuseReason(exc.reason)))
+                else:
+                    log.warning("ignored a bad frame from a peer that is not our primary: %s", exc)
+                return
+            self._incoming.frame, self._incoming.message = frame, message
+            if self.protocol.mode is not proto.ReplicaMode.ACTIVE:
+                self.last_primary_message = now      # (takeover is measured from the last one)
+            if frame.kind == wire.Kind.HELLO:
+                self._feed(proto.Hello(now, message.session, tuple(message.versions)))
+            elif identity == self.peer:
+                self._on_frame(frame, message, now)
         finally:
-            self.peer, self.writer = peer, writer
+            self._incoming = None
 
     def _on_frame(self, frame: wire.Frame, message, now: float) -> None:
         kind = frame.kind
-        standby = self.standby
-        staging_open = self.protocol.open_epoch == frame.epoch and self.protocol.verifying is None
-        try:
-            if kind == wire.Kind.EPOCH_BEGIN:
-                self.epoch = message.epoch
-                self._epoch_bytes = [0, 0]
-                self._feed(proto.EpochBegin(now, message.epoch, message.pages, message.batches,
-                                            not message.sync))
-            elif kind == wire.Kind.PAGES:
-                count = standby.stage_pages(frame.payload) if staging_open else frame.count
-                self._epoch_bytes[1] += len(frame.payload)
-                self._feed(proto.EpochPart(now, frame.epoch, "pages", count))
-            elif kind == wire.Kind.VCPU_STATE:
-                if staging_open:
-                    standby.stage_vcpus(frame.payload)
-                self._feed(proto.EpochPart(now, frame.epoch, "vcpu"))
-            elif kind == wire.Kind.DEVICE_STATE:
-                if staging_open:
-                    standby.stage_device(frame.payload)
-                self._feed(proto.EpochPart(now, frame.epoch, "device"))
-            elif kind == wire.Kind.EPOCH_END:
-                self._digests = {message.epoch: message.digest}     # only the epoch being verified
-                self._epoch_bytes[0] = message.raw_bytes
-                self._feed(proto.EpochEnd(now, message.epoch, message.pages, message.batches))
-            elif kind == wire.Kind.HEARTBEAT:
-                self._feed(proto.HeardFromPrimary(now))
-            elif kind == wire.Kind.BYE:
-                self._feed(proto.PrimaryLeft(now))
-        except (StagingError, wire.WireError) as exc:
-            self.rejected_frames += 1
-            self._feed(proto.BadFrame(now, str(exc)))
-            self._send_refuse("bad_frame", str(exc))
+        if kind == wire.Kind.EPOCH_BEGIN:
+            self.epoch = message.epoch
+            self._epoch_bytes = [0, 0]
+            self._feed(proto.EpochBegin(now, message.epoch, message.pages, message.batches, not message.sync))
+        elif kind in PART_KINDS:
+            self._epoch_bytes[1] += len(frame.payload)
+            self._feed(proto.EpochPart(now, frame.epoch, PART_KINDS[kind], frame.count))
+        elif kind == wire.Kind.EPOCH_END:
+            self._digests = {message.epoch: message.digest}     # only the epoch being verified
+            self._epoch_bytes[0] = message.raw_bytes
+            self._feed(proto.EpochEnd(now, message.epoch, message.pages, message.batches))
+        elif kind == wire.Kind.HEARTBEAT:
+            self._feed(proto.HeardFromPrimary(now))
+        elif kind == wire.Kind.BYE:
+            self._feed(proto.PrimaryLeft(now))
 
     # -- commands ------------------------------------------------------------------
     def _feed(self, event: proto.ReplicaEvent) -> None:
-        self._run(self.protocol.handle(event))
+        self.runtime.execute(self.protocol.handle(event))
 
-    def _run(self, commands: list[proto.Command]) -> None:
-        for command in commands:
-            getattr(self, f"_do_{type(command).__name__}")(command)
-
-    def _send(self, build: Callable[[], list]) -> None:
-        """Send one frame, built (and so numbered) only now."""
-        if self.peer is None or self.socket is None or self.writer is None:
+    def _send(self, identity: bytes | None, writer: wire.FrameWriter | None, build: Callable[[], list]) -> None:
+        """Send one frame to `identity`, built (and so numbered) only now."""
+        if identity is None or self.socket is None or writer is None:
             return
-        seq = self.writer.next_seq
+        seq = writer.next_seq
         try:
-            self.socket.send_multipart([self.peer, *build()], copy=False, flags=zmq.NOBLOCK)
+            self.socket.send_multipart([identity, *build()], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.writer.next_seq = seq            # not sent: the number is not used up
+            writer.next_seq = seq                 # not sent: the number is not used up
             log.warning("the primary's queue is full: a reply was dropped")
 
-    def _send_refuse(self, reason: str, detail: str) -> None:
-        if self.writer is not None:
-            code = reason if reason in wire.REFUSE_REASONS else "bad_frame"
-            self._send(lambda: self.writer.message(wire.Refuse(code, detail[:1000])))
-
-    def _do_Log(self, command: proto.Log) -> None:
-        getattr(log, command.level)(command.message)
+    def _do_AdoptSession(self, command: proto.AdoptSession) -> None:
+        hello = self._incoming.message
+        if self.standby is not None:
+            self.standby.close()
+        slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]
+        self.standby = Standby(slots)
+        log.info("standby memory: %s", ", ".join(f"slot {s.slot} {s.size >> 20} MiB" for s in slots))
+        self.peer = self._incoming.identity
+        self.writer = wire.FrameWriter(session=command.session)
+        self._digests.clear()
 
     def _do_SendWelcome(self, command: proto.SendWelcome) -> None:
-        self._send(lambda: self.writer.message(wire.Welcome(command.version, command.committed_epoch or None)))
+        welcome = wire.Welcome(command.version, command.committed_epoch or None)
+        self._send(self.peer, self.writer, lambda: self.writer.message(welcome))
 
     def _do_SendRefuse(self, command: proto.SendRefuse) -> None:
-        reason = "no_common_version" if "version" in command.reason else "protocol"
-        self._send_refuse(reason, command.reason)
+        incoming = self._incoming
+        if incoming is not None and incoming.identity != self.peer and incoming.frame is not None \
+                and incoming.frame.kind == wire.Kind.HELLO:
+            # a HELLO we did not adopt: answer that peer in its own session, keep ours
+            identity, writer = incoming.identity, wire.FrameWriter(session=incoming.message.session)
+        else:
+            identity, writer = self.peer, self.writer
+        refuse = wire.Refuse(command.code, command.detail[:1000])
+        self._send(identity, writer, lambda: writer.message(refuse))
 
     def _do_OpenStaging(self, command: proto.OpenStaging) -> None:
         self.standby.open(command.epoch, command.pages)
+
+    def _do_StagePart(self, command: proto.StagePart) -> None:
+        payload = self._incoming.frame.payload
+        try:
+            if command.kind is proto.PartKind.PAGES:
+                staged = self.standby.stage_pages(payload)
+                if staged != self._incoming.frame.count:
+                    raise StagingError(f"epoch {command.epoch}: a PAGES frame says {self._incoming.frame.count} "
+                                       f"pages but its batch holds {staged}")
+            elif command.kind is proto.PartKind.VCPU:
+                self.standby.stage_vcpus(payload)
+            else:
+                self.standby.stage_device(payload)
+        except (StagingError, wire.WireError, ValueError) as exc:
+            self.rejected_frames += 1
+            self._feed(proto.BadFrame(time.monotonic(), str(exc)))
 
     def _do_Verify(self, command: proto.Verify) -> None:
         ok, reason = self.standby.verify(self._digests.pop(command.epoch, b""))
@@ -303,15 +290,22 @@ class ReplicaAgent:
 
     def _do_Commit(self, command: proto.Commit) -> None:
         pages = self.standby.commit(command.consistent)
-        self.commits.append((time.monotonic(), pages, self._epoch_bytes[0], self._epoch_bytes[1],
-                             self.standby.last_apply_ns))
+        now = time.monotonic()
+        self.commit_pages.add(pages, now)
+        self.commit_raw.add(self._epoch_bytes[0], now)
+        self.commit_encoded.add(self._epoch_bytes[1], now)
+        self.apply_us.add(self.standby.last_apply_ns / 1000, now)
         if self.hooks.on_commit is not None:
             self.hooks.on_commit(command.epoch, self.standby)
 
     def _do_SendAck(self, command: proto.SendAck) -> None:
         ack = wire.Ack(command.epoch, self.standby.last_apply_ns)
-        writer = self.writer
-        send = lambda *_: self._send(lambda: writer.message(ack)) if writer is self.writer else None  # noqa: E731
+        peer, writer = self.peer, self.writer
+
+        def send(*_) -> None:
+            if writer is self.writer:             # still the same session
+                self._send(peer, writer, lambda: writer.message(ack))
+
         held = self.hooks.hold_ack(command.epoch) if self.hooks.hold_ack is not None else None
         if held is None:
             send()
@@ -324,39 +318,30 @@ class ReplicaAgent:
             self.standby.discard()
 
     def _do_SendHeartbeat(self, command: proto.SendHeartbeat) -> None:
-        if self.writer is not None:
-            self._send(lambda: self.writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.committed_epoch))
+        writer = self.writer
+        if writer is not None:
+            self._send(self.peer, writer,
+                       lambda: writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.committed_epoch))
 
     def _do_Failover(self, command: proto.Failover) -> None:
         log.error("FAILOVER: %s; starting the standby guest from epoch %d", command.reason, command.epoch)
         self._failover_started = time.monotonic()
-        standby = self.standby
-        data = standby.memory.slots[layout.DATA_SLOT].spec
-        config = MachineConfig(vcpus=len(standby.vcpus), data_bytes=data.size, dirty_log="bitmap")
-        service_port = self.config.replica.service_port
-        if service_port:
-            # The guest's service: a stream device over the restored memory. attach() closes every
-            # connection the checkpoint shows open (those clients were the dead primary's).
-            self.device = StreamDevice("127.0.0.1", service_port)
-        ports = self.device.ports if self.device is not None else None
-        machine = KvmMachine(config, memory=standby.memory, load=False, track_dirty=False, ports=ports)
-        machine.restore_vcpus(standby.vcpus)
-        machine.set_event_sink(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
-        self.machine = machine
-        if self.device is not None:
-            self.device.attach(machine)
-            self._spawn(self._serve())
-        machine.start()
+        loop = asyncio.get_running_loop()
+        self.active = start_standby(
+            self.standby, service_host=self.config.service.host, service_port=self.config.service.takeover_port,
+            on_event=lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
+        if self.active.device is not None:
+            self.runtime.spawn(self._serve())
 
     async def _serve(self) -> None:
-        await self.device.start()
+        await self.active.serve()
         if self.takeover_ms is None:             # the service is back: that is the takeover
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
         log.error("the service is back on port %d (takeover %.1f ms after the primary's last message)",
-                  self.device.port, self.takeover_ms)
+                  self.active.device.port, self.takeover_ms)
 
     def _on_guest_event(self, event: Event) -> None:
-        if isinstance(event, Progress) and self.takeover_ms is None:
+        if isinstance(event, Progress) and self.takeover_ms is None and self.active.device is None:
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
             log.error("the standby guest is running (takeover %.1f ms after the primary's last "
                       "message; %.1f ms after the failover decision)", self.takeover_ms,
@@ -365,7 +350,7 @@ class ReplicaAgent:
             pass                                  # not tracked after failover
         elif isinstance(event, Fault):
             log.error("the standby guest faulted: %s", event)
-            self.last_error = repr(event)
+            self.runtime.last_error = repr(event)
 
     # -- clocks ----------------------------------------------------------------------
     async def _tick_loop(self) -> None:
@@ -375,29 +360,24 @@ class ReplicaAgent:
             self._feed(proto.ReplicaTick(time.monotonic()))
 
     def guest_progress(self) -> int:
-        if self.machine is not None:
-            return sum(self.machine.progress_all())
+        if self.active is not None:
+            return sum(self.active.machine.progress_all())
         return self.standby.progress() if self.standby is not None else 0
 
     def status(self) -> dict:
-        now = time.monotonic()
-        recent = [c for c in self.commits if now - c[0] <= 5.0]
-        span = min(5.0, now - recent[0][0]) if len(recent) > 1 else 5.0
-        pages = np.array([c[1] for c in recent]) if recent else np.zeros(0)
-        apply_us = np.array([c[4] / 1000 for c in recent]) if recent else np.zeros(0)
         return {
             "role": "active" if self.protocol.mode is proto.ReplicaMode.ACTIVE else "replica",
             "mode": self.protocol.mode.value,
             "epoch": self.epoch,
             "committed_epoch": self.protocol.committed_epoch,
             "consistent_epoch": self.protocol.consistent_epoch,
-            "checkpoints_per_s": len(recent) / span if span > 0 else 0.0,
+            "checkpoints_per_s": self.commit_pages.rate(),
             "pause_us_p50": 0.0,
             "pause_us_p99": 0.0,
-            "apply_us_p50": float(np.percentile(apply_us, 50)) if len(apply_us) else 0.0,
-            "dirty_pages_p50": float(np.percentile(pages, 50)) if len(pages) else 0.0,
-            "raw_mb_per_s": sum(c[2] for c in recent) / span / 1e6 if span > 0 else 0.0,
-            "encoded_mb_per_s": sum(c[3] for c in recent) / span / 1e6 if span > 0 else 0.0,
+            "apply_us_p50": self.apply_us.percentile(50),
+            "dirty_pages_p50": self.commit_pages.percentile(50),
+            "raw_mb_per_s": self.commit_raw.throughput() / 1e6,
+            "encoded_mb_per_s": self.commit_encoded.throughput() / 1e6,
             "guest_progress": self.guest_progress(),
             "takeover_ms": self.takeover_ms,
             "rejected_frames": self.rejected_frames,
@@ -412,4 +392,4 @@ class ReplicaAgent:
                  f" takeover {figures['takeover_ms']:.1f} ms" if figures["takeover_ms"] else "")
 
     async def _status_loop(self) -> None:
-        await status_loop(self.config.status, self.status, self._log_line)
+        await self.runtime.status_loop(self.config.status, self.status, self._log_line)

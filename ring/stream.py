@@ -300,6 +300,50 @@ class StreamDevice:
             await self._server.wait_closed()
 
     # -- checkpoints -----------------------------------------------------------
+    def save(self) -> bytes:
+        """The device's state for a checkpoint (the DEVICE_STATE frame); see restore()."""
+        return self.device_state()
+
+    def restore(self, machine, saved: bytes) -> None:
+        """Attach to a machine restored from a checkpoint whose device state is `saved`.
+
+        The rings and the slot table live in guest memory, so the memory is the state;
+        `saved` is the host's view taken in the same pause. Restoring checks that the two
+        agree (a disagreement means the memory and the device state come from different
+        checkpoints: refused, naming the slot and field), then adopts the memory, closing
+        every connection it shows open. An empty `saved` (a guest without the device's
+        state in its checkpoint) is adopted without the check.
+        """
+        if saved:
+            self._check_saved(machine.memory, saved)
+        self.attach(machine)
+
+    @staticmethod
+    def _check_saved(memory, saved: bytes) -> None:
+        try:
+            state = json.loads(bytes(saved))
+            slots = state["slots"]
+            header = (state["device"], state["version"], state["gpa"], len(slots))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StreamError(f"the saved stream device state is malformed: {exc}") from None
+        if header != ("stream", STREAM_VERSION, STREAM_GPA, STREAM_SLOTS):
+            raise StreamError(f"the saved stream device state is for {header}, this device is "
+                              f"{('stream', STREAM_VERSION, STREAM_GPA, STREAM_SLOTS)}")
+        fields = ("state", "generation", "guest_generation", "rx_head", "rx_tail", "tx_head", "tx_tail")
+        for saved_slot in slots:
+            try:
+                slot = int(saved_slot["slot"])
+                if not 0 <= slot < STREAM_SLOTS:
+                    raise ValueError(f"slot {slot} out of range")
+                ctrl = memory.view(StreamDevice._ctrl_gpa(slot), CTRL_DTYPE.itemsize).view(CTRL_DTYPE)[0]
+                for name in fields:
+                    if int(ctrl[name]) != int(saved_slot[name]):
+                        raise StreamError(f"slot {slot}: {name} is {int(ctrl[name])} in memory but "
+                                          f"{saved_slot[name]} in the saved device state: they are not "
+                                          f"from the same checkpoint")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StreamError(f"the saved stream device state is malformed: {exc}") from None
+
     def device_state(self) -> bytes:
         """The device's state for a checkpoint (JSON): the slot table as memory and the host see it."""
         slots = []

@@ -50,13 +50,15 @@ def test_start_runs_unprotected_and_connects() -> None:
 def test_sync_then_protected_on_the_final_epochs_ack() -> None:
     primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=3))
     primary.handle(p.Start(0.0))
-    assert primary.handle(p.Trigger(0.0, "ring_full")) == []          # nothing to checkpoint to yet
+    # nothing to checkpoint to yet: a full ring is drained (and unprotected, its pages dropped)
+    assert primary.handle(p.Trigger(0.0, p.EpochReason.RING_FULL)) == [p.DrainRings(keep=False)]
+    assert primary.handle(p.Trigger(0.0, p.EpochReason.OUTPUT)) == []
     commands = primary.handle(p.Welcomed(0.1, 1, 0))
     assert _of(commands, p.BeginSync) == [p.BeginSync(1)]
-    assert primary.handle(p.PrecopyReady(0.2)) == [p.SendEpoch(1)]
-    assert primary.handle(p.PrecopyReady(0.3)) == [p.SendEpoch(2)]
+    assert primary.handle(p.PrecopyReady(0.2)) == [p.SendEpoch(1, consistent=False)]
+    assert primary.handle(p.PrecopyReady(0.3)) == [p.SendEpoch(2, consistent=False)]
     commands = primary.handle(p.SyncRoundsDone(0.4, 2))
-    assert commands == [p.TakeSnapshot(3, "sync", final_sync=True), p.SendEpoch(3)]
+    assert commands == [p.TakeSnapshot(3, p.EpochReason.SYNC, final_sync=True), p.SendEpoch(3)]
     assert _of(primary.handle(p.Acked(0.5, 2)), p.ReleaseOutputs) == []
     assert not primary.protected
     commands = primary.handle(p.Acked(0.6, 3))
@@ -67,33 +69,33 @@ def test_precopy_and_final_sync_wait_for_a_free_place() -> None:
     primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=1))
     primary.handle(p.Start(0.0))
     primary.handle(p.Welcomed(0.0, 1, 0))
-    assert primary.handle(p.PrecopyReady(0.0)) == [p.SendEpoch(1)]
+    assert primary.handle(p.PrecopyReady(0.0)) == [p.SendEpoch(1, consistent=False)]
     assert primary.handle(p.PrecopyReady(0.0)) == []                 # waits for a place
-    assert primary.handle(p.Acked(0.0, 1)) == [p.SendEpoch(2)]
+    assert primary.handle(p.Acked(0.0, 1)) == [p.SendEpoch(2, consistent=False)]
     assert primary.handle(p.SyncRoundsDone(0.0, 2)) == []
-    assert primary.handle(p.Acked(0.0, 2)) == [p.TakeSnapshot(3, "sync", final_sync=True), p.SendEpoch(3)]
+    assert primary.handle(p.Acked(0.0, 2)) == [p.TakeSnapshot(3, p.EpochReason.SYNC, final_sync=True), p.SendEpoch(3)]
     assert p.ReleaseOutputs(3) in primary.handle(p.Acked(0.0, 3)) and primary.protected
 
 
 def test_trigger_snapshots_and_backpressure_holds_the_guest() -> None:
     primary, now = protected_primary(max_in_flight=2)
-    first = primary.handle(p.Trigger(now, "ring_full"))
+    first = primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))
     assert _kinds(first) == ["TakeSnapshot", "SendEpoch"]
     a = first[0].epoch
-    b = primary.handle(p.Trigger(now, "dirty_threshold"))[0].epoch
+    b = primary.handle(p.Trigger(now, p.EpochReason.DIRTY_THRESHOLD))[0].epoch
     assert b == a + 1
-    held = primary.handle(p.Trigger(now, "output"))
+    held = primary.handle(p.Trigger(now, p.EpochReason.OUTPUT))
     assert _kinds(held) == ["HoldGuest"]
-    assert primary.handle(p.Trigger(now, "ring_full")) == []         # one snapshot will cover both
+    assert primary.handle(p.Trigger(now, p.EpochReason.RING_FULL)) == []         # one snapshot will cover both
     commands = primary.handle(p.Acked(now, a))
     assert commands[0] == p.ReleaseOutputs(a)
-    assert commands[1:] == [p.TakeSnapshot(b + 1, "output"), p.SendEpoch(b + 1)]
+    assert commands[1:] == [p.TakeSnapshot(b + 1, p.EpochReason.OUTPUT), p.SendEpoch(b + 1)]
     assert primary.in_flight == [b, b + 1]
 
 
 def test_acks_are_cumulative_and_duplicates_ignored() -> None:
     primary, now = protected_primary(max_in_flight=3)
-    epochs = [primary.handle(p.Trigger(now, "ring_full"))[0].epoch for _ in range(3)]
+    epochs = [primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))[0].epoch for _ in range(3)]
     commands = primary.handle(p.Acked(now, epochs[1]))
     assert commands == [p.ReleaseOutputs(epochs[1])] and primary.in_flight == [epochs[2]]
     assert _kinds(primary.handle(p.Acked(now, epochs[0]))) == ["Log"]
@@ -110,8 +112,8 @@ def test_ack_for_an_epoch_never_sent_drops_the_replica() -> None:
 def test_heartbeats_and_replica_timeout_resume_a_held_guest() -> None:
     primary, now = protected_primary(max_in_flight=1, heartbeat_interval=0.1, replica_timeout=1.0,
                                      max_interval=None)
-    primary.handle(p.Trigger(now, "ring_full"))
-    assert _kinds(primary.handle(p.Trigger(now, "ring_full"))) == ["HoldGuest"]
+    primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))
+    assert _kinds(primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))) == ["HoldGuest"]
     assert primary.handle(p.Tick(now + 0.05)) == []
     assert primary.handle(p.Tick(now + 0.15)) == [p.SendHeartbeat()]
     primary.handle(p.HeardFromReplica(now + 0.5))
@@ -136,7 +138,7 @@ def test_interval_trigger_comes_from_the_clock() -> None:
     primary, now = protected_primary(max_interval=0.05, heartbeat_interval=10)
     assert primary.handle(p.Tick(now + 0.01)) == []
     commands = primary.handle(p.Tick(now + 0.06))
-    assert commands[0].reason == "interval" and _kinds(commands) == ["TakeSnapshot", "SendEpoch"]
+    assert commands[0].reason == p.EpochReason.INTERVAL and _kinds(commands) == ["TakeSnapshot", "SendEpoch"]
 
 
 def test_refusal_loses_the_replica() -> None:
@@ -153,12 +155,15 @@ def test_primary_invariants_under_random_events(steps) -> None:
     primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=2))
     now = 0.0
     primary.handle(p.Start(now))
-    sent: list[int] = []
+    # The test's own model, from what it sent and saw (never from the protocol's fields):
+    sent: list[int] = []                  # every epoch the primary sent, in order
+    session_sent: set[int] = set()        # sent since the replica was last dropped
+    acked_by_test = 0                     # highest epoch the test acknowledged after it was sent
     released = 0
     for action, dt in steps:
         now += dt
         if action == "trigger":
-            event = p.Trigger(now, "ring_full")
+            event = p.Trigger(now, p.EpochReason.RING_FULL)
         elif action == "ack":
             event = p.Acked(now, primary.in_flight[0] if primary.in_flight else 10**6)
         elif action == "ack_old":
@@ -173,16 +178,24 @@ def test_primary_invariants_under_random_events(steps) -> None:
             event = p.SyncRoundsDone(now, 0)
         else:
             event = p.Tick(now)
+        if isinstance(event, p.Acked) and event.epoch in session_sent:
+            acked_by_test = max(acked_by_test, event.epoch)
         for command in primary.handle(event):
             if isinstance(command, p.SendEpoch):
                 assert not sent or command.epoch > sent[-1], "epochs must strictly increase"
                 sent.append(command.epoch)
+                session_sent.add(command.epoch)
+            if isinstance(command, p.DropReplica):
+                session_sent.clear()
             if isinstance(command, p.ReleaseOutputs) and command.upto is not None:
-                assert command.upto <= primary.acked_epoch
+                assert isinstance(event, p.Acked) and command.upto == event.epoch, \
+                    "outputs are released only by the ack of their epoch"
+                assert command.upto in session_sent and command.upto <= acked_by_test, \
+                    "released outputs of an epoch the replica never acknowledged in this session"
                 assert command.upto >= released
                 released = command.upto
-        assert len(primary.in_flight) <= primary.config.max_in_flight
-        assert primary.in_flight == sorted(primary.in_flight)
+        unacked = [e for e in session_sent if e > acked_by_test]
+        assert len(unacked) <= primary.config.max_in_flight, f"{unacked} sent without an ack"
 
 
 # --- replica ------------------------------------------------------------------
@@ -191,10 +204,10 @@ def test_primary_invariants_under_random_events(steps) -> None:
 def _epoch(replica: p.ReplicaProtocol, epoch: int, now: float = 0.0, *, pages: int = 3,
            consistent: bool = True, verify: bool = True) -> list:
     commands = replica.handle(p.EpochBegin(now, epoch, pages, 2, consistent))
-    commands += replica.handle(p.EpochPart(now, epoch, "pages", pages - 1))
-    commands += replica.handle(p.EpochPart(now, epoch, "pages", 1))
+    commands += replica.handle(p.EpochPart(now, epoch, p.PartKind.PAGES, pages - 1))
+    commands += replica.handle(p.EpochPart(now, epoch, p.PartKind.PAGES, 1))
     if consistent:
-        commands += replica.handle(p.EpochPart(now, epoch, "vcpu"))
+        commands += replica.handle(p.EpochPart(now, epoch, p.PartKind.VCPU))
     commands += replica.handle(p.EpochEnd(now, epoch, pages, 2))
     if verify:
         commands += replica.handle(p.Verified(now, epoch, True))
@@ -203,21 +216,22 @@ def _epoch(replica: p.ReplicaProtocol, epoch: int, now: float = 0.0, *, pages: i
 
 def greeted_replica(**config) -> p.ReplicaProtocol:
     replica = p.ReplicaProtocol(p.ReplicaConfig(**config))
-    assert _kinds(replica.handle(p.Hello(0.0, 7, (1,)))) == ["SendWelcome"]
+    assert _kinds(replica.handle(p.Hello(0.0, 7, (1,)))) == ["AdoptSession", "SendWelcome"]
     return replica
 
 
 def test_hello_negotiates_the_highest_common_version() -> None:
     replica = p.ReplicaProtocol(p.ReplicaConfig(supported_versions=(1, 2, 3)))
-    assert replica.handle(p.Hello(0.0, 1, (2, 3, 4))) == [p.SendWelcome(3, 0)]
+    assert replica.handle(p.Hello(0.0, 1, (2, 3, 4))) == [p.AdoptSession(1), p.SendWelcome(3, 0)]
     refused = p.ReplicaProtocol().handle(p.Hello(0.0, 1, (5, 6)))
-    assert _kinds(refused) == ["SendRefuse"] and "[5, 6]" in refused[0].reason and "[1]" in refused[0].reason
+    assert _kinds(refused) == ["SendRefuse"] and refused[0].code is p.RefuseReason.NO_COMMON_VERSION
+    assert "[5, 6]" in refused[0].detail and "[1]" in refused[0].detail
 
 
 def test_a_complete_epoch_is_verified_committed_and_acked() -> None:
     replica = greeted_replica()
     commands = _epoch(replica, 1)
-    assert _kinds(commands) == ["OpenStaging", "Verify", "Commit", "SendAck"]
+    assert _kinds(commands) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "Commit", "SendAck"]
     assert commands[-2:] == [p.Commit(1, True), p.SendAck(1)]
     assert replica.committed_epoch == 1 and replica.consistent_epoch == 1
 
@@ -239,8 +253,8 @@ def test_replayed_and_skipped_epochs_are_refused(epoch: int, words: str) -> None
 def test_incomplete_epoch_is_discarded_whole() -> None:
     replica = greeted_replica()
     replica.handle(p.EpochBegin(0.0, 1, 3, 2, True))
-    replica.handle(p.EpochPart(0.0, 1, "pages", 2))
-    replica.handle(p.EpochPart(0.0, 1, "vcpu"))
+    replica.handle(p.EpochPart(0.0, 1, p.PartKind.PAGES, 2))
+    replica.handle(p.EpochPart(0.0, 1, p.PartKind.VCPU))
     commands = replica.handle(p.EpochEnd(0.0, 1, 3, 2))
     assert commands[0] == p.Discard(1, commands[0].reason) and "incomplete" in commands[0].reason
     assert replica.committed_epoch == 0 and replica.open_epoch is None
@@ -249,14 +263,14 @@ def test_incomplete_epoch_is_discarded_whole() -> None:
 def test_too_many_batches_and_missing_vcpu_state_are_refused() -> None:
     replica = greeted_replica()
     replica.handle(p.EpochBegin(0.0, 1, 2, 1, True))
-    replica.handle(p.EpochPart(0.0, 1, "pages", 1))
-    assert "Discard" in _kinds(replica.handle(p.EpochPart(0.0, 1, "pages", 1)))
+    replica.handle(p.EpochPart(0.0, 1, p.PartKind.PAGES, 1))
+    assert "Discard" in _kinds(replica.handle(p.EpochPart(0.0, 1, p.PartKind.PAGES, 1)))
     replica = greeted_replica()
     commands = _epoch(replica, 1, consistent=True, verify=False)
     # (with vcpu) fine; now one that announces vCPU state but sends none
     replica.handle(p.Verified(0.0, 1, True))
     replica.handle(p.EpochBegin(0.0, 2, 1, 1, True))
-    replica.handle(p.EpochPart(0.0, 2, "pages", 1))
+    replica.handle(p.EpochPart(0.0, 2, p.PartKind.PAGES, 1))
     commands = replica.handle(p.EpochEnd(0.0, 2, 1, 1))
     assert "Discard" in _kinds(commands) and replica.committed_epoch == 1
 
@@ -268,14 +282,18 @@ def test_failed_verification_discards_and_refuses() -> None:
     assert _kinds(commands)[:2] == ["Discard", "SendRefuse"] and replica.committed_epoch == 0
 
 
-def test_bad_frame_discards_the_open_epoch() -> None:
+def test_bad_frame_discards_the_open_epoch_and_refuses_the_session() -> None:
     replica = greeted_replica()
     _epoch(replica, 1)
     replica.handle(p.EpochBegin(0.0, 2, 3, 2, True))
-    commands = replica.handle(p.BadFrame(0.0, "checksum mismatch"))
-    assert commands[0] == p.Discard(2, "checksum mismatch")
+    commands = replica.handle(p.BadFrame(0.0, "checksum mismatch", p.RefuseReason.BAD_FRAME))
+    assert commands[0] == p.Discard(2, "rejected a frame: checksum mismatch")
+    assert _of(commands, p.SendRefuse)[0].code is p.RefuseReason.BAD_FRAME
     assert replica.committed_epoch == 1
-    assert _kinds(_epoch(replica, 2)) == ["OpenStaging", "Verify", "Commit", "SendAck"]
+    # refused, the primary releases what it held: the old checkpoint must never be failed over to
+    assert replica.mode is p.ReplicaMode.WAITING and replica.consistent_epoch is None
+    assert not _of(replica.handle(p.PrimaryDisconnected(0.1)), p.Failover)
+    assert "SendRefuse" in _kinds(replica.handle(p.EpochBegin(0.2, 2, 1, 1, True)))   # needs a new HELLO
 
 
 def test_primary_timeout_fails_over_to_the_last_consistent_epoch() -> None:
@@ -299,7 +317,7 @@ def test_no_failover_without_a_consistent_checkpoint() -> None:
     assert not _of(commands, p.Failover) and "nothing to fail over to" in commands[-1].message
     assert replica.handle(p.ReplicaTick(3.0)) == []                  # said once
     # a slow sync goes on: the session is kept
-    assert _kinds(_epoch(replica, 2, now=3.1)) == ["OpenStaging", "Verify", "Commit", "SendAck"]
+    assert _kinds(_epoch(replica, 2, now=3.1)) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "Commit", "SendAck"]
 
 
 def test_disconnect_fails_over_at_once_or_waits_without_a_checkpoint() -> None:
@@ -332,7 +350,7 @@ def test_new_session_invalidates_the_old_checkpoint() -> None:
     commands = replica.handle(p.Hello(0.5, 8, (1,)))
     assert _of(commands, p.SendWelcome) == [p.SendWelcome(1, 1)]
     assert replica.consistent_epoch is None
-    assert _kinds(_epoch(replica, 40, now=0.5)) == ["OpenStaging", "Verify", "Commit", "SendAck"]
+    assert _kinds(_epoch(replica, 40, now=0.5)) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "Commit", "SendAck"]
 
 
 # --- both, linked in memory ------------------------------------------------------
@@ -345,7 +363,7 @@ class Link:
     primary: p.PrimaryProtocol = field(default_factory=p.PrimaryProtocol)
     replica: p.ReplicaProtocol = field(default_factory=p.ReplicaProtocol)
     now: float = 0.0
-    kill_at: tuple[int, str] | None = None       # (epoch, "begin" | "pages" | "end" | "acked")
+    kill_at: tuple[int, str] | None = None       # (epoch, "begin" | p.PartKind.PAGES | "end" | "acked")
     dead: bool = False
     failovers: list = field(default_factory=list)
 
@@ -367,10 +385,10 @@ class Link:
     def send_epoch(self, epoch: int) -> None:
         consistent = self.primary.epoch_reasons[epoch] != "precopy"
         steps = [("begin", p.EpochBegin(self.now, epoch, 2, 2, consistent)),
-                 ("pages", p.EpochPart(self.now, epoch, "pages", 1)),
-                 ("pages2", p.EpochPart(self.now, epoch, "pages", 1))]
+                 (p.PartKind.PAGES, p.EpochPart(self.now, epoch, p.PartKind.PAGES, 1)),
+                 ("pages2", p.EpochPart(self.now, epoch, p.PartKind.PAGES, 1))]
         if consistent:
-            steps.append(("vcpu", p.EpochPart(self.now, epoch, "vcpu")))
+            steps.append((p.PartKind.VCPU, p.EpochPart(self.now, epoch, p.PartKind.VCPU)))
         steps.append(("end", p.EpochEnd(self.now, epoch, 2, 2)))
         for name, event in steps:
             self.replica_do(event)
@@ -393,14 +411,14 @@ class Link:
                 self.failovers.append(command.epoch)
 
 
-@pytest.mark.parametrize("point", ["begin", "pages", "vcpu", "end", "acked"])
+@pytest.mark.parametrize("point", ["begin", p.PartKind.PAGES, p.PartKind.VCPU, "end", "acked"])
 def test_killed_primary_leaves_the_replica_at_the_last_complete_epoch(point: str) -> None:
     link = Link(kill_at=(6, point))
     link.primary_do(p.Start(0.0))
     assert link.primary.protected
     while not link.dead:
         link.now += 0.01
-        link.primary_do(p.Trigger(link.now, "ring_full"))
+        link.primary_do(p.Trigger(link.now, p.EpochReason.RING_FULL))
         assert link.now < 5
     complete = 6 if point in ("end", "acked") else 5
     assert link.replica.committed_epoch == complete
@@ -424,10 +442,12 @@ def test_triggers_after_the_final_sync_snapshot_are_checkpoints() -> None:
     primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=2))
     primary.handle(p.Start(0.0))
     primary.handle(p.Welcomed(0.0, 1, 0))
-    assert primary.handle(p.Trigger(0.0, "ring_full")) == [] and not primary.checkpointing
+    # before the final copy, a full ring is drained and its pages kept for the sync
+    assert primary.handle(p.Trigger(0.0, p.EpochReason.RING_FULL)) == [p.DrainRings(keep=True)]
+    assert not primary.checkpointing
     primary.handle(p.SyncRoundsDone(0.0, 0))
     assert primary.checkpointing and not primary.protected
-    assert primary.handle(p.Trigger(0.0, "ring_full")) == [p.TakeSnapshot(2, "ring_full"), p.SendEpoch(2)]
+    assert primary.handle(p.Trigger(0.0, p.EpochReason.RING_FULL)) == [p.TakeSnapshot(2, p.EpochReason.RING_FULL), p.SendEpoch(2)]
 
 
 def test_after_refusing_the_primary_the_replica_never_fails_over_to_its_old_checkpoint() -> None:
@@ -449,4 +469,5 @@ def test_an_active_replica_refuses_a_new_primary() -> None:
     replica.handle(p.PrimaryDisconnected(0.1))
     assert replica.mode is p.ReplicaMode.ACTIVE
     commands = replica.handle(p.Hello(0.2, 99, (1,)))
-    assert _kinds(commands) == ["SendRefuse"] and "failed over" in commands[0].reason
+    assert _kinds(commands) == ["SendRefuse"] and "failed over" in commands[0].detail
+    assert commands[0].code is p.RefuseReason.BUSY

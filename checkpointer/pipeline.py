@@ -1,0 +1,126 @@
+"""The primary's encode-and-send pipeline: one closed epoch in, its frames out, in order.
+
+An epoch is encoded once (codec.encode_all: zero pages elided, XOR against the
+cache of pages last sent, zstd) and its digest taken over the raw content;
+its frames are then sent one epoch at a time under a lock, so frames of two
+epochs never interleave, and numbered (stamped) only as they leave. Small
+epochs are encoded on the loop, larger ones in a worker thread (zstd and
+xxhash release the GIL); a thread handoff costs more than encoding a few pages.
+
+The encoder's cache must match what the replica holds. An epoch whose send is
+cancelled still finishes encoding in its thread (the buffer goes back to the
+pool only then), and a new session resets the cache only once every encode of
+the old one is done (`idle()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ring.vcpu_state import pack_vcpu_states
+
+from . import wire
+from .codec import EpochDigest, PageEncoder, encode_all
+from .snapshot import Snapshot, StagingPool
+
+INLINE_ENCODE_PAGES = 32          # smaller epochs are encoded on the loop: a thread handoff costs more
+
+
+@dataclass
+class EncodedEpoch:
+    """Every frame of one epoch, headers not yet stamped: (step, message) or (step, kind, count, payload)."""
+
+    epoch: int
+    frames: list[tuple]
+    raw_bytes: int
+    encoded_bytes: int
+
+
+def encode_epoch(encoder: PageEncoder, snapshot: Snapshot, batch_pages: int) -> EncodedEpoch:
+    """Encode an epoch's pages in batches, digest its content, and lay out its frames.
+
+    A consistent epoch (a checkpoint) carries VCPU_STATE and DEVICE_STATE; a pre-copy
+    epoch carries pages only and is flagged SYNC on the wire (see wire.py's spec).
+    """
+    keys, pages = snapshot.keys, snapshot.pages
+    batches, stats = encode_all(encoder, keys, pages, batch_pages=batch_pages)
+    digest = EpochDigest()
+    digest.update_pages(keys, pages)
+    vcpu_bytes = pack_vcpu_states(snapshot.vcpus) if snapshot.consistent else b""
+    digest.update_bytes(vcpu_bytes)
+    digest.update_bytes(snapshot.device)
+    epoch = snapshot.epoch
+    raw = int(sum(b.raw_bytes for b in batches))
+    encoded = int(sum(b.encoded_bytes for b in batches))
+    frames: list[tuple] = [("begin", wire.EpochBegin(epoch, snapshot.reason, len(keys), len(batches),
+                                                     not snapshot.consistent))]
+    frames += [("pages", wire.Kind.PAGES, len(batch.keys), batch.payload) for batch in batches]
+    if snapshot.consistent:
+        frames.append(("vcpu", wire.Kind.VCPU_STATE, len(snapshot.vcpus), vcpu_bytes))
+        frames.append(("device", wire.Kind.DEVICE_STATE, 0, snapshot.device))
+    frames.append(("end", wire.EpochEnd(epoch, digest.digest(), len(keys), len(batches), raw)))
+    return EncodedEpoch(epoch, frames, raw, encoded)
+
+
+class Pipeline:
+    """Encodes epochs (in `executor` when large) and sends their frames, one epoch at a time."""
+
+    def __init__(self, encoder: PageEncoder, pool: StagingPool, executor: ThreadPoolExecutor,
+                 batch_pages: int) -> None:
+        self.encoder = encoder
+        self.pool = pool
+        self.executor = executor
+        self.batch_pages = batch_pages
+        self.lock = asyncio.Lock()               # one sender at a time: frames never interleave
+        self._encoding: set[asyncio.Future] = set()
+
+    async def encode(self, snapshot: Snapshot) -> EncodedEpoch:
+        """Encode `snapshot`; its staging buffer goes back to the pool once the encode is done."""
+        if len(snapshot.keys) <= INLINE_ENCODE_PAGES:
+            try:
+                return encode_epoch(self.encoder, snapshot, self.batch_pages)
+            finally:
+                self.pool.release(snapshot.buffer)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, encode_epoch, self.encoder, snapshot, self.batch_pages)
+        self._encoding.add(future)
+        future.add_done_callback(self._encoding.discard)
+        future.add_done_callback(lambda _, buffer=snapshot.buffer: self.pool.release(buffer))
+        return await asyncio.shield(future)
+
+    async def idle(self) -> None:
+        """Wait until no encode of an earlier session still runs (before resetting the cache)."""
+        if self._encoding:
+            await asyncio.wait(list(self._encoding))
+
+    async def send(self, socket_now: Callable[[], Any], writer: wire.FrameWriter, encoded: EncodedEpoch,
+                   on_sent: Callable[[int, int, str], None] | None = None) -> bool:
+        """Send an epoch's frames in order; False if its socket was replaced meanwhile (a new session)."""
+        socket = socket_now()
+        for step, *item in encoded.frames:
+            if socket is None or socket is not socket_now():
+                return False
+            if len(item) == 1:
+                parts = writer.message(item[0])
+            else:
+                kind, count, payload = item
+                parts = writer.frame(kind, epoch=encoded.epoch, count=count, payload=payload)
+            await socket.send_multipart(parts, copy=False)
+            if on_sent is not None:
+                on_sent(encoded.epoch, int.from_bytes(bytes(parts[0][6:8]), "little"), step)
+        return True
+
+    async def send_one(self, socket_now: Callable[[], Any], build: Callable[[], list]) -> None:
+        """Send one control frame, built (and so numbered) only now, in sending order."""
+        socket = socket_now()
+        if socket is None:
+            return
+        async with self.lock:
+            if socket is socket_now():
+                await socket.send_multipart(build(), copy=False)
+
+
+__all__ = ["Pipeline", "EncodedEpoch", "encode_epoch", "INLINE_ENCODE_PAGES"]

@@ -1,0 +1,226 @@
+"""The agent runtime: what every colo-ring agent process runs on, whatever its role.
+
+A role (the primary, the replica, later the active node that takes a new
+replica) is a sans-I/O protocol machine plus the handlers that carry out its
+commands. This module gives each role the same shell:
+
+- command dispatch: the commands a protocol emits are executed in order by
+  the role's `_do_<Command>` handlers, looked up once when the role starts, so
+  a command without a handler fails at start-up, not in the middle of an epoch;
+- task supervision with `asyncio.TaskGroup`: a task that fails stops the
+  agent with its error recorded (`last_error`), and a session's tasks (those of
+  one connection to a peer) can be cancelled together without stopping it;
+- the status file, replaced atomically every second, and the periodic log line;
+- the ZeroMQ transport settings both ends share: heartbeats, and CURVE
+  (checkpointer.security) set by the role when it opens its socket.
+
+One process can change role by handing the runtime to the next role; the
+runtime's tasks, status file and logger outlive any one role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import time
+from typing import Any, Awaitable, Callable, Coroutine, Iterable
+
+import numpy as np
+import zmq
+
+from .protocol import Command, Log, LogLevel
+
+__all__ = ["Runtime", "Rolling", "set_zmq_heartbeats", "write_status", "rss_mib"]
+
+
+def set_zmq_heartbeats(socket: zmq.Socket, heartbeat_ms: int, timeout_ms: int) -> None:
+    """ZeroMQ's own heartbeats: a dead TCP peer is dropped even when nothing is sent."""
+    socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, heartbeat_ms))
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, timeout_ms))
+    socket.setsockopt(zmq.HEARTBEAT_TTL, max(100, timeout_ms))
+
+
+def write_status(path: str, status: dict) -> None:
+    """Replace the status file atomically (write a temporary file, then rename)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(status, handle, indent=1, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def rss_mib() -> float:
+    """This process's resident memory (for the status file: bounded under backpressure)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Rolling:
+    """The last `window` samples of a figure, each with the time it was taken.
+
+    Both agents report percentiles of the whole window and sums or rates over the
+    last few seconds; this is the one place that computes them.
+    """
+
+    def __init__(self, window: int = 2048) -> None:
+        self._values: collections.deque[float] = collections.deque(maxlen=window)
+        self._times: collections.deque[float] = collections.deque(maxlen=window)
+
+    def add(self, value: float, now: float | None = None) -> None:
+        self._values.append(value)
+        self._times.append(time.monotonic() if now is None else now)
+
+    def clear(self) -> None:
+        self._values.clear()
+        self._times.clear()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def percentile(self, q: float) -> float:
+        if not self._values:
+            return 0.0
+        return float(np.percentile(np.fromiter(self._values, float, len(self._values)), q))
+
+    def recent(self, horizon: float, now: float | None = None) -> tuple[int, float, float]:
+        """(samples, their sum, the span they cover in seconds) over the last `horizon` seconds."""
+        now = time.monotonic() if now is None else now
+        times = np.fromiter(self._times, float, len(self._times))
+        keep = now - times <= horizon
+        count = int(keep.sum())
+        if count == 0:
+            return 0, 0.0, horizon
+        total = float(np.fromiter(self._values, float, len(self._values))[keep].sum())
+        first = float(times[keep][0])
+        span = min(horizon, now - first) if count > 1 else horizon
+        return count, total, span if span > 0 else horizon
+
+    def rate(self, horizon: float = 5.0) -> float:
+        """Samples per second over the last `horizon` seconds."""
+        count, _, span = self.recent(horizon)
+        return count / span
+
+    def throughput(self, horizon: float = 5.0) -> float:
+        """Sum of the values per second over the last `horizon` seconds."""
+        _, total, span = self.recent(horizon)
+        return total / span
+
+
+class Runtime:
+    """Supervised tasks, command dispatch, and the status loop, for one agent process."""
+
+    def __init__(self, role: Any, logger: logging.Logger, commands: Iterable[type[Command]]) -> None:
+        self.log = logger
+        self.last_error: str | None = None
+        self.stopping = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._sessions: set[asyncio.Task] = set()
+        self._handlers: dict[type, Callable[[Any], None]] = {}
+        self.bind(role, commands)
+
+    # -- dispatch --------------------------------------------------------------
+    def bind(self, role: Any, commands: Iterable[type[Command]]) -> None:
+        """Look up the role's handler for every command its protocol can emit (Log is ours)."""
+        handlers: dict[type, Callable[[Any], None]] = {Log: self._log}
+        missing = []
+        for command in commands:
+            if command is Log:
+                continue
+            handler = getattr(role, f"_do_{command.__name__}", None)
+            if handler is None:
+                missing.append(command.__name__)
+            handlers[command] = handler
+        if missing:
+            raise TypeError(f"{type(role).__name__} has no handler for {', '.join(missing)}")
+        self._handlers = handlers
+
+    def execute(self, commands: list[Command]) -> None:
+        for command in commands:
+            self._handlers[type(command)](command)
+
+    def _log(self, command: Log) -> None:
+        level = command.level.value if isinstance(command.level, LogLevel) else str(command.level)
+        getattr(self.log, level)(command.message)
+
+    # -- tasks -----------------------------------------------------------------
+    async def run(self, loops: Iterable[Callable[[], Coroutine]], on_stop: Callable[[], Awaitable[None]],
+                  duration: float | None = None) -> None:
+        """Run `loops` under one TaskGroup until stop() (or `duration`); then `on_stop`.
+
+        A task that raises ends the group: its error is logged and kept in last_error,
+        and `on_stop` still runs, so the agent always closes what it opened.
+        """
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for loop in loops:
+                    self.spawn(loop())
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), duration)
+                except asyncio.TimeoutError:
+                    pass
+                await on_stop()
+                for task in list(self._tasks):
+                    task.cancel()
+        except* Exception as failures:
+            self._group = None
+            for exc in failures.exceptions:
+                self.log.error("agent task failed: %r", exc, exc_info=exc)
+            self.last_error = repr(failures.exceptions[0])
+            await on_stop()
+        finally:
+            self._group = None
+
+    def spawn(self, coroutine: Coroutine, *, session: bool = False) -> asyncio.Task | None:
+        """Start a supervised task; a session task is cancelled with its session.
+
+        Once the agent is stopping after a failure there is no group to run in: the work is
+        dropped (None), as every task of the group was cancelled anyway.
+        """
+        if self._group is None:
+            coroutine.close()
+            return None
+        task = self._group.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if session:
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+        return task
+
+    def session_tasks(self) -> list[asyncio.Task]:
+        return list(self._sessions)
+
+    def cancel_session(self) -> None:
+        for task in list(self._sessions):
+            task.cancel()
+
+    async def cancel_all(self) -> None:
+        """Cancel every task but the caller's, and wait until they are gone."""
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # -- status ------------------------------------------------------------------
+    async def status_loop(self, settings, figures: Callable[[], dict], log_line: Callable[[dict], None]) -> None:
+        """The status file replaced every second, a log line every log_interval_s."""
+        last_log = time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, settings.log_interval_s) if settings.log_interval_s else 1.0)
+            current = figures()
+            if settings.status_json:
+                write_status(settings.status_json, current)
+            if settings.log_interval_s and time.monotonic() - last_log >= settings.log_interval_s:
+                last_log = time.monotonic()
+                log_line(current)
