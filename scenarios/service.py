@@ -96,7 +96,7 @@ class Service:
     def __init__(self, port: int = 0, *, host: str = "127.0.0.1", memory_mib: int = 64, backend: str = "kvm",
                  table_entries: int = DEFAULT_TABLE_ENTRIES, request_max: int = DEFAULT_REQUEST_MAX,
                  report_every: int = 1000, ring_entries: int = 4096, track_dirty: bool = True,
-                 output=None, restore: MachineState | None = None,
+                 output=None, restore: MachineState | None = None, restore_device: bytes = b"",
                  on_event: Callable[[Event], None] | None = None, idle_interval: float = 0.05) -> None:
         if backend != "kvm":
             raise ConfigError(f"the kvstore service runs C in a real guest: backend must be 'kvm', got {backend!r}")
@@ -112,6 +112,7 @@ class Service:
         self.ring_entries = ring_entries
         self.track_dirty = track_dirty
         self.restore_state = restore
+        self.restore_device = restore_device      # the checkpoint's DEVICE_STATE, checked at restore
         self.on_event = on_event
         self.device = StreamDevice(host, port, output=output, idle_interval=idle_interval)
         self.machine: KvmMachine | None = None
@@ -142,7 +143,10 @@ class Service:
                                           ports=self.device.ports, track_dirty=self.track_dirty)
                 write_service_params(self.machine, self.table_entries, self.request_max)
             self.machine.set_event_sink(self._on_event)
-            self.device.attach(self.machine)
+            if self.restore_state is not None:
+                self.device.restore(self.machine, self.restore_device)
+            else:
+                self.device.attach(self.machine)
             await self.device.start()
             self.port = self.device.port
             self.machine.start()

@@ -345,8 +345,12 @@ def test_restored_service_serves_the_captured_data() -> None:
         assert open_slots, "the checkpoint should show the client's connection open"
         generations = {s["slot"]: s["generation"] for s in json.loads(device_state)["slots"]}
         r.close()
-    with start_service(0, restore=state) as second:
-        slots = json.loads(second.device.device_state())["slots"]
+    tampered = json.loads(device_state)
+    tampered["slots"][open_slots[0]]["rx_head"] += 1              # not the memory's checkpoint
+    with pytest.raises(stream.StreamError, match=f"slot {open_slots[0]}: rx_head is .* not from the same"):
+        start_service(0, restore=state, restore_device=json.dumps(tampered).encode())
+    with start_service(0, restore=state, restore_device=device_state) as second:
+        slots = json.loads(second.device.save())["slots"]
         for slot in open_slots:                                 # closed by the new device
             assert slots[slot]["state"] == 0 and slots[slot]["generation"] == generations[slot] + 1
         r = redis.Redis(port=second.port, socket_timeout=10)
