@@ -95,7 +95,6 @@ MAX_MEMORY_MIB = ((layout.MAX_MAPPED_GIB - 1) << 30) >> 20   # what the guest la
 PAGES_PER_MIB = (1 << 20) // 4096
 ZSTD_MIN_LEVEL = -(1 << 17)     # zstd's fast levels are negative
 ZSTD_MAX_LEVEL = 22
-SERVICE_WORKLOAD = "kvstore"    # TEMPORARY alias for the agents: use GuestSection.spec().is_service
 
 
 class SettingError(ConfigError):
@@ -423,24 +422,6 @@ class GuestSection(_Section):
                         working_set_pages=self.working_set_pages or None,
                         report_every=self.report_every)
 
-    # TEMPORARY aliases of the settings that moved to [service], until the agents read
-    # config.service (load_config links the section; remove these then).
-    @property
-    def service_host(self) -> str:
-        return _linked_service(self).host
-
-    @property
-    def service_port(self) -> int:
-        return _linked_service(self).port
-
-    @property
-    def table_entries(self) -> int:
-        return _linked_service(self).table_entries
-
-    @property
-    def request_max(self) -> int:
-        return _linked_service(self).request_max
-
 
 @dataclass(frozen=True)
 class ServiceSection(_Section):
@@ -458,8 +439,8 @@ class ServiceSection(_Section):
                         check=_host, flag="--service-host", metavar="HOST")
     port: int = setting(6380, "its clients' TCP port; 0: any free port",
                         low=0, high=65535, flag="--service-port", roles=("primary",))
-    takeover_port: int = setting(0, "serve clients here after a failover; 0: none", low=0, high=65535, flag="--service-port",
-                                 roles=("replica",))
+    takeover_port: int = setting(0, "serve clients here after a failover; 0: none", low=0, high=65535,
+                                 flag="--service-port", roles=("replica",))
     table_entries: int = setting(65536, "the kvstore's hash table buckets, a power of two",
                                  roles=("primary",))
     request_max: int = setting(65536, "the kvstore's largest request, in bytes", roles=("primary",))
@@ -468,10 +449,6 @@ class ServiceSection(_Section):
         """The parameters `spec` takes, from this section (the spec's defaults for the rest)."""
         mine = {s.name for s in _settings_of(type(self))}
         return spec.resolve({name: getattr(self, name) for name in spec.param_names if name in mine})
-
-
-def _linked_service(section: _Section) -> ServiceSection:
-    return getattr(section, "_service", None) or ServiceSection()
 
 
 @dataclass(frozen=True)
@@ -567,11 +544,6 @@ class ReplicaSection(_Section):
     listen: str = setting("tcp://127.0.0.1:7800", "where to listen for the primary (HOST *: all; PORT 0: any)",
                           check=_endpoint(bind=True, empty_ok=False), metavar="tcp://HOST:PORT")
 
-    @property
-    def service_port(self) -> int:
-        """TEMPORARY alias of service.takeover_port, until the replica agent reads config.service."""
-        return _linked_service(self).takeover_port
-
 
 SECTIONS: dict[str, type[_Section]] = {
     cls.SECTION: cls for cls in (PrimarySection, GuestSection, ServiceSection, TriggerSection,
@@ -634,7 +606,8 @@ class PrimaryAgentConfig(_AgentConfig):
         """(key, tcp://HOST:PORT) of what this agent listens on from the start."""
         out = [("primary.control", self.primary.control)] if self.primary.control else []
         if self.guest_spec().is_service:
-            out.append(("service.port", f"tcp://{self.service.host}:{self.service.port}"))
+            host = f"[{self.service.host}]" if ":" in self.service.host else self.service.host
+            out.append(("service.port", f"tcp://{host}:{self.service.port}"))
         return out
 
 
@@ -791,9 +764,6 @@ def load_config(kind: str, path: str | None = None,
     sections = {name: _build(SECTIONS[name], values.get(name, {}), origins) for name in SECTIONS
                 if name in values or name in used}
     _check_guest(sections, origins)
-    for name in ("guest", "replica"):                # TEMPORARY: the aliases of moved settings
-        if name in sections and "service" in sections:
-            object.__setattr__(sections[name], "_service", sections["service"])
     return _AGENTS[kind](**{name: sections[name] for name in used},  # type: ignore[arg-type]
                          origins=MappingProxyType(origins))
 
