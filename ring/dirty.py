@@ -175,17 +175,36 @@ class DirtyRing:
         return self._count_dirty(self.fetch_index % self.entries)
 
 
+#: Resets in a row that may reset nothing while harvested entries remain: each is a call
+#: that a stop interrupted before its first entry. More than this and the ring and the
+#: harvester disagree (entries marked RESET that KVM cannot see, or the other way round).
+RESET_STALL_LIMIT = 64
+
+
 class RingTracker:
     """All rings of a VM plus the VM-wide reset: the harvest order, written once.
 
     `collect()` must only run with every vCPU out of KVM_RUN (the machine's
     pause barrier guarantees it). It harvests every ring in order, marks the
-    entries RESET, calls the reset, checks the count, and deduplicates.
+    entries RESET, calls the reset until the entries reset add up to those
+    harvested, re-arms the slots if a reset was (or may have been) cut short,
+    and deduplicates.
+
+    `reset()` is KVM_RESET_DIRTY_RINGS (it returns the entries reset);
+    `rearm()` write-protects every tracked slot again; `interruptions()` is a
+    counter that goes up when something may have cut a reset short without
+    showing in its count (a stop, see ring/kvm.py).
     """
 
-    def __init__(self, rings: Sequence[DirtyRing], reset: Callable[[], int]) -> None:
+    def __init__(self, rings: Sequence[DirtyRing], reset: Callable[[], int],
+                 rearm: Callable[[], None] | None = None,
+                 interruptions: Callable[[], int] = lambda: 0) -> None:
         self.rings = list(rings)
         self._reset = reset
+        self._rearm = rearm
+        self._interruptions = interruptions
+        self.resets_cut_short = 0          # collects whose first reset came back short
+        self.rearms = 0                    # collects that re-armed the slots afterwards
 
     def collect(self) -> DirtySet:
         slots, offsets, last = [], [], {}
@@ -196,15 +215,40 @@ class RingTracker:
                 offsets.append(ring_offsets)
                 last[ring.vcpu_index] = (int(ring_slots[-1]), int(ring_offsets[-1]))
         harvested = int(sum(len(o) for o in offsets))
-        reset = self._reset()
-        if reset != harvested:
-            raise HarvestError(f"KVM_RESET_DIRTY_RINGS reset {reset} entries but {harvested} were "
-                               f"harvested: the ring and the harvester disagree")
+        self._reset_all(harvested)
         if not offsets:
             return DirtySet()
         if len(offsets) == 1:
             return DirtySet.from_entries(slots[0], offsets[0], harvested, last)
         return DirtySet.from_entries(np.concatenate(slots), np.concatenate(offsets), harvested, last)
+
+    def _reset_all(self, harvested: int) -> None:
+        """Reset until `harvested` entries are reset; re-arm if a walk was cut short."""
+        interruptions = self._interruptions()
+        total, calls, stalled = 0, 0, 0
+        while True:
+            reset = self._reset()
+            calls += 1
+            if reset < 0 or total + reset > harvested:
+                raise HarvestError(f"KVM_RESET_DIRTY_RINGS reset {total + reset} entries but {harvested} "
+                                   f"were harvested: the ring and the harvester disagree")
+            total += reset
+            if total == harvested:
+                break
+            stalled = stalled + 1 if reset == 0 else 0
+            if stalled >= RESET_STALL_LIMIT:
+                raise HarvestError(f"KVM_RESET_DIRTY_RINGS reset {total} entries but {harvested} were "
+                                   f"harvested, and {stalled} calls in a row reset none of the rest: "
+                                   f"the ring and the harvester disagree")
+        if calls > 1:
+            self.resets_cut_short += 1
+        if calls > 1 or self._interruptions() != interruptions:
+            if self._rearm is None:
+                raise HarvestError(f"KVM_RESET_DIRTY_RINGS was cut short ({calls} calls for {harvested} "
+                                   f"entries) and this tracker cannot write-protect its slots again: "
+                                   f"pages may go unlogged")
+            self._rearm()
+            self.rearms += 1
 
     def fill(self) -> int:
         """Entries waiting over all rings (for a VM-wide page-count trigger)."""

@@ -278,6 +278,10 @@ class Machine:
             self.memory.slots[slot].bytes[:] = content
         self.restore_vcpus(state.vcpus)
 
+    def rearm_dirty_logging(self) -> None:
+        """Write-protect every tracked page again (after a dirty ring reset was cut short)."""
+        raise NotImplementedError
+
     def capture_vcpus(self) -> list[VcpuState]:
         raise NotImplementedError
 
@@ -453,7 +457,8 @@ class KvmMachine(Machine):
         if not tracking:
             self.tracker = _NoTracker()
         elif config.dirty_log == "ring":
-            self.tracker = RingTracker(rings, vm.reset_dirty_rings)
+            self.tracker = RingTracker(rings, vm.reset_dirty_rings, rearm=self.rearm_dirty_logging,
+                                       interruptions=lambda: vm.reset_interruptions)
         else:
             clear = None
             if config.bitmap_manual_clear:
@@ -469,6 +474,20 @@ class KvmMachine(Machine):
     @property
     def vm(self) -> Vm:
         return self._vm
+
+    def rearm_dirty_logging(self) -> None:
+        """Write-protect every tracked slot again, so that every page's next write is logged.
+
+        KVM write-protects a slot when KVM_MEM_LOG_DIRTY_PAGES is turned on, so the
+        flag is cleared and set again (two KVM_SET_USER_MEMORY_REGION calls, about
+        0.7 ms for 64 MiB here). The tracker calls it, paused, after a reset that a
+        signal or a stop cut short: that reset left pages writable and unlogged.
+        """
+        for slot in self.memory.slots.values():
+            spec = slot.spec
+            self._vm.set_user_memory_region(spec.slot, spec.guest_phys_addr, spec.size, slot.address, 0)
+            self._vm.set_user_memory_region(spec.slot, spec.guest_phys_addr, spec.size, slot.address,
+                                            abi.KVM_MEM_LOG_DIRTY_PAGES)
 
     @property
     def vcpu_fds(self) -> list[Vcpu]:

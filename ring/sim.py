@@ -24,6 +24,14 @@ What the simulated kernel does, as KVM does it (virt/kvm/dirty_ring.c):
   while the entry's flags have RESET, zeroes the flags, re-arms the page, and
   returns the number of entries reset over all rings. It stops at the first
   entry without RESET: no skipping.
+- A signal stops the walk early, as on KVM (see ring/kvm.py): give the
+  kernel a plan with interrupt_resets(), and each reset stops where the plan
+  says a signal is pending, returns a short count, and leaves the last entry
+  it reset writable (KVM leaves the whole 64-page batch it was coalescing;
+  the simulator the one entry, which is enough to lose a page). Each planned
+  signal counts in `signals`, the simulator's evidence of an interruption.
+  rearm_all() is KVM's write protection of a slot when its dirty logging is
+  turned on again.
 - Soft full: when a ring holds entries - 64 entries not yet reset, the vCPU's
   next entry exits with ring_full, and keeps doing so until a reset frees
   entries. As on KVM, the store that pushed the last entry has not retired:
@@ -53,6 +61,7 @@ import ctypes
 import errno
 import logging
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -107,6 +116,8 @@ class SimDirtyLog:
         self.views: list[np.ndarray] = []
         self.dirty_index = [0] * vcpus
         self.reset_index = [0] * vcpus
+        self._interrupt_plan: Callable[[], int | None] | None = None
+        self.signals = 0                       # planned signals, each one a reset interrupted
         if ring_entries is not None:
             self.soft_limit = soft_limit(ring_entries)
             self._mask = ring_entries - 1
@@ -186,29 +197,54 @@ class SimDirtyLog:
         self.dirty_index[vcpu] += len(pages)
 
     # -- what the VMM calls ----------------------------------------------------
+    def interrupt_resets(self, plan: Callable[[], int | None] | None) -> None:
+        """Before each reset, plan() says after how many entries a signal is pending (None: no signal)."""
+        self._interrupt_plan = plan
+
     def reset_dirty_rings(self) -> int:
-        """KVM_RESET_DIRTY_RINGS: reset harvested entries in order, re-arm their pages."""
+        """KVM_RESET_DIRTY_RINGS: reset harvested entries in order, re-arm their pages.
+
+        A planned signal stops the walk before the entry it falls on, and the
+        last entry reset before it keeps its page writable (KVM's lost batch).
+        """
         if self.ring_entries is None:
             raise KvmError("KVM_RESET_DIRTY_RINGS", errno.EINVAL, "simulated VM has no dirty ring")
+        budget = self._interrupt_plan() if self._interrupt_plan is not None else None
+        if budget is not None:
+            self.signals += 1
         total = 0
         with self.lock:
             for vcpu, ring in enumerate(self.views):
+                if budget is not None and total >= budget:
+                    break                          # pending before this ring's first entry: nothing lost
                 pending = self.used(vcpu)
                 if pending == 0:
                     continue
                 positions = (self.reset_index[vcpu] + np.arange(pending)) & self._mask
                 unreset = np.flatnonzero((ring["flags"][positions] & _RESET) == 0)
                 count = int(unreset[0]) if len(unreset) else pending
+                cut = budget is not None and count >= budget - total
+                if cut:
+                    count = budget - total
                 if count == 0:
                     continue
                 positions = positions[:count]
                 slots = ring["slot"][positions]
                 offsets = ring["offset"][positions]
                 ring["flags"][positions] = 0
-                self._rearm(slots, offsets)
+                kept = count - 1 if cut else count     # the interrupted walk's last entry stays writable
+                self._rearm(slots[:kept], offsets[:kept])
                 self.reset_index[vcpu] += count
                 total += count
+                if cut:
+                    break
         return total
+
+    def rearm_all(self) -> None:
+        """Write-protect every page again (KVM does when a slot's dirty logging is turned on)."""
+        with self.lock:
+            for logged in self.logged.values():
+                logged[:] = False
 
     def _rearm(self, slots: np.ndarray, offsets: np.ndarray) -> None:
         for slot in np.unique(slots).tolist():
@@ -379,10 +415,15 @@ class SimMachine(Machine):
         if ring_entries is not None:
             rings = [DirtyRing(buffer, ring_entries, index)
                      for index, buffer in enumerate(self.kernel.buffers)]
-            self.tracker = RingTracker(rings, self.kernel.reset_dirty_rings)
+            self.tracker = RingTracker(rings, self.kernel.reset_dirty_rings, rearm=self.rearm_dirty_logging,
+                                       interruptions=lambda: self.kernel.signals)
         else:
             self.tracker = BitmapTracker(slot_pages, self.kernel.get_dirty_log)
         self._start_runner(self.executors)
+
+    def rearm_dirty_logging(self) -> None:
+        """Write-protect every page again (the simulated KVM_MEM_LOG_DIRTY_PAGES toggle)."""
+        self.kernel.rearm_all()
 
     def capture_vcpus(self) -> list[VcpuState]:
         if self.runner._started and not self.runner.paused:

@@ -11,7 +11,7 @@ from ring import Done, Fault, KvmMachine, MachineConfig, Output, Progress, Workl
 
 pytestmark = pytest.mark.kvm
 
-EVENTS_GUEST = str(Path(__file__).with_name("guests") / "events.c")
+EVENTS_GUEST = str(Path(__file__).resolve().parent.parent / "guests" / "events.c")   # tests/guests/
 CONFIG = MachineConfig(vcpus=1, data_bytes=2 << 20, ring_entries=256)
 
 

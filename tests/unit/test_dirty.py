@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ring import abi
-from ring.dirty import DirtyRing, DirtySet, HarvestError, RingTracker, set_bits, soft_limit
+from ring.dirty import RESET_STALL_LIMIT, DirtyRing, DirtySet, HarvestError, RingTracker, set_bits, soft_limit
 
 DIRTY, RESET = abi.KVM_DIRTY_GFN_F_DIRTY, abi.KVM_DIRTY_GFN_F_RESET
 
@@ -53,11 +53,81 @@ def test_full_ring_harvests_every_entry_once() -> None:
     assert len(offsets) == 256 and len(set(offsets.tolist())) == 256
 
 
-def test_tracker_checks_the_reset_count() -> None:
+class _Resets:
+    """A scripted KVM_RESET_DIRTY_RINGS: returns the given counts in turn; counts re-arms."""
+
+    def __init__(self, *counts: int) -> None:
+        self.counts = list(counts)
+        self.calls = 0
+        self.rearms = 0
+
+    def reset(self) -> int:
+        self.calls += 1
+        return self.counts.pop(0) if self.counts else 0
+
+    def rearm(self) -> None:
+        self.rearms += 1
+
+
+def test_a_short_reset_is_repeated_until_the_counts_add_up_then_the_slots_are_rearmed() -> None:
+    buffer, ring = _ring()
+    _publish(buffer, 0, [(1, n) for n in range(10)])
+    resets = _Resets(3, 0, 0, 7)                  # a signal cut the walk twice before its first entry
+    tracker = RingTracker([ring], reset=resets.reset, rearm=resets.rearm)
+    dirty = tracker.collect()
+    assert dirty.slot(1).tolist() == list(range(10)) and dirty.entries == 10
+    assert resets.calls == 4 and resets.rearms == 1
+    assert (tracker.resets_cut_short, tracker.rearms) == (1, 1)
+
+
+def test_a_full_reset_in_one_call_does_not_rearm() -> None:
     buffer, ring = _ring()
     _publish(buffer, 0, [(1, 1), (1, 2)])
-    with pytest.raises(HarvestError, match="reset 1 entries but 2 were harvested"):
-        RingTracker([ring], reset=lambda: 1).collect()
+    resets = _Resets(2)
+    tracker = RingTracker([ring], reset=resets.reset, rearm=resets.rearm)
+    tracker.collect()
+    assert (resets.calls, resets.rearms, tracker.resets_cut_short) == (1, 0, 0)
+
+
+def test_an_interruption_with_a_complete_count_still_rearms() -> None:
+    """A stop after the walk's last entry loses its last batch though the count is right."""
+    buffer, ring = _ring()
+    _publish(buffer, 0, [(1, 1), (1, 2)])
+    stops = iter([4, 5])                          # the counter moved during the reset
+    resets = _Resets(2)
+    tracker = RingTracker([ring], reset=resets.reset, rearm=resets.rearm, interruptions=lambda: next(stops))
+    tracker.collect()
+    assert (resets.calls, resets.rearms, tracker.resets_cut_short) == (1, 1, 0)
+
+
+def test_a_reset_of_more_than_was_harvested_is_an_error() -> None:
+    buffer, ring = _ring()
+    _publish(buffer, 0, [(1, 1), (1, 2)])
+    with pytest.raises(HarvestError, match="KVM_RESET_DIRTY_RINGS reset 3 entries but 2 were harvested"):
+        RingTracker([ring], reset=_Resets(1, 2).reset, rearm=lambda: None).collect()
+
+
+def test_resets_that_make_no_progress_are_an_error_after_the_stall_limit() -> None:
+    buffer, ring = _ring()
+    _publish(buffer, 0, [(1, 1), (1, 2)])
+    resets = _Resets(1)                           # then 0 for ever: KVM cannot see the other entry
+    with pytest.raises(HarvestError, match=rf"KVM_RESET_DIRTY_RINGS reset 1 entries but 2 were harvested, "
+                                           rf"and {RESET_STALL_LIMIT} calls in a row reset none"):
+        RingTracker([ring], reset=resets.reset, rearm=resets.rearm).collect()
+    assert resets.calls == 1 + RESET_STALL_LIMIT and resets.rearms == 0
+
+
+def test_a_cut_short_reset_without_a_way_to_rearm_is_an_error() -> None:
+    buffer, ring = _ring()
+    _publish(buffer, 0, [(1, 1), (1, 2)])
+    with pytest.raises(HarvestError, match="KVM_RESET_DIRTY_RINGS was cut short"):
+        RingTracker([ring], reset=_Resets(1, 1).reset).collect()
+
+
+def test_nothing_harvested_still_checks_the_reset() -> None:
+    _, ring = _ring()
+    with pytest.raises(HarvestError, match="reset 5 entries but 0 were harvested"):
+        RingTracker([ring], reset=_Resets(5).reset).collect()
 
 
 def test_tracker_deduplicates_and_records_last_entries() -> None:

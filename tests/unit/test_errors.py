@@ -1,6 +1,15 @@
-"""Bad input gets a clear error naming the problem."""
+"""Bad input gets a clear error naming the problem; a signal is not an error."""
 
 from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
@@ -8,9 +17,9 @@ from ring import (ConfigError, GuestBuildError, KvmError, KvmMachine, KvmUnavail
                   RingSizeError, SlotOverlapError, Workload, validate_ring_entries)
 from ring.backend import choose_backend, kvm_status
 from ring.guest import build
-from ring.kvm import Kvm
+from ring import abi, kvm as binding
+from ring.kvm import Kvm, SignalsBlocked
 from ring.memory import GuestMemory, SlotSpec, check_no_overlap
-
 
 
 @pytest.mark.parametrize("entries, words", [
@@ -126,3 +135,95 @@ def test_bad_workload(kwargs, words) -> None:
 def test_working_set_larger_than_memory() -> None:
     with pytest.raises(ConfigError, match="does not fit the data region"):
         Workload(working_set_pages=10_000).resolved(data_pages=512, vcpus=1)
+
+
+# --- signals: EINTR is retried, the reset runs with signals blocked ------------------------------
+
+class _FakeIoctl:
+    """Stands in for libc's ioctl: fails with the given errnos in turn, then returns 7."""
+
+    def __init__(self, *errnos: int) -> None:
+        self.errnos = list(errnos)
+        self.calls = 0
+
+    def __call__(self, fd, request, pointer) -> int:
+        self.calls += 1
+        if self.errnos:
+            ctypes.set_errno(self.errnos.pop(0))
+            return -1
+        return 7
+
+
+def test_an_ioctl_interrupted_by_a_signal_is_repeated(monkeypatch) -> None:
+    fake = _FakeIoctl(errno.EINTR, errno.EINTR)
+    monkeypatch.setattr(binding, "_libc_ioctl", fake)
+    assert binding.ioctl(3, abi.KVM_GET_REGS, 0) == 7
+    assert fake.calls == 3
+
+
+def test_an_ioctl_error_after_an_interruption_names_the_ioctl(monkeypatch) -> None:
+    monkeypatch.setattr(binding, "_libc_ioctl", _FakeIoctl(errno.EINTR, errno.EBADF))
+    with pytest.raises(KvmError, match="KVM_GET_SREGS failed: EBADF") as info:
+        binding.ioctl(3, abi.KVM_GET_SREGS, 0)
+    assert info.value.errno == errno.EBADF
+
+
+def test_kvm_run_returns_its_eintr_as_the_kick(monkeypatch) -> None:
+    fake = _FakeIoctl(errno.EINTR)
+    monkeypatch.setattr(binding, "_libc_ioctl", fake)
+    assert binding.run_ioctl(3) == -errno.EINTR and fake.calls == 1
+
+
+def test_a_wrapper_on_a_bad_fd_names_its_ioctl() -> None:
+    with pytest.raises(KvmError, match="KVM_RESET_DIRTY_RINGS failed: EBADF"):
+        binding.Vm(None, -1).reset_dirty_rings()
+    with pytest.raises(KvmError, match="KVM_RESET_DIRTY_RINGS failed: EBADF"):
+        binding.Vm(None, -1).reset_dirty_rings(block_signals=False)
+
+
+@pytest.fixture
+def usr2_handler():
+    seen: list[int] = []
+    old = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_signals_are_held_for_the_block_and_delivered_after(usr2_handler) -> None:
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    guard = SignalsBlocked()
+    with guard:
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
+        assert signal.SIGUSR2 in signal.sigpending()
+        assert {signal.SIGALRM, signal.SIGPROF, signal.SIGINT} <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert usr2_handler == [signal.SIGUSR2]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert not guard.stopped                          # a blockable signal cannot cut the block short
+
+
+def test_a_stop_during_the_block_is_noticed() -> None:
+    """SIGSTOP cannot be blocked, and it can cut a reset short: the stop itself is the trace."""
+    pid = os.getpid()
+    waker = subprocess.Popen([sys.executable, "-c", f"import os, signal, time\nwhile True:\n"
+                              f"    os.kill({pid}, signal.SIGCONT)\n    time.sleep(0.01)"])
+    try:
+        guard = SignalsBlocked()
+        with guard:
+            os.kill(pid, signal.SIGSTOP)              # stopped here until the waker's next SIGCONT
+        assert guard.stopped
+    finally:
+        waker.kill()
+        waker.wait()
+    with guard:
+        pass
+    assert not guard.stopped
+
+
+def test_sleeping_in_the_block_counts_as_a_stop() -> None:
+    """A ptrace or job-control stop is a voluntary context switch; so is any sleep (a safe false alarm)."""
+    guard = SignalsBlocked()
+    with guard:
+        time.sleep(0.001)
+    assert guard.stopped
