@@ -1,39 +1,88 @@
 """The colo-ring wire format, version 1: frames between a primary and a replica.
 
-This docstring is the spec. Code that disagrees with it is the bug.
+This docstring is the spec. Code that disagrees with it is the bug. The code
+is in three modules, all imported from here: checkpointer/frames.py (the
+header, kinds, flags, reasons, errors, encode and decode), checkpointer/
+messages.py (each control message declared once; checkpointer/schema.py packs
+and unpacks them from the declaration), and this module (the session guard,
+the writer, payload decoding). vCPU state is serialised by ring/vcpu_state.py.
 
 A session
 =========
 
 One primary run is one *session*: a random non-zero u64 chosen when the
-primary starts, stamped on every frame either side sends, so frames of an old
-primary (one that restarted, or a stale socket) are recognised and refused.
-Each direction numbers its own frames: ``seq`` starts at 0 with the sender's
-first frame and grows by exactly 1 per frame it sends::
+primary connects to a replica, stamped on every frame either side sends, so
+frames of an old primary (one that restarted, or a stale socket) are
+recognised and refused. Each direction numbers its own frames: ``seq`` starts
+at 0 with the sender's first frame and grows by exactly 1 per frame it sends.
+
+A session starts with a *sync*: the replica's standby memory is empty, so the
+primary copies every resident page, first while the guest runs (pre-copy
+epochs, flagged SYNC: pages only, no vCPU state, not a checkpoint), then once
+with the guest paused (the final stop-and-copy epoch: an ordinary consistent
+epoch whose reason is "sync"). Sync epochs are numbered on from the epoch the
+primary's guest is in (1 for a primary that just started), like every other
+epoch; there is no epoch 0 on the wire. ``e`` below is that first epoch and
+``s`` the final one::
 
     primary                                                        replica
        | HELLO(versions, session, slots, vcpus, page size)  seq 0 ---->|
        |<---- WELCOME(chosen version, last committed epoch)  seq 0     |
        |        (or REFUSE(reason, detail); the primary stops)         |
        |                                                               |
-       | EPOCH_BEGIN(epoch 0, sync, pages P, batches B)    ----------->|  initial full sync
-       | PAGES(epoch 0, count n) x B                        ---------->|  staged, not applied
-       | VCPU_STATE(epoch 0, count = vCPUs)                 ---------->|  staged
-       | DEVICE_STATE(epoch 0)                              ---------->|  staged
-       | EPOCH_END(epoch 0, digest, totals)                 ---------->|  verify, commit whole
-       |<---- ACK(epoch 0)                                             |
+       |   pre-copy: zero or more epochs e .. s-1, guest running       |
+       | EPOCH_BEGIN(e, "sync", flag SYNC, pages P, batches B) ------->|  staged
+       | PAGES(e, count n) x B                              ---------->|  staged, not applied
+       | EPOCH_END(e, digest, totals)                       ---------->|  verify, commit the pages:
+       |<---- ACK(e)                                                   |  NOT a checkpoint yet
+       |  ... e+1, e+2, ...: round 1 copies every resident page, each  |
+       |      later round the pages the guest dirtied meanwhile, until |
+       |      a round leaves few dirty pages or the rounds run out     |
        |                                                               |
-       | EPOCH_BEGIN(1, reason) PAGES... VCPU_STATE DEVICE_STATE       |
-       | EPOCH_END(1)                                       ---------->|
-       |<---- ACK(1)                   (outputs of epochs <= 1 leave)  |
+       |   stop-and-copy: epoch s, guest paused, no SYNC flag          |
+       | EPOCH_BEGIN(s, "sync") PAGES... VCPU_STATE DEVICE_STATE       |
+       | EPOCH_END(s)                                       ---------->|  the first checkpoint
+       |<---- ACK(s)                          (the primary is protected)|
+       |                                                               |
+       | EPOCH_BEGIN(s+1, reason) PAGES... VCPU_STATE DEVICE_STATE     |
+       | EPOCH_END(s+1)                                     ---------->|
+       |<---- ACK(s+1)                (outputs of epochs <= s+1 leave) |
        |  ... epoch N ...                                              |
-       | HEARTBEAT(latest epoch)  <--------------------------------->  |  both ways, when idle
-       | BYE(latest epoch)                                  ---------->|  orderly stop: no failover
+       | HEARTBEAT(epoch (1))  <----------------------------------->   |  both ways, when idle
+       | BYE(epoch (1))                                     ---------->|  orderly stop: no failover
 
 Whether epoch N+1 may start before ACK(N) arrives is the protocol's business
-(checkpointer/protocol.py); the wire only fixes the frames and their order
-inside one epoch: EPOCH_BEGIN, then PAGES batches, VCPU_STATE, DEVICE_STATE
-(in that order, each of the last two at most once), then EPOCH_END.
+(checkpointer/protocol.py); so is when a sync happens (once per session, after
+WELCOME: a replica that gets a HELLO of a new session starts from empty
+memory). The wire fixes the frames and their order inside one epoch.
+
+An epoch
+========
+
+Two kinds of epoch, told apart by the SYNC flag of their EPOCH_BEGIN (and the
+``sync`` field of its payload, which must agree):
+
+- SYNC set, a *pre-copy* epoch: EPOCH_BEGIN, PAGES x batches, EPOCH_END. Its
+  pages were read while the guest ran, so they are not a state the guest was
+  ever in as a whole. It carries no VCPU_STATE and no DEVICE_STATE. A replica
+  commits its pages and then has no checkpoint to fail over to until the next
+  consistent epoch. Its reason is always "sync". (The flag's name is
+  historical: read SYNC as "pre-copy, pages only"; the final epoch of a sync
+  does *not* have it.)
+- SYNC clear, a *consistent* epoch (a checkpoint): EPOCH_BEGIN, PAGES x
+  batches, VCPU_STATE, DEVICE_STATE, EPOCH_END, cut with the guest paused.
+  Its reason says what cut it (``EpochReason``); "sync" for the final
+  stop-and-copy of a sync. A replica can fail over to it once committed.
+
+A primary sends these frames in this order, each state frame exactly once.
+What a replica enforces: EPOCH_BEGIN first, for the epoch it expects; every
+frame of the epoch carries its number; PAGES adding up to the pages and
+batches EPOCH_BEGIN announced and EPOCH_END repeats; a VCPU_STATE before
+EPOCH_END of a consistent epoch; the digest. It does not check the order of
+PAGES, VCPU_STATE and DEVICE_STATE among themselves, nor that a state frame
+comes only once (the last one staged is digested), nor whether a pre-copy
+epoch carried state (it is digested, never applied): the digest over what the
+primary sent is what makes those safe.
 
 A frame
 =======
@@ -64,27 +113,84 @@ the payload as a memoryview over the received part, again without a copy.
 Kinds
 =====
 
-======  ============  =========  ================  ==========  =====================================
-value   kind          direction  epoch field       count       payload
-======  ============  =========  ================  ==========  =====================================
-0       INVALID       -          -                 -           never valid on the wire
-1       HELLO         P -> R     0                 0           JSON ``Hello``
-2       WELCOME       R -> P     0                 0           JSON ``Welcome``
-3       EPOCH_BEGIN   P -> R     the epoch         pages       JSON ``EpochBegin``; flags: SYNC
-4       PAGES         P -> R     the epoch         pages       opaque page batch (checkpointer/codec.py);
-                                                               flags belong to that codec
-5       VCPU_STATE    P -> R     the epoch         vCPUs       ``pack_vcpu_states`` binary
-6       DEVICE_STATE  P -> R     the epoch         0           opaque device state
-7       EPOCH_END     P -> R     the epoch         batches     JSON ``EpochEnd``
-8       ACK           R -> P     epoch committed   0           JSON ``Ack``
-9       HEARTBEAT     both       latest epoch (1)  0           empty
-10      REFUSE        R -> P     0                 0           JSON ``Refuse``
-11      BYE           both       latest epoch (1)  0           empty
-======  ============  =========  ================  ==========  =====================================
+``KIND_RULES`` (checkpointer/frames.py) is this table as data; a unit test
+compares the two. "0" in the epoch, count or flags column: the field must be
+0 and ``decode_frame`` rejects anything else (``MalformedFrame``). "(2)": the
+payload decoder checks the field against the payload (``MalformedPayload``).
 
-(1) the primary's latest epoch begun; the replica's latest epoch committed.
-Fields marked 0 must be 0, flags must be 0 unless a kind defines bits, and
+======  ============  =========  ================  ============  =========  ==========================
+value   kind          direction  epoch             count         flags      payload
+======  ============  =========  ================  ============  =========  ==========================
+0       INVALID       -          -                 -             -          never valid on the wire
+1       HELLO         P -> R     0                 0             0          JSON ``Hello``
+2       WELCOME       R -> P     0                 0             0          JSON ``Welcome``
+3       EPOCH_BEGIN   P -> R     the epoch (2)     pages (2)     SYNC (2)   JSON ``EpochBegin``
+4       PAGES         P -> R     the epoch         pages (3)     codec (4)  opaque page batch
+5       VCPU_STATE    P -> R     the epoch         vCPUs (2)     0          vCPU states (5)
+6       DEVICE_STATE  P -> R     the epoch         0             0          opaque device state
+7       EPOCH_END     P -> R     the epoch (2)     batches (2)   0          JSON ``EpochEnd``
+8       ACK           R -> P     epoch committed   0             0          JSON ``Ack``
+9       HEARTBEAT     both       (1)               0             0          empty
+10      REFUSE        R -> P     0                 0             0          JSON ``Refuse``
+11      BYE           both       (1)               0             0          empty
+======  ============  =========  ================  ============  =========  ==========================
+
+(1) From the primary: the epoch its guest is running in (one past the last
+    epoch it began). From the replica: its last committed epoch (0 if none).
+    Informational: no receiver checks it. Only the primary sends BYE today;
+    a primary accepts one.
+(2) Checked against the payload: EPOCH_BEGIN epoch, pages and sync, EPOCH_END
+    epoch and batches, the number of states in VCPU_STATE. ACK's epoch is in
+    the header only.
+(3) The pages in the batch. The replica counts the pages the batch decodes
+    to; the header count is not compared with them.
+(4) Flags of PAGES belong to the page codec (checkpointer/codec.py); the wire
+    passes any.
+(5) ``ring.vcpu_state.pack_vcpu_states``: the layout is in that module.
+
 HEARTBEAT and BYE carry no payload: a receiver rejects anything else.
+
+Control messages
+================
+
+Declared in checkpointer/messages.py; what follows is ``schema.describe`` of
+each (a unit test checks it is current). A payload is one JSON object with
+exactly these keys (compact, sorted keys, ASCII), every key present even when
+its value may be null. Duplicate keys, NaN or Infinity, unknown or missing
+keys, wrong types and values out of range are ``MalformedPayload``; "equals
+header" fields must equal the header field or flag they name.
+
+::
+
+HELLO (Hello)
+    versions        1 to 64 distinct x int in [1, 2^16-1]
+    session         int in [1, 2^64-1]; equals header session
+    slots           1 to 32768 x SlotLayout {slot: u32, guest_phys_addr: u64, size: u64}
+    vcpus           int in [1, 4096]
+    page_size       int in [4096, 2^32-1], a power of two
+    agent           string, at most 1024 characters
+    and slots: no slot id twice, each non-empty and aligned to page_size, none overlapping another.
+WELCOME (Welcome)
+    version         int in [1, 2^16-1]
+    last_epoch      u64, or null
+EPOCH_BEGIN (EpochBegin)
+    epoch           u64; equals header epoch
+    reason          EpochReason: ring_full | dirty_threshold | interval | output | sync
+    pages           u32; equals header count
+    batches         u32
+    sync            bool; equals header flag SYNC
+EPOCH_END (EpochEnd)
+    epoch           u64; equals header epoch
+    digest          16 bytes, as 32 lowercase hex digits
+    pages           u64
+    batches         u32; equals header count
+    raw_bytes       u64
+ACK (Ack)
+    epoch           u64; header epoch only, not in the JSON
+    apply_ns        u64
+REFUSE (Refuse)
+    reason          RefuseReason: no_common_version | bad_key | layout_mismatch | wrong_session | bad_frame | busy
+    detail          string, at most 1024 characters (longer is cut when sent)
 
 Rules
 =====
@@ -93,7 +199,8 @@ Rules
   mismatch is ``BadChecksum``. (They catch corruption and truncation, not an
   attacker: authenticate the transport, e.g. ZeroMQ CURVE.)
 - Size: a receiver refuses a ``payload_len`` above its ``max_payload``
-  (``OversizedFrame``) before reading or hashing the payload.
+  (``OversizedFrame``) before reading or hashing the payload. A JSON payload
+  is at most ``MAX_CONTROL_PAYLOAD`` bytes.
 - Versions: the HELLO lists every version the primary speaks; the replica
   answers WELCOME with the highest common one (``negotiate_version``) or
   REFUSE("no_common_version"). HELLO, WELCOME and REFUSE are always sent with
@@ -107,302 +214,49 @@ Rules
   ``WrongSession``; a seq at or below the last one accepted is
   ``ReplayedFrame``; a seq that skips one is ``OutOfOrderFrame``.
 - Bad frames: a receiver rejects a frame it cannot decode or check with a
-  typed ``WireError`` and never applies any of it. The replica stages an
-  epoch's frames and commits nothing until EPOCH_END arrives and its digest
-  (``checkpointer.codec.EpochDigest``, over the decoded content) and totals match; an epoch with any bad, missing, replayed
-  or reordered frame is discarded whole, so the standby stays at its last
-  complete epoch.
+  typed ``WireError`` and never applies any of it; ``WireError.reason`` is the
+  ``RefuseReason`` a replica answers with. The replica stages an epoch's
+  frames and commits nothing until EPOCH_END arrives and its digest
+  (``checkpointer.codec.EpochDigest``, over the decoded pages, then the
+  VCPU_STATE payload, then the DEVICE_STATE payload, each empty when absent)
+  and totals match; an epoch with any bad, missing, replayed or reordered
+  frame is discarded whole, so the standby stays at its last complete epoch.
 """
 
 from __future__ import annotations
 
-import enum
-import json
-import re
 import secrets
-import struct
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-import xxhash
+from ring import vcpu_state
+from ring.vcpu_state import MAX_MSRS, MAX_VCPU_FIELD, MAX_VCPUS, VcpuState, VcpuStateError
 
-from ring.machine import VcpuState
+from .frames import (HANDSHAKE_KINDS, HANDSHAKE_VERSION, HEADER, HEADER_SIZE, KIND_RULES, MAGIC, MAX_PAYLOAD,
+                     PRIMARY_KINDS, PROTOCOL_VERSION, REPLICA_KINDS, SUPPORTED_VERSIONS, U64, BadChecksum, BadMagic,
+                     EpochReason, Flag, Frame, Kind, KindRule, MalformedFrame, MalformedPayload, OutOfOrderFrame,
+                     OversizedFrame, RefuseReason, ReplayedFrame, TruncatedFrame, UnexpectedKind, UnknownKind,
+                     UnsupportedVersion, WireError, WrongSession, decode_frame, encode_frame, frame_where, kind_name)
+from .messages import MAX_SLOTS, Ack, EpochBegin, EpochEnd, Hello, Message, Refuse, SlotLayout, Welcome
+from .schema import MAX_CONTROL_PAYLOAD, MAX_TEXT, Packed, declared_messages, pack, unpack
 
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "HANDSHAKE_VERSION", "SUPPORTED_VERSIONS", "HEADER", "HEADER_SIZE",
-    "MAX_PAYLOAD", "Kind", "Flag", "PRIMARY_KINDS", "REPLICA_KINDS", "HANDSHAKE_KINDS", "Message", "Frame", "encode_frame", "decode_frame", "FrameGuard", "FrameWriter",
-    "negotiate_version", "SlotLayout", "Hello", "Welcome", "EpochBegin", "EpochEnd", "Ack", "Refuse",
-    "EPOCH_REASONS", "REFUSE_REASONS", "pack_message", "decode_payload", "pack_vcpu_states",
-    "unpack_vcpu_states", "WireError", "TruncatedFrame", "MalformedFrame", "BadMagic",
-    "UnsupportedVersion", "BadChecksum", "UnknownKind", "UnexpectedKind", "OversizedFrame",
-    "MalformedPayload", "ReplayedFrame", "OutOfOrderFrame", "WrongSession",
+    "MAX_PAYLOAD", "MAX_CONTROL_PAYLOAD", "MAX_TEXT", "MAX_SLOTS", "Kind", "Flag", "KindRule", "KIND_RULES",
+    "PRIMARY_KINDS", "REPLICA_KINDS", "HANDSHAKE_KINDS", "Frame", "encode_frame", "decode_frame",
+    "FrameGuard", "FrameWriter", "negotiate_version",
+    "Message", "SlotLayout", "Hello", "Welcome", "EpochBegin", "EpochEnd", "Ack", "Refuse", "EpochReason",
+    "RefuseReason", "EPOCH_REASONS", "REFUSE_REASONS", "Packed", "pack_message", "decode_payload",
+    "declared_messages",
+    "WireError", "TruncatedFrame", "MalformedFrame", "BadMagic", "UnsupportedVersion", "BadChecksum",
+    "UnknownKind", "UnexpectedKind", "OversizedFrame", "MalformedPayload", "ReplayedFrame", "OutOfOrderFrame",
+    "WrongSession",
+    # to be removed once callers use ring.vcpu_state directly:
+    "VcpuState", "pack_vcpu_states", "unpack_vcpu_states", "MAX_VCPUS", "MAX_VCPU_FIELD", "MAX_MSRS",
 ]
 
-MAGIC = int.from_bytes(b"CRNG", "little")
-PROTOCOL_VERSION = 1
-HANDSHAKE_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
-
-#: magic, version, kind, session, seq, epoch, count, flags, payload_len, payload_checksum, header_checksum
-HEADER = struct.Struct("<IHHQQQIIQQQ")
-HEADER_SIZE = HEADER.size
-_CHECKED = HEADER_SIZE - 8          # header bytes covered by header_checksum
-_PREFIX = struct.Struct("<IH")      # magic and version: stable across versions
-assert HEADER_SIZE == 64
-
-MAX_PAYLOAD = 64 << 20              # default receiver limit on payload_len
-MAX_CONTROL_PAYLOAD = 1 << 20       # JSON control payloads are small
-MAX_VCPUS = 4096                    # KVM_MAX_VCPUS on x86-64 is 4096
-MAX_VCPU_FIELD = 1 << 20            # any single vCPU state blob (xsave is a few KiB)
-MAX_MSRS = 4096
-MAX_SLOTS = 32768                   # KVM_MEM_SLOTS_NUM on x86-64
-MAX_TEXT = 1024
-
-_U16, _U32, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
-
-
-# --- errors -------------------------------------------------------------------
-
-
-class WireError(ValueError):
-    """A frame or payload the wire format does not accept. Nothing of it may be applied.
-
-    ``reason`` is the REFUSE reason code a replica answers with when the frame
-    ends the session.
-    """
-
-    reason = "bad_frame"
-
-
-class TruncatedFrame(WireError):
-    """A part is missing, the header is short, or the payload is shorter than declared."""
-
-
-class MalformedFrame(WireError):
-    """The frame's shape is wrong: extra parts, a long header, a non-buffer part, bad header fields."""
-
-
-class BadMagic(WireError):
-    """The header does not start with b"CRNG": not a colo-ring frame."""
-
-
-class UnsupportedVersion(WireError):
-    """A version this side does not speak, or no version in common with the peer."""
-
-    reason = "no_common_version"
-
-
-class BadChecksum(WireError):
-    """The header or payload checksum does not match: the frame was corrupted."""
-
-
-class UnknownKind(WireError):
-    """The kind is not a Kind of this version, or is 0 (INVALID)."""
-
-
-class UnexpectedKind(WireError):
-    """A valid kind that this receiver does not accept (wrong direction)."""
-
-
-class OversizedFrame(WireError):
-    """payload_len is above the receiver's max_payload."""
-
-
-class MalformedPayload(WireError):
-    """A payload does not parse, has wrong types, missing or unknown keys, or contradicts its header."""
-
-
-class ReplayedFrame(WireError):
-    """A seq at or below the last one accepted in this session."""
-
-
-class OutOfOrderFrame(WireError):
-    """A seq that skips past the next expected one (a frame was lost or reordered)."""
-
-
-class WrongSession(WireError):
-    """A frame of another (or a retired) session, or a frame before any HELLO."""
-
-    reason = "wrong_session"
-
-
-# --- kinds and frames ---------------------------------------------------------------
-
-
-class Kind(enum.IntEnum):
-    """Frame kinds; see the kinds table in the module docstring."""
-
-    INVALID = 0
-    HELLO = 1
-    WELCOME = 2
-    EPOCH_BEGIN = 3
-    PAGES = 4
-    VCPU_STATE = 5
-    DEVICE_STATE = 6
-    EPOCH_END = 7
-    ACK = 8
-    HEARTBEAT = 9
-    REFUSE = 10
-    BYE = 11
-
-
-class Flag(enum.IntFlag):
-    """Header flag bits of the kinds that define any (PAGES flags belong to the page codec)."""
-
-    SYNC = 1        # EPOCH_BEGIN: this epoch is a full sync (the initial one)
-
-
-#: Kinds each side sends. A replica accepts PRIMARY_KINDS, a primary REPLICA_KINDS.
-PRIMARY_KINDS = frozenset({Kind.HELLO, Kind.EPOCH_BEGIN, Kind.PAGES, Kind.VCPU_STATE, Kind.DEVICE_STATE,
-                           Kind.EPOCH_END, Kind.HEARTBEAT, Kind.BYE})
-REPLICA_KINDS = frozenset({Kind.WELCOME, Kind.ACK, Kind.HEARTBEAT, Kind.REFUSE, Kind.BYE})
-HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.WELCOME, Kind.REFUSE})
-_KIND_VALUES = frozenset(int(k) for k in Kind)
-
-_ZERO_EPOCH = frozenset({Kind.HELLO, Kind.WELCOME, Kind.REFUSE})
-_ZERO_COUNT = frozenset({Kind.HELLO, Kind.WELCOME, Kind.DEVICE_STATE, Kind.ACK, Kind.HEARTBEAT,
-                         Kind.REFUSE, Kind.BYE})
-_EMPTY_PAYLOAD = frozenset({Kind.HEARTBEAT, Kind.BYE})
-_ALLOWED_FLAGS = {Kind.EPOCH_BEGIN: int(Flag.SYNC), Kind.PAGES: _U32}
-
-
-def _kind_name(kind: int) -> str:
-    try:
-        return Kind(kind).name
-    except ValueError:
-        return f"kind {kind}"
-
-
-def _where(kind: int, epoch: int, seq: int) -> str:
-    return f"{_kind_name(kind)} epoch {epoch} seq {seq}"
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One decoded (or to-be-encoded) frame. ``payload`` is any contiguous bytes-like object."""
-
-    kind: Kind
-    session: int
-    seq: int
-    epoch: int = 0
-    count: int = 0
-    flags: int = 0
-    payload: Any = b""
-    version: int = PROTOCOL_VERSION
-
-    def __str__(self) -> str:
-        return f"{_where(self.kind, self.epoch, self.seq)} session {self.session:#x}"
-
-
-def _byte_view(obj: Any, what: str) -> memoryview:
-    """A flat unsigned-byte view of ``obj`` without copying it."""
-    try:
-        view = memoryview(obj)
-    except TypeError:
-        raise MalformedFrame(f"{what} is a {type(obj).__name__}, not a bytes-like object") from None
-    if not view.c_contiguous:
-        raise MalformedFrame(f"{what} is not a C-contiguous buffer")
-    if view.nbytes == 0:
-        return memoryview(b"")
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view
-
-
-def _check_header_rules(kind: Kind, epoch: int, count: int, flags: int, payload_len: int, where: str) -> None:
-    if kind in _ZERO_EPOCH and epoch:
-        raise MalformedFrame(f"epoch must be 0 on {where}")
-    if kind in _ZERO_COUNT and count:
-        raise MalformedFrame(f"count must be 0 on {where}, got {count}")
-    unknown = flags & ~_ALLOWED_FLAGS.get(kind, 0)
-    if unknown:
-        raise MalformedFrame(f"unknown flags {unknown:#x} on {where}")
-    if kind in _EMPTY_PAYLOAD and payload_len:
-        raise MalformedFrame(f"{where} must have an empty payload, got {payload_len} bytes")
-
-
-def encode_frame(frame: Frame) -> list:
-    """The two parts of ``frame``: ``[header bytes, the payload object itself]``.
-
-    The payload is hashed, never copied; send with ``send_multipart(parts,
-    copy=False)``. Raises a WireError for a frame a receiver would reject.
-    """
-    try:
-        kind = Kind(frame.kind)
-    except ValueError:
-        raise UnknownKind(f"cannot encode unknown kind {frame.kind!r}") from None
-    where = _where(kind, frame.epoch, frame.seq)
-    if kind is Kind.INVALID:
-        raise UnknownKind(f"cannot encode kind 0 (INVALID), {where}")
-    for name, value, top in (("version", frame.version, _U16), ("session", frame.session, _U64),
-                             ("seq", frame.seq, _U64), ("epoch", frame.epoch, _U64),
-                             ("count", frame.count, _U32), ("flags", frame.flags, _U32)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
-            raise MalformedFrame(f"{name} {value!r} out of range on {where}")
-    if frame.session == 0:
-        raise MalformedFrame(f"session 0 is reserved, on {where}")
-    view = _byte_view(frame.payload, f"payload of {where}")
-    _check_header_rules(kind, frame.epoch, frame.count, frame.flags, view.nbytes, where)
-    head = HEADER.pack(MAGIC, frame.version, kind, frame.session, frame.seq, frame.epoch, frame.count,
-                       frame.flags, view.nbytes, xxhash.xxh3_64_intdigest(view), 0)[:_CHECKED]
-    return [head + xxhash.xxh3_64_intdigest(head).to_bytes(8, "little"), frame.payload]
-
-
-def decode_frame(parts: Sequence[Any], *, max_payload: int = MAX_PAYLOAD,
-                 supported: Iterable[int] = SUPPORTED_VERSIONS) -> Frame:
-    """Check and decode one received multipart message. Raises only WireError subclasses.
-
-    Order of checks: part count, magic, version, header length, header
-    checksum, kind, header rules, payload size, payload checksum. The payload
-    of the returned Frame is a memoryview over the received part (no copy).
-    """
-    try:
-        n = len(parts)
-    except TypeError:
-        raise MalformedFrame(f"a frame is a sequence of 2 parts, got a {type(parts).__name__}") from None
-    if n < 2:
-        raise TruncatedFrame(f"frame has {n} part(s), expected 2 (header, payload)")
-    if n > 2:
-        raise MalformedFrame(f"frame has {n} parts, expected 2 (header, payload)")
-    header = _byte_view(parts[0], "header part")
-    payload = _byte_view(parts[1], "payload part")
-    size = header.nbytes
-    if size < _PREFIX.size:
-        raise TruncatedFrame(f"header is {size} bytes, expected {HEADER_SIZE}")
-    magic, version = _PREFIX.unpack_from(header)
-    if magic != MAGIC:
-        raise BadMagic(f"bad magic {bytes(header[:4])!r}, expected b'CRNG': not a colo-ring frame")
-    supported = tuple(supported)
-    if version not in supported and version != HANDSHAKE_VERSION:
-        raise UnsupportedVersion(f"frame version {version} not supported; supported: {sorted(supported)}")
-    if size < HEADER_SIZE:
-        raise TruncatedFrame(f"header is {size} bytes, expected {HEADER_SIZE}")
-    if size > HEADER_SIZE:
-        raise MalformedFrame(f"header is {size} bytes, expected {HEADER_SIZE}")
-    (_, _, kind, session, seq, epoch, count, flags, payload_len, payload_sum,
-     header_sum) = HEADER.unpack_from(header)
-    where = _where(kind, epoch, seq)
-    if xxhash.xxh3_64_intdigest(header[:_CHECKED]) != header_sum:
-        raise BadChecksum(f"header checksum mismatch on {where}")
-    if kind not in _KIND_VALUES or kind == Kind.INVALID:
-        raise UnknownKind(f"unknown frame kind {kind} (seq {seq}, epoch {epoch})"
-                          if kind else f"kind 0 (INVALID) is reserved, seq {seq} epoch {epoch}")
-    kind = Kind(kind)
-    if version not in supported and kind not in HANDSHAKE_KINDS:
-        raise UnsupportedVersion(f"frame version {version} not supported for {where}; "
-                                 f"supported: {sorted(supported)}")
-    if session == 0:
-        raise MalformedFrame(f"session 0 is reserved, on {where}")
-    _check_header_rules(kind, epoch, count, flags, payload_len, where)
-    if payload_len > max_payload:
-        raise OversizedFrame(f"payload of {where} is {payload_len} bytes, limit {max_payload}")
-    if payload.nbytes < payload_len:
-        raise TruncatedFrame(f"payload of {where} is {payload.nbytes} bytes, header says {payload_len}")
-    if payload.nbytes > payload_len:
-        raise MalformedFrame(f"payload of {where} is {payload.nbytes} bytes, header says {payload_len}")
-    if xxhash.xxh3_64_intdigest(payload) != payload_sum:
-        raise BadChecksum(f"payload checksum mismatch on {where}")
-    return Frame(kind, session, seq, epoch, count, flags, payload, version)
+#: Deprecated: the values of EpochReason and RefuseReason, for callers that still test strings.
+EPOCH_REASONS: tuple[str, ...] = tuple(r.value for r in EpochReason)
+REFUSE_REASONS: tuple[str, ...] = tuple(r.value for r in RefuseReason)
 
 
 # --- session and order ----------------------------------------------------------------
@@ -440,9 +294,9 @@ class FrameGuard:
 
     def check(self, frame: Frame) -> bool:
         """Accept ``frame`` or raise. Returns True when it started a new session."""
-        where = f"{_where(frame.kind, frame.epoch, frame.seq)} session {frame.session:#x}"
+        where = f"{frame_where(frame.kind, frame.epoch, frame.seq)} session {frame.session:#x}"
         if self.accept is not None and frame.kind not in self.accept:
-            raise UnexpectedKind(f"{where}: this side does not accept {_kind_name(frame.kind)} frames")
+            raise UnexpectedKind(f"{where}: this side does not accept {kind_name(frame.kind)} frames")
         if frame.session in self._retired:
             raise WrongSession(f"{where}: session is retired (its primary restarted)")
         new = frame.session != self.session
@@ -476,7 +330,7 @@ class FrameWriter:
     def __init__(self, session: int | None = None, version: int = PROTOCOL_VERSION) -> None:
         while session is None or session == 0:
             session = secrets.randbits(64)
-        if not 0 < session <= _U64:
+        if not 0 < session <= U64:
             raise MalformedFrame(f"session {session!r} out of range")
         self.session = session
         self.version = version
@@ -489,9 +343,9 @@ class FrameWriter:
         self.next_seq += 1
         return parts
 
-    def message(self, msg: "Message") -> list:
-        """The parts of a control message (Hello, Welcome, EpochBegin, EpochEnd, Ack, Refuse)."""
-        kind, epoch, count, flags, payload = pack_message(msg)
+    def message(self, msg: Message) -> list:
+        """The parts of a control message; a HELLO must carry this writer's session."""
+        kind, epoch, count, flags, payload = pack(msg, session=self.session)
         return self.frame(kind, epoch, count, payload, flags)
 
 
@@ -504,280 +358,22 @@ def negotiate_version(offered: Iterable[int], supported: Iterable[int] = SUPPORT
     return max(common)
 
 
-# --- control payloads -------------------------------------------------------------------
-
-EPOCH_REASONS = ("ring_full", "dirty_threshold", "interval", "output", "sync")
-REFUSE_REASONS = ("no_common_version", "bad_key", "layout_mismatch", "wrong_session", "bad_frame", "busy")
-_HEX_DIGEST = re.compile(r"[0-9a-f]{32}")
+# --- payloads -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SlotLayout:
-    """One guest memory slot, as the replica must reproduce it."""
-
-    slot: int
-    guest_phys_addr: int
-    size: int
-
-
-@dataclass(frozen=True)
-class Hello:
-    versions: tuple[int, ...]
-    session: int
-    slots: tuple[SlotLayout, ...]
-    vcpus: int
-    page_size: int = 4096
-    agent: str = ""
-
-
-@dataclass(frozen=True)
-class Welcome:
-    version: int
-    last_epoch: int | None = None        # the replica's last committed epoch, None if it has none
-
-
-@dataclass(frozen=True)
-class EpochBegin:
-    epoch: int
-    reason: str
-    pages: int
-    batches: int
-    sync: bool = False
-
-
-@dataclass(frozen=True)
-class EpochEnd:
-    epoch: int
-    digest: bytes                        # codec.EpochDigest of the epoch's decoded content
-    pages: int
-    batches: int
-    raw_bytes: int
-
-
-@dataclass(frozen=True)
-class Ack:
-    epoch: int
-    apply_ns: int = 0                    # how long the replica took to commit the epoch
-
-
-@dataclass(frozen=True)
-class Refuse:
-    reason: str
-    detail: str = ""
-
-
-Message = Hello | Welcome | EpochBegin | EpochEnd | Ack | Refuse
-
-
-def _dump(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
-
-
-def _no_duplicates(pairs: list) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise MalformedPayload(f"duplicate key in {sorted(k for k, _ in pairs)}")
-    return out
-
-
-def _reject_constant(name: str) -> None:
-    raise MalformedPayload(f"{name} is not valid JSON here")
-
-
-def _load(data: Any, what: str, keys: set[str], optional: frozenset[str] = frozenset()) -> dict:
-    view = _byte_view(data, f"{what} payload")
-    if view.nbytes > MAX_CONTROL_PAYLOAD:
-        raise MalformedPayload(f"{what} payload is {view.nbytes} bytes, limit {MAX_CONTROL_PAYLOAD}")
-    try:
-        obj = json.loads(bytes(view).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
-    except MalformedPayload as err:
-        raise MalformedPayload(f"{what} payload: {err}") from None
-    except (ValueError, RecursionError) as err:
-        raise MalformedPayload(f"{what} payload is not JSON: {err}") from None
-    if not isinstance(obj, dict):
-        raise MalformedPayload(f"{what} payload must be a JSON object, got {type(obj).__name__}")
-    missing = keys - optional - obj.keys()
-    unknown = obj.keys() - keys
-    if missing:
-        raise MalformedPayload(f"{what} payload lacks {sorted(missing)}")
-    if unknown:
-        raise MalformedPayload(f"{what} payload has unknown keys {sorted(unknown)}")
-    return obj
-
-
-def _int(obj: dict, key: str, what: str, lo: int = 0, hi: int = _U64) -> int:
-    value = obj[key]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise MalformedPayload(f"{what} {key} must be an integer, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise MalformedPayload(f"{what} {key} {value} out of range [{lo}, {hi}]")
-    return value
-
-
-def _str(obj: dict, key: str, what: str, choices: Sequence[str] | None = None) -> str:
-    value = obj[key]
-    if not isinstance(value, str) or len(value) > MAX_TEXT:
-        raise MalformedPayload(f"{what} {key} must be a string of at most {MAX_TEXT} characters")
-    if choices is not None and value not in choices:
-        raise MalformedPayload(f"{what} {key} {value!r} is not one of {list(choices)}")
-    return value
-
-
-def _bool(obj: dict, key: str, what: str) -> bool:
-    value = obj[key]
-    if not isinstance(value, bool):
-        raise MalformedPayload(f"{what} {key} must be true or false, got {type(value).__name__}")
-    return value
-
-
-def _list(obj: dict, key: str, what: str, limit: int) -> list:
-    value = obj[key]
-    if not isinstance(value, list) or not 0 < len(value) <= limit:
-        raise MalformedPayload(f"{what} {key} must be a list of 1 to {limit} items")
-    return value
-
-
-def _validate_hello(h: Hello) -> Hello:
-    w = "HELLO"
-    if not h.versions or len(set(h.versions)) != len(h.versions):
-        raise MalformedPayload(f"{w} versions must be a non-empty list without duplicates, got {list(h.versions)}")
-    if not 0 < h.session <= _U64:
-        raise MalformedPayload(f"{w} session must be a non-zero u64")
-    if h.page_size < 4096 or h.page_size & (h.page_size - 1):
-        raise MalformedPayload(f"{w} page_size {h.page_size} is not a power of two >= 4096")
-    if not 0 < h.vcpus <= MAX_VCPUS:
-        raise MalformedPayload(f"{w} vcpus {h.vcpus} out of range [1, {MAX_VCPUS}]")
-    end = -1
-    ids = set()
-    for s in sorted(h.slots, key=lambda s: s.guest_phys_addr):
-        if s.slot in ids:
-            raise MalformedPayload(f"{w} slot {s.slot} listed twice")
-        ids.add(s.slot)
-        if s.size <= 0 or s.size % h.page_size or s.guest_phys_addr % h.page_size:
-            raise MalformedPayload(f"{w} slot {s.slot} (gpa {s.guest_phys_addr:#x}, size {s.size:#x}) is "
-                                   f"empty or not aligned to page_size {h.page_size}")
-        if s.guest_phys_addr <= end:
-            raise MalformedPayload(f"{w} slot {s.slot} at {s.guest_phys_addr:#x} overlaps another slot")
-        end = s.guest_phys_addr + s.size - 1
-    return h
-
-
-def pack_message(msg: Message) -> tuple[Kind, int, int, int, bytes]:
+def pack_message(msg: Message) -> Packed:
     """(kind, epoch, count, flags, payload) of a control message, header fields consistent with it."""
-    if isinstance(msg, Hello):
-        _validate_hello(msg)
-        slots = [{"slot": s.slot, "guest_phys_addr": s.guest_phys_addr, "size": s.size} for s in msg.slots]
-        body = {"versions": list(msg.versions), "session": msg.session, "slots": slots, "vcpus": msg.vcpus,
-                "page_size": msg.page_size, "agent": msg.agent}
-        return Kind.HELLO, 0, 0, 0, _dump(body)
-    if isinstance(msg, Welcome):
-        return Kind.WELCOME, 0, 0, 0, _dump({"version": msg.version, "last_epoch": msg.last_epoch})
-    if isinstance(msg, EpochBegin):
-        if msg.reason not in EPOCH_REASONS:
-            raise MalformedPayload(f"EPOCH_BEGIN reason {msg.reason!r} is not one of {list(EPOCH_REASONS)}")
-        body = {"epoch": msg.epoch, "reason": msg.reason, "pages": msg.pages, "batches": msg.batches,
-                "sync": bool(msg.sync)}
-        return Kind.EPOCH_BEGIN, msg.epoch, msg.pages, int(Flag.SYNC) if msg.sync else 0, _dump(body)
-    if isinstance(msg, EpochEnd):
-        if len(msg.digest) != 16:
-            raise MalformedPayload(f"EPOCH_END digest must be 16 bytes, got {len(msg.digest)}")
-        body = {"epoch": msg.epoch, "digest": bytes(msg.digest).hex(), "pages": msg.pages,
-                "batches": msg.batches, "raw_bytes": msg.raw_bytes}
-        return Kind.EPOCH_END, msg.epoch, msg.batches, 0, _dump(body)
-    if isinstance(msg, Ack):
-        return Kind.ACK, msg.epoch, 0, 0, _dump({"apply_ns": msg.apply_ns})
-    if isinstance(msg, Refuse):
-        if msg.reason not in REFUSE_REASONS:
-            raise MalformedPayload(f"REFUSE reason {msg.reason!r} is not one of {list(REFUSE_REASONS)}")
-        return Kind.REFUSE, 0, 0, 0, _dump({"reason": msg.reason, "detail": msg.detail[:MAX_TEXT]})
-    raise TypeError(f"not a control message: {type(msg).__name__}")
+    return pack(msg)
 
 
-def _unpack_hello(frame: Frame) -> Hello:
-    w = "HELLO"
-    obj = _load(frame.payload, w, {"versions", "session", "slots", "vcpus", "page_size", "agent"})
-    versions = _list(obj, "versions", w, 64)
-    for v in versions:
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= _U16:
-            raise MalformedPayload(f"{w} versions must be integers in [1, {_U16}], got {v!r}")
-    slots = []
-    for item in _list(obj, "slots", w, MAX_SLOTS):
-        if not isinstance(item, dict) or item.keys() != {"slot", "guest_phys_addr", "size"}:
-            raise MalformedPayload(f"{w} slots must be objects with slot, guest_phys_addr and size")
-        slots.append(SlotLayout(_int(item, "slot", w, hi=_U32), _int(item, "guest_phys_addr", w),
-                                _int(item, "size", w)))
-    hello = Hello(tuple(versions), _int(obj, "session", w), tuple(slots), _int(obj, "vcpus", w, hi=_U32),
-                  _int(obj, "page_size", w, hi=_U32), _str(obj, "agent", w))
-    _validate_hello(hello)
-    if hello.session != frame.session:
-        raise MalformedPayload(f"HELLO payload session {hello.session:#x} differs from its header's "
-                               f"{frame.session:#x}")
-    return hello
-
-
-def _unpack_welcome(frame: Frame) -> Welcome:
-    obj = _load(frame.payload, "WELCOME", {"version", "last_epoch"})
-    last = None if obj["last_epoch"] is None else _int(obj, "last_epoch", "WELCOME")
-    return Welcome(_int(obj, "version", "WELCOME", lo=1, hi=_U16), last)
-
-
-def _check_epoch(what: str, payload_epoch: int, frame: Frame) -> None:
-    if payload_epoch != frame.epoch:
-        raise MalformedPayload(f"{what} payload epoch {payload_epoch} differs from header epoch {frame.epoch} "
-                               f"(seq {frame.seq})")
-
-
-def _unpack_epoch_begin(frame: Frame) -> EpochBegin:
-    w = "EPOCH_BEGIN"
-    obj = _load(frame.payload, w, {"epoch", "reason", "pages", "batches", "sync"})
-    msg = EpochBegin(_int(obj, "epoch", w), _str(obj, "reason", w, EPOCH_REASONS), _int(obj, "pages", w, hi=_U32),
-                     _int(obj, "batches", w, hi=_U32), _bool(obj, "sync", w))
-    _check_epoch(w, msg.epoch, frame)
-    if msg.pages != frame.count:
-        raise MalformedPayload(f"{w} epoch {msg.epoch}: payload pages {msg.pages} differ from header count "
-                               f"{frame.count}")
-    if msg.sync != bool(frame.flags & Flag.SYNC):
-        raise MalformedPayload(f"{w} epoch {msg.epoch}: payload sync {msg.sync} disagrees with the SYNC flag")
-    return msg
-
-
-def _unpack_epoch_end(frame: Frame) -> EpochEnd:
-    w = "EPOCH_END"
-    obj = _load(frame.payload, w, {"epoch", "digest", "pages", "batches", "raw_bytes"})
-    digest = _str(obj, "digest", w)
-    if not _HEX_DIGEST.fullmatch(digest):
-        raise MalformedPayload(f"{w} digest must be 32 lowercase hex digits, got {digest[:40]!r}")
-    msg = EpochEnd(_int(obj, "epoch", w), bytes.fromhex(digest), _int(obj, "pages", w),
-                   _int(obj, "batches", w, hi=_U32), _int(obj, "raw_bytes", w))
-    _check_epoch(w, msg.epoch, frame)
-    if msg.batches != frame.count:
-        raise MalformedPayload(f"{w} epoch {msg.epoch}: payload batches {msg.batches} differ from header count "
-                               f"{frame.count}")
-    return msg
-
-
-def _unpack_ack(frame: Frame) -> Ack:
-    return Ack(frame.epoch, _int(_load(frame.payload, "ACK", {"apply_ns"}), "apply_ns", "ACK"))
-
-
-def _unpack_refuse(frame: Frame) -> Refuse:
-    obj = _load(frame.payload, "REFUSE", {"reason", "detail"})
-    return Refuse(_str(obj, "reason", "REFUSE", REFUSE_REASONS), _str(obj, "detail", "REFUSE"))
-
-
-def _unpack_vcpus(frame: Frame) -> list[VcpuState]:
-    states = unpack_vcpu_states(frame.payload)
+def _decode_vcpu_states(frame: Frame) -> list[VcpuState]:
+    try:
+        states = vcpu_state.unpack_vcpu_states(frame.payload)
+    except VcpuStateError as err:
+        raise MalformedPayload(f"VCPU_STATE epoch {frame.epoch}: {err}") from None
     if len(states) != frame.count:
         raise MalformedPayload(f"VCPU_STATE epoch {frame.epoch}: {len(states)} states, header count {frame.count}")
     return states
-
-
-_PAYLOAD_DECODERS = {
-    Kind.HELLO: _unpack_hello, Kind.WELCOME: _unpack_welcome, Kind.EPOCH_BEGIN: _unpack_epoch_begin,
-    Kind.EPOCH_END: _unpack_epoch_end, Kind.ACK: _unpack_ack, Kind.REFUSE: _unpack_refuse,
-    Kind.VCPU_STATE: _unpack_vcpus,
-}
 
 
 def decode_payload(frame: Frame) -> Any:
@@ -788,96 +384,31 @@ def decode_payload(frame: Frame) -> Any:
     PAGES and DEVICE_STATE -> the payload unchanged (opaque here), HEARTBEAT and
     BYE -> None. Raises only WireError subclasses (MalformedPayload).
     """
-    decoder = _PAYLOAD_DECODERS.get(frame.kind)
-    if decoder is not None:
-        return decoder(frame)
+    if frame.kind in declared_messages():
+        return unpack(frame)
+    if frame.kind == Kind.VCPU_STATE:
+        return _decode_vcpu_states(frame)
     if frame.kind in (Kind.PAGES, Kind.DEVICE_STATE):
         return frame.payload
-    if frame.kind in _EMPTY_PAYLOAD:
+    if frame.kind in KIND_RULES and KIND_RULES[frame.kind].empty:
         return None
-    raise UnknownKind(f"no payload decoder for {_kind_name(frame.kind)}")
+    raise UnknownKind(f"no payload decoder for {kind_name(frame.kind)}")
 
 
-# --- vCPU state -----------------------------------------------------------------------------
-#
-#   u32 count
-#   count x:  u32 index
-#             8 x (u32 length, bytes)   regs sregs fpu xsave xcrs events debugregs cpuid
-#             u32 nmsrs, nmsrs x (u32 msr index, u64 value), in increasing msr index
-
-_VCPU_BLOBS = ("regs", "sregs", "fpu", "xsave", "xcrs", "events", "debugregs", "cpuid")
-_U32S = struct.Struct("<I")
-_MSR = struct.Struct("<IQ")
+# --- vCPU state: kept for callers that still import it from here -------------------------------
 
 
 def pack_vcpu_states(states: Sequence[VcpuState]) -> bytes:
-    """The VCPU_STATE payload of ``states`` (deterministic: MSRs sorted by index)."""
-    if len(states) > MAX_VCPUS:
-        raise MalformedPayload(f"{len(states)} vCPU states, limit {MAX_VCPUS}")
-    out = [_U32S.pack(len(states))]
-    seen = set()
-    for st in states:
-        if not 0 <= st.index <= _U32 or st.index in seen:
-            raise MalformedPayload(f"vCPU index {st.index} is out of range or repeated")
-        seen.add(st.index)
-        out.append(_U32S.pack(st.index))
-        for name in _VCPU_BLOBS:
-            blob = bytes(getattr(st, name))
-            if len(blob) > MAX_VCPU_FIELD:
-                raise MalformedPayload(f"vCPU {st.index} {name} is {len(blob)} bytes, limit {MAX_VCPU_FIELD}")
-            out += (_U32S.pack(len(blob)), blob)
-        if len(st.msrs) > MAX_MSRS:
-            raise MalformedPayload(f"vCPU {st.index} has {len(st.msrs)} MSRs, limit {MAX_MSRS}")
-        out.append(_U32S.pack(len(st.msrs)))
-        for msr, value in sorted(st.msrs.items()):
-            if not (0 <= msr <= _U32 and 0 <= value <= _U64):
-                raise MalformedPayload(f"vCPU {st.index} MSR {msr:#x} = {value:#x} out of range")
-            out.append(_MSR.pack(msr, value))
-    return b"".join(out)
+    """Deprecated: use ring.vcpu_state.pack_vcpu_states (raises VcpuStateError, not MalformedPayload)."""
+    try:
+        return vcpu_state.pack_vcpu_states(states)
+    except VcpuStateError as err:
+        raise MalformedPayload(str(err)) from None
 
 
 def unpack_vcpu_states(data: Any) -> list[VcpuState]:
-    """The vCPU states of a VCPU_STATE payload; MalformedPayload on anything off."""
-    view = _byte_view(data, "VCPU_STATE payload")
-    pos = 0
-
-    def take(n: int, what: str) -> memoryview:
-        nonlocal pos
-        if pos + n > view.nbytes:
-            raise MalformedPayload(f"VCPU_STATE payload truncated reading {what} at byte {pos} "
-                                   f"(needs {n}, {view.nbytes - pos} left)")
-        chunk = view[pos:pos + n]
-        pos += n
-        return chunk
-
-    def u32(what: str) -> int:
-        return _U32S.unpack(take(4, what))[0]
-
-    count = u32("count")
-    if count > MAX_VCPUS:
-        raise MalformedPayload(f"VCPU_STATE count {count} exceeds {MAX_VCPUS}")
-    states = []
-    seen = set()
-    for _ in range(count):
-        index = u32("vCPU index")
-        if index in seen:
-            raise MalformedPayload(f"VCPU_STATE lists vCPU {index} twice")
-        seen.add(index)
-        blobs = {}
-        for name in _VCPU_BLOBS:
-            size = u32(f"vCPU {index} {name} length")
-            if size > MAX_VCPU_FIELD:
-                raise MalformedPayload(f"vCPU {index} {name} length {size} exceeds {MAX_VCPU_FIELD}")
-            blobs[name] = bytes(take(size, f"vCPU {index} {name}"))
-        nmsrs = u32(f"vCPU {index} MSR count")
-        if nmsrs > MAX_MSRS:
-            raise MalformedPayload(f"vCPU {index} MSR count {nmsrs} exceeds {MAX_MSRS}")
-        msrs: dict[int, int] = {}
-        for msr, value in _MSR.iter_unpack(take(nmsrs * _MSR.size, f"vCPU {index} MSRs")):
-            if msr in msrs:
-                raise MalformedPayload(f"vCPU {index} lists MSR {msr:#x} twice")
-            msrs[msr] = value
-        states.append(VcpuState(index=index, msrs=msrs, **blobs))
-    if pos != view.nbytes:
-        raise MalformedPayload(f"VCPU_STATE payload has {view.nbytes - pos} trailing bytes")
-    return states
+    """Deprecated: use ring.vcpu_state.unpack_vcpu_states, or decode_payload on a VCPU_STATE frame."""
+    try:
+        return vcpu_state.unpack_vcpu_states(data)
+    except VcpuStateError as err:
+        raise MalformedPayload(f"VCPU_STATE payload: {err}") from None

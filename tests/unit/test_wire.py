@@ -1,8 +1,11 @@
-"""Unit tests of checkpointer/wire.py: frames, guards, control payloads, vCPU state."""
+"""Unit tests of the wire format (checkpointer/wire.py and the modules behind it): frames, guards, the
+declared control messages, vCPU state (ring/vcpu_state.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import struct
 
 import numpy as np
@@ -12,14 +15,16 @@ import zmq
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from checkpointer import wire
-from checkpointer.wire import (HEADER, HEADER_SIZE, MAGIC, PRIMARY_KINDS, REPLICA_KINDS, Ack, BadChecksum, BadMagic,
-                               EpochBegin, EpochEnd, Flag, Frame, FrameGuard, FrameWriter, Hello, Kind,
-                               MalformedFrame, MalformedPayload, OutOfOrderFrame, OversizedFrame, Refuse,
-                               ReplayedFrame, SlotLayout, TruncatedFrame, UnexpectedKind, UnknownKind,
+from checkpointer import schema, wire
+from checkpointer.schema import Bool, Choice, HexBytes, Int, ListOf, Nested, Spec, Text
+from checkpointer.wire import (HEADER, HEADER_SIZE, KIND_RULES, MAGIC, PRIMARY_KINDS, REPLICA_KINDS, Ack, BadChecksum,
+                               BadMagic, EpochBegin, EpochEnd, EpochReason, Flag, Frame, FrameGuard, FrameWriter, Hello,
+                               Kind, MalformedFrame, MalformedPayload, OutOfOrderFrame, OversizedFrame, Refuse,
+                               RefuseReason, ReplayedFrame, SlotLayout, TruncatedFrame, UnexpectedKind, UnknownKind,
                                UnsupportedVersion, Welcome, WireError, WrongSession, decode_frame, decode_payload,
-                               encode_frame, negotiate_version, pack_vcpu_states, unpack_vcpu_states)
-from ring.machine import VcpuState
+                               encode_frame, negotiate_version)
+from ring import vcpu_state
+from ring.vcpu_state import VcpuState, VcpuStateError, pack_vcpu_states, unpack_vcpu_states
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 SESSION = 0x5EED_0F_C0_10
@@ -81,15 +86,17 @@ def hellos(draw) -> Hello:
     return Hello(versions, SESSION, tuple(slots), draw(st.integers(1, 4096)), page, draw(text))
 
 
-messages = st.one_of(
-    hellos(),
-    st.builds(Welcome, st.integers(1, 0xFFFF), st.none() | u64s),
-    st.builds(EpochBegin, u64s, st.sampled_from(wire.EPOCH_REASONS), st.integers(0, U32), st.integers(0, U32),
-              st.booleans()),
-    st.builds(EpochEnd, u64s, st.binary(min_size=16, max_size=16), u64s, st.integers(0, U32), u64s),
-    st.builds(Ack, u64s, u64s),
-    st.builds(Refuse, st.sampled_from(wire.REFUSE_REASONS), text),
-)
+#: A strategy of valid messages per declared kind (test_every_declared_message_has_a_strategy keeps it complete).
+MESSAGES = {
+    Kind.HELLO: hellos(),
+    Kind.WELCOME: st.builds(Welcome, st.integers(1, 0xFFFF), st.none() | u64s),
+    Kind.EPOCH_BEGIN: st.builds(EpochBegin, u64s, st.sampled_from(EpochReason) | st.sampled_from(wire.EPOCH_REASONS),
+                                st.integers(0, U32), st.integers(0, U32), st.booleans()),
+    Kind.EPOCH_END: st.builds(EpochEnd, u64s, st.binary(min_size=16, max_size=16), u64s, st.integers(0, U32), u64s),
+    Kind.ACK: st.builds(Ack, u64s, u64s),
+    Kind.REFUSE: st.builds(Refuse, st.sampled_from(RefuseReason), text),
+}
+messages = st.one_of(*MESSAGES.values())
 
 blob = st.binary(max_size=300)
 vcpu_states = st.builds(
@@ -389,8 +396,11 @@ def test_payloads_must_agree_with_their_header() -> None:
     with pytest.raises(MalformedPayload, match="SYNC flag"):
         decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, epoch, count, int(Flag.SYNC), payload))
     hello = wire.pack_message(Hello((1,), SESSION, (SlotLayout(0, 0, 4096),), 1))[4]
-    with pytest.raises(MalformedPayload, match="differs from its header"):
+    with pytest.raises(MalformedPayload, match=f"payload session {SESSION:#x} differs from header session"):
         decode_payload(Frame(Kind.HELLO, SESSION + 1, 0, 0, 0, 0, hello))
+    end = wire.pack_message(EpochEnd(5, bytes(16), 3, 2, 0))
+    with pytest.raises(MalformedPayload, match="payload batches 2 differs from header count 1"):
+        decode_payload(Frame(Kind.EPOCH_END, SESSION, 0, 5, 1, 0, end.payload))
     states = pack_vcpu_states([VcpuState(0, b"r", b"s")])
     with pytest.raises(MalformedPayload, match="header count 2"):
         decode_payload(Frame(Kind.VCPU_STATE, SESSION, 0, 1, 2, 0, states))
@@ -536,37 +546,263 @@ def test_vcpu_states_round_trip(states) -> None:
 def test_vcpu_state_malformed_inputs() -> None:
     data = pack_vcpu_states([VcpuState(0, b"regs", b"sregs", msrs={0x10: 5, 0xC0000080: 1 << 63})])
     for n in range(len(data)):
-        with pytest.raises(MalformedPayload, match="truncated"):
+        with pytest.raises(VcpuStateError, match="truncated"):
             unpack_vcpu_states(data[:n])
-    with pytest.raises(MalformedPayload, match="1 trailing bytes"):
+    with pytest.raises(VcpuStateError, match="1 trailing bytes"):
         unpack_vcpu_states(data + b"\0")
-    with pytest.raises(MalformedPayload, match="exceeds"):
-        unpack_vcpu_states(struct.pack("<I", wire.MAX_VCPUS + 1))
-    with pytest.raises(MalformedPayload, match="length .* exceeds"):
-        unpack_vcpu_states(struct.pack("<III", 1, 0, wire.MAX_VCPU_FIELD + 1))
+    with pytest.raises(VcpuStateError, match="exceeds"):
+        unpack_vcpu_states(struct.pack("<I", vcpu_state.MAX_VCPUS + 1))
+    with pytest.raises(VcpuStateError, match="length .* exceeds"):
+        unpack_vcpu_states(struct.pack("<III", 1, 0, vcpu_state.MAX_VCPU_FIELD + 1))
     empty_vcpu = b"".join(struct.pack("<I", 0) for _ in range(9))    # 8 empty blobs, 0 MSRs
     two = struct.pack("<II", 2, 3) + empty_vcpu + struct.pack("<I", 3) + empty_vcpu
-    with pytest.raises(MalformedPayload, match="vCPU 3 twice"):
+    with pytest.raises(VcpuStateError, match="vCPU 3 twice"):
         unpack_vcpu_states(two)
     msrs = struct.pack("<I", 2) + struct.pack("<IQ", 0x10, 5) * 2
-    with pytest.raises(MalformedPayload, match="MSR 0x10 twice"):
+    with pytest.raises(VcpuStateError, match="MSR 0x10 twice"):
         unpack_vcpu_states(struct.pack("<II", 1, 0) + empty_vcpu[:-4] + msrs)
-    with pytest.raises(MalformedPayload, match="MSR count .* exceeds"):
-        unpack_vcpu_states(struct.pack("<II", 1, 0) + empty_vcpu[:-4] + struct.pack("<I", wire.MAX_MSRS + 1))
-    with pytest.raises(MalformedPayload, match="repeated"):
+    with pytest.raises(VcpuStateError, match="MSR count .* exceeds"):
+        unpack_vcpu_states(struct.pack("<II", 1, 0) + empty_vcpu[:-4] + struct.pack("<I", vcpu_state.MAX_MSRS + 1))
+    with pytest.raises(VcpuStateError, match="bytes-like"):
+        unpack_vcpu_states("text")
+    with pytest.raises(VcpuStateError, match="repeated"):
         pack_vcpu_states([VcpuState(1, b"", b""), VcpuState(1, b"", b"")])
-    with pytest.raises(MalformedPayload, match="out of range"):
+    with pytest.raises(VcpuStateError, match="out of range"):
         pack_vcpu_states([VcpuState(1, b"", b"", msrs={1 << 32: 0})])
+    with pytest.raises(VcpuStateError, match="limit"):
+        pack_vcpu_states([VcpuState(0, b"", b"", xsave=bytes(vcpu_state.MAX_VCPU_FIELD + 1))])
+
+
+def test_vcpu_state_error_is_a_value_error_of_ring_not_of_the_wire() -> None:
+    assert issubclass(VcpuStateError, ValueError) and not issubclass(VcpuStateError, WireError)
 
 
 @FUZZ
 @given(st.binary(max_size=300))
-def test_random_vcpu_payloads_only_raise_malformed(data) -> None:
+def test_random_vcpu_payloads_only_raise_vcpu_state_errors(data) -> None:
     try:
         states = unpack_vcpu_states(data)
-    except MalformedPayload:
+    except VcpuStateError:
         return
     assert pack_vcpu_states(states) == data
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.integers(0, 4))
+def test_bad_vcpu_state_frames_are_malformed_payloads(data, count) -> None:
+    frame = Frame(Kind.VCPU_STATE, SESSION, 0, 7, count, 0, data)
+    try:
+        states = decode_payload(frame)
+    except MalformedPayload as err:
+        assert str(err).startswith("VCPU_STATE epoch 7: ")
+        return
+    assert len(states) == count
+
+
+def test_wire_reexports_of_vcpu_state_still_raise_wire_errors() -> None:
+    states = [VcpuState(2, b"r", b"s", msrs={1: 2})]
+    assert wire.pack_vcpu_states(states) == pack_vcpu_states(states)
+    assert wire.unpack_vcpu_states(pack_vcpu_states(states)) == states
+    assert wire.VcpuState is VcpuState
+    with pytest.raises(MalformedPayload, match="truncated"):
+        wire.unpack_vcpu_states(b"\1\0")
+    with pytest.raises(MalformedPayload, match="repeated"):
+        wire.pack_vcpu_states(states * 2)
+
+
+# --- the declarations ----------------------------------------------------------------------------
+
+DECLARED = schema.declared_messages()
+
+
+def json_keys(cls) -> set[str]:
+    return {f.name for f in schema.declaration(cls).fields if f.in_payload}
+
+
+def test_every_declared_message_has_a_strategy() -> None:
+    assert set(MESSAGES) == set(DECLARED) == {Kind.HELLO, Kind.WELCOME, Kind.EPOCH_BEGIN, Kind.EPOCH_END, Kind.ACK,
+                                              Kind.REFUSE}
+
+
+@pytest.mark.parametrize("kind", list(DECLARED), ids=lambda k: k.name)
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_every_declared_message_round_trips(kind, data) -> None:
+    msg = data.draw(MESSAGES[kind])
+    packed = wire.pack_message(msg)
+    assert packed.kind is kind and type(msg).KIND is kind
+    frame = decode_frame(FrameWriter(SESSION).message(msg))
+    decoded = decode_payload(frame)
+    assert type(decoded) is type(msg) and decoded == msg
+    assert wire.pack_message(decoded) == packed                        # the same bytes again
+    assert set(json.loads(packed.payload)) == json_keys(type(msg))     # exactly the declared keys
+
+
+def invalid(spec: Spec, *, packing: bool) -> st.SearchStrategy:
+    """Values that ``spec`` must refuse: out of range, outside its choices, over its limits, or of the wrong type.
+
+    The same values serve as JSON (unpacking) and as Python values (packing), but for what packing
+    legitimately accepts (a string it truncates, an enum member)."""
+    not_json_int = st.booleans() | st.text(max_size=3) | st.floats(allow_nan=False, allow_infinity=False) | \
+        st.lists(st.integers(0, 3), max_size=2) | st.none()
+    if isinstance(spec, Int):
+        bad = st.integers(max_value=spec.lo - 1) | st.integers(min_value=spec.hi + 1) | not_json_int
+        if spec.power_of_two:
+            bad |= st.integers(spec.lo, spec.hi).filter(lambda v: v & (v - 1))
+        return bad
+    if isinstance(spec, Text):
+        wrong = st.integers() | st.booleans() | st.none() | st.lists(st.text(max_size=2), max_size=2)
+        long = st.integers(1, 5).map(lambda n: "x" * (spec.limit + n))
+        return wrong if packing and spec.truncate else wrong | long
+    if isinstance(spec, Bool):
+        return st.integers() | st.text(max_size=3) | st.none() | st.floats(allow_nan=False)
+    if isinstance(spec, Choice):
+        values = {c.value for c in spec.choices}
+        return st.text(max_size=20).filter(lambda v: v not in values) | st.integers() | st.none() | st.booleans()
+    if isinstance(spec, HexBytes):
+        text_bad = st.text(max_size=2 * spec.size + 2).filter(
+            lambda v: not re.fullmatch(f"[0-9a-f]{{{2 * spec.size}}}", v))
+        bytes_bad = st.binary(max_size=2 * spec.size).filter(lambda b: len(b) != spec.size)
+        return text_bad | st.integers() | st.none() | (bytes_bad if packing else st.nothing())
+    if isinstance(spec, ListOf):
+        bad = st.just([]) | st.integers() | st.text(max_size=3) | st.none() | \
+            st.lists(invalid(spec.item, packing=packing), min_size=1, max_size=3)
+        if spec.limit <= 1000:                        # longer lists would exceed the payload limit first
+            bad |= st.just([1] * (spec.limit + 1))
+        if spec.unique and isinstance(spec.item, Int):
+            bad |= st.integers(spec.item.lo, spec.item.hi).map(lambda v: [v, v])
+        return bad
+    if isinstance(spec, Nested):
+        good = {f.name: 0 for f in schema.declaration(spec.cls).fields}
+        fields = schema.declaration(spec.cls).fields
+        bad = st.integers() | st.none() | st.just({}) | st.just({**good, "extra": 1}) | st.one_of(
+            *[invalid(f.spec, packing=packing).map(lambda v, n=f.name: {**good, n: v}) for f in fields])
+        if packing:
+            bad |= st.one_of(*[invalid(f.spec, packing=True).map(
+                lambda v, n=f.name: spec.cls(**{**good, n: v})) for f in fields])
+        return bad
+    raise AssertionError(f"no invalid values for {spec!r}: add them here")
+
+
+FIELDS = [(kind, f) for kind, cls in DECLARED.items() for f in schema.declaration(cls).fields]
+
+
+def invalid_for(field: schema.WireField, *, packing: bool) -> st.SearchStrategy:
+    bad = invalid(field.spec, packing=packing)
+    return bad.filter(lambda v: v is not None) if field.optional else bad
+
+
+@pytest.mark.parametrize("kind, field", [(k, f) for k, f in FIELDS if f.in_payload],
+                         ids=lambda v: v.name if isinstance(v, (Kind, schema.WireField)) else None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_unpacking_rejects_each_invalid_field_naming_it(kind, field, data) -> None:
+    frame = decode_frame(FrameWriter(SESSION).message(data.draw(MESSAGES[kind])))
+    body = json.loads(bytes(frame.payload))
+    body[field.name] = data.draw(invalid_for(field, packing=False), label=field.name)
+    forged = dataclasses.replace(frame, payload=json.dumps(body).encode())
+    with pytest.raises(MalformedPayload, match=rf"^{kind.name} {field.name}\b"):
+        decode_payload(forged)
+
+
+@pytest.mark.parametrize("kind, field", FIELDS,
+                         ids=lambda v: v.name if isinstance(v, (Kind, schema.WireField)) else None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_packing_rejects_each_invalid_field_naming_it(kind, field, data) -> None:
+    msg = data.draw(MESSAGES[kind])
+    bad = dataclasses.replace(msg, **{field.name: data.draw(invalid_for(field, packing=True), label=field.name)})
+    with pytest.raises(MalformedPayload, match=rf"^{kind.name} {field.name}\b"):
+        wire.pack_message(bad)
+
+
+def test_optional_fields_take_null_and_others_do_not() -> None:
+    assert decode_payload(decode_frame(FrameWriter(SESSION).message(Welcome(3, None)))) == Welcome(3, None)
+    assert b'"last_epoch":null' in wire.pack_message(Welcome(3)).payload
+    with pytest.raises(MalformedPayload, match="WELCOME version must be an integer, got NoneType"):
+        wire.pack_message(Welcome(None))
+
+
+def test_control_json_is_version_1_byte_for_byte() -> None:
+    slots = (SlotLayout(0, 0, 4096), SlotLayout(1, 1 << 30, 8192))
+    expected = {
+        Hello((1,), 5, slots, 2, agent="p"):
+            b'{"agent":"p","page_size":4096,"session":5,"slots":[{"guest_phys_addr":0,"size":4096,"slot":0},'
+            b'{"guest_phys_addr":1073741824,"size":8192,"slot":1}],"vcpus":2,"versions":[1]}',
+        Welcome(1, None): b'{"last_epoch":null,"version":1}',
+        Welcome(1, 9): b'{"last_epoch":9,"version":1}',
+        EpochBegin(7, EpochReason.RING_FULL, 10, 1): b'{"batches":1,"epoch":7,"pages":10,"reason":"ring_full","sync":false}',
+        EpochBegin(7, "sync", 10, 1, True): b'{"batches":1,"epoch":7,"pages":10,"reason":"sync","sync":true}',
+        EpochEnd(7, bytes(range(16)), 10, 1, 40960):
+            b'{"batches":1,"digest":"000102030405060708090a0b0c0d0e0f","epoch":7,"pages":10,"raw_bytes":40960}',
+        Ack(7, 123): b'{"apply_ns":123}',
+        Refuse(RefuseReason.BAD_KEY, "\u00e9" * 1100): b'{"detail":"' + b"\\u00e9" * 1024 + b'","reason":"bad_key"}',
+    }
+    for msg, payload in expected.items():
+        assert wire.pack_message(msg).payload == payload, msg
+    assert wire.pack_message(EpochBegin(7, "sync", 10, 1, True))[:4] == (Kind.EPOCH_BEGIN, 7, 10, int(Flag.SYNC))
+    assert wire.pack_message(EpochEnd(7, bytes(16), 10, 3, 0))[:4] == (Kind.EPOCH_END, 7, 3, 0)
+    assert wire.pack_message(Ack(7))[:4] == (Kind.ACK, 7, 0, 0)
+
+
+def test_reasons_are_enums_with_the_version_1_strings() -> None:
+    assert wire.EPOCH_REASONS == ("ring_full", "dirty_threshold", "interval", "output", "sync")
+    assert wire.REFUSE_REASONS == ("no_common_version", "bad_key", "layout_mismatch", "wrong_session", "bad_frame",
+                                   "busy")
+    begin = decode_payload(decode_frame(FrameWriter(SESSION).message(EpochBegin(1, "interval", 0, 0))))
+    assert begin.reason is EpochReason.INTERVAL and begin.reason == "interval" and f"{begin.reason}" == "interval"
+    assert EpochBegin(1, "output", 0, 0).reason is EpochReason.OUTPUT          # normalised when built
+    assert Hello([1], SESSION, [SlotLayout(0, 0, 4096)], 1).versions == (1,)   # lists become tuples
+    assert WireError.reason is RefuseReason.BAD_FRAME and WrongSession.reason is RefuseReason.WRONG_SESSION
+    assert UnsupportedVersion.reason is RefuseReason.NO_COMMON_VERSION
+
+
+def test_a_hello_must_carry_the_writers_session() -> None:
+    writer = FrameWriter(SESSION)
+    with pytest.raises(MalformedPayload, match="HELLO session .* differs from the sender's session"):
+        writer.message(Hello((1,), SESSION + 1, (SlotLayout(0, 0, 4096),), 1))
+    assert writer.next_seq == 0
+
+
+def test_declarations_refuse_what_they_cannot_carry() -> None:
+    with pytest.raises(TypeError, match="not a control message"):
+        wire.pack_message(SESSION)
+    with pytest.raises(TypeError, match="not declared with wire_field"):
+        @schema.message(Kind.BYE)
+        class Loose:
+            x: int = 0
+    with pytest.raises(TypeError, match="HELLO is declared twice"):
+        @schema.message(Kind.HELLO)
+        class Again:
+            x: int = schema.wire_field(Int())
+    assert DECLARED[Kind.HELLO] is Hello and Kind.BYE not in DECLARED
+
+
+# --- the spec is current -------------------------------------------------------------------------
+
+def test_spec_quotes_each_declaration() -> None:
+    for cls in DECLARED.values():
+        assert schema.describe(cls) in wire.__doc__, f"wire.py's spec is stale for {cls.__name__}"
+
+
+def test_kinds_table_of_the_spec_matches_kind_rules() -> None:
+    table = wire.__doc__.split("Kinds\n=====")[1].split("\n\n(1)")[0]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines() if re.match(r"\d+\s{2,}[A-Z_]+\s{2,}", line)]
+    senders = {"P -> R": "primary", "R -> P": "replica", "both": "both"}
+    seen = set()
+    for value, name, direction, epoch, count, flags, payload in rows:
+        kind = Kind(int(value))
+        assert kind.name == name
+        if kind is Kind.INVALID:
+            continue
+        seen.add(kind)
+        rule = KIND_RULES[kind]
+        assert senders[direction] == rule.sender, kind
+        assert (epoch == "0") == rule.zero_epoch, kind
+        assert (count == "0") == rule.zero_count, kind
+        assert (flags == "0") == (rule.flags == 0), kind
+        assert (payload == "empty") == rule.empty, kind
+    assert seen == set(KIND_RULES)
 
 
 # --- a real socket --------------------------------------------------------------------------------------
