@@ -7,7 +7,7 @@ from typing import Any
 
 import zmq
 
-from checkpointer.cli import listen_error, run_agent_cli
+from checkpointer.launch import listen_error, run_agent_cli
 from checkpointer.config import ReplicaAgentConfig, parse_replica_args
 
 __all__ = ["build", "main"]
