@@ -10,10 +10,10 @@ the writer, payload decoding). vCPU state is serialised by ring/vcpu_state.py.
 A session
 =========
 
-One primary run is one *session*: a random non-zero u64 chosen when the
-primary connects to a replica, stamped on every frame either side sends, so
-frames of an old primary (one that restarted, or a stale socket) are
-recognised and refused. Each direction numbers its own frames: ``seq`` starts
+Each connection of a primary to a replica is one *session*: a random non-zero
+u64 the primary chooses when it connects (again on every reconnect), stamped
+on every frame either side sends, so frames of an old primary or an old
+connection (one that restarted, or a stale socket) are recognised and refused. Each direction numbers its own frames: ``seq`` starts
 at 0 with the sender's first frame and grows by exactly 1 per frame it sends.
 
 A session starts with a *sync*: the replica's standby memory is empty, so the
@@ -21,14 +21,15 @@ primary copies every resident page, first while the guest runs (pre-copy
 epochs, flagged SYNC: pages only, no vCPU state, not a checkpoint), then once
 with the guest paused (the final stop-and-copy epoch: an ordinary consistent
 epoch whose reason is "sync"). Sync epochs are numbered on from the epoch the
-primary's guest is in (1 for a primary that just started), like every other
-epoch; there is no epoch 0 on the wire. ``e`` below is that first epoch and
-``s`` the final one::
+primary's guest is in when the replica welcomes it (1 for a primary that just
+started), like every other epoch: ``e`` below is the first of them and ``s``
+the final one::
 
     primary                                                        replica
        | HELLO(versions, session, slots, vcpus, page size)  seq 0 ---->|
        |<---- WELCOME(chosen version, last committed epoch)  seq 0     |
-       |        (or REFUSE(reason, detail); the primary stops)         |
+       |   (or REFUSE(reason, detail), now or later: the primary drops |
+       |    this replica, runs unprotected, retries in a new session)  |
        |                                                               |
        |   pre-copy: zero or more epochs e .. s-1, guest running       |
        | EPOCH_BEGIN(e, "sync", flag SYNC, pages P, batches B) ------->|  staged
@@ -42,13 +43,13 @@ epoch; there is no epoch 0 on the wire. ``e`` below is that first epoch and
        |   stop-and-copy: epoch s, guest paused, no SYNC flag          |
        | EPOCH_BEGIN(s, "sync") PAGES... VCPU_STATE DEVICE_STATE       |
        | EPOCH_END(s)                                       ---------->|  the first checkpoint
-       |<---- ACK(s)                          (the primary is protected)|
+       |<---- ACK(s)                        (the primary is protected) |
        |                                                               |
        | EPOCH_BEGIN(s+1, reason) PAGES... VCPU_STATE DEVICE_STATE     |
        | EPOCH_END(s+1)                                     ---------->|
        |<---- ACK(s+1)                (outputs of epochs <= s+1 leave) |
        |  ... epoch N ...                                              |
-       | HEARTBEAT(epoch (1))  <----------------------------------->   |  both ways, when idle
+       | HEARTBEAT(epoch (1))  <------------------------------------>  |  both ways, when idle
        | BYE(epoch (1))                                     ---------->|  orderly stop: no failover
 
 Whether epoch N+1 may start before ACK(N) arrives is the protocol's business
@@ -75,14 +76,16 @@ Two kinds of epoch, told apart by the SYNC flag of their EPOCH_BEGIN (and the
   stop-and-copy of a sync. A replica can fail over to it once committed.
 
 A primary sends these frames in this order, each state frame exactly once.
-What a replica enforces: EPOCH_BEGIN first, for the epoch it expects; every
-frame of the epoch carries its number; PAGES adding up to the pages and
-batches EPOCH_BEGIN announced and EPOCH_END repeats; a VCPU_STATE before
-EPOCH_END of a consistent epoch; the digest. It does not check the order of
-PAGES, VCPU_STATE and DEVICE_STATE among themselves, nor that a state frame
-comes only once (the last one staged is digested), nor whether a pre-copy
-epoch carried state (it is digested, never applied): the digest over what the
-primary sent is what makes those safe.
+What a replica enforces (checkpointer/protocol.py): EPOCH_BEGIN first, of the
+epoch it expects (any epoch for the first of a session, then one more each
+time); every later frame of the epoch carries its number; each PAGES frame's
+count equals the pages its batch decodes to, and the PAGES add up to the
+pages and batches that EPOCH_BEGIN announced and EPOCH_END repeats; a
+consistent epoch has a VCPU_STATE, a pre-copy epoch none; the digest. It does
+not check the order of PAGES, VCPU_STATE and DEVICE_STATE among themselves,
+nor that a state frame comes only once (the last one staged is digested), nor
+that a pre-copy epoch has no DEVICE_STATE (digested, never applied): the
+digest over what the primary sent covers those.
 
 A frame
 =======
@@ -142,8 +145,8 @@ value   kind          direction  epoch             count         flags      payl
 (2) Checked against the payload: EPOCH_BEGIN epoch, pages and sync, EPOCH_END
     epoch and batches, the number of states in VCPU_STATE. ACK's epoch is in
     the header only.
-(3) The pages in the batch. The replica counts the pages the batch decodes
-    to; the header count is not compared with them.
+(3) The pages in the batch; the replica checks it against the pages the
+    batch decodes to (the batch is opaque to the wire).
 (4) Flags of PAGES belong to the page codec (checkpointer/codec.py); the wire
     passes any.
 (5) ``ring.vcpu_state.pack_vcpu_states``: the layout is in that module.
@@ -214,13 +217,16 @@ Rules
   ``WrongSession``; a seq at or below the last one accepted is
   ``ReplayedFrame``; a seq that skips one is ``OutOfOrderFrame``.
 - Bad frames: a receiver rejects a frame it cannot decode or check with a
-  typed ``WireError`` and never applies any of it; ``WireError.reason`` is the
-  ``RefuseReason`` a replica answers with. The replica stages an epoch's
-  frames and commits nothing until EPOCH_END arrives and its digest
+  typed ``WireError`` and never applies any of it. The replica stages an
+  epoch's frames and commits nothing until EPOCH_END arrives and its digest
   (``checkpointer.codec.EpochDigest``, over the decoded pages, then the
   VCPU_STATE payload, then the DEVICE_STATE payload, each empty when absent)
   and totals match; an epoch with any bad, missing, replayed or reordered
   frame is discarded whole, so the standby stays at its last complete epoch.
+  A bad frame from its primary also ends the session: the replica answers
+  REFUSE with the error's ``reason`` (a ``RefuseReason``) and, since the
+  refused primary releases what it held, no longer fails over to that
+  standby; it waits for a new HELLO. Bad frames from other peers are ignored.
 """
 
 from __future__ import annotations
