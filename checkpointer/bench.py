@@ -26,33 +26,24 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ring.backend import kvm_status
-from ring.machine import KvmMachine, MachineConfig
+from ring.backend import kvm_status, open_machine
+from ring.machine import MachineConfig
 from ring.workloads import Workload
 
 from .agent import PrimaryAgent
+from .cluster import Cluster
 from .config import load_config
-from .security import generate_keys
 from .snapshot import StagingPool, gather, page_keys
 
 log = logging.getLogger("colo.bench")
 SIZES = (64, 256, 1024, 4032)
 MEMORY_MIB = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ring_for(pages: int) -> int:
@@ -62,28 +53,10 @@ def _ring_for(pages: int) -> int:
     return entries
 
 
-class Replica:
-    """A colo-replica process for the benchmark."""
-
-    def __init__(self, keys: Path, log_file=None) -> None:
-        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        self.keys = keys
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "replica.cli", "--listen", self.endpoint, "--keys-dir", str(keys),
-             "--authorized-keys", str(keys / "primary.key"), "--heartbeat-ms", "50", "--timeout-ms", "2000"],
-            stdout=subprocess.DEVNULL, stderr=log_file or subprocess.DEVNULL)
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-def _primary_config(replica: Replica, overrides: dict):
-    base = {"primary.replica": replica.endpoint, "security.keys_dir": str(replica.keys),
-            "security.peer_public_key": str(replica.keys / "replica.key"),
+def _primary_config(cluster: Cluster, overrides: dict):
+    """The in-process primary, joined to the cluster's replica process."""
+    base = {"primary.replica": cluster.endpoint, "security.keys_dir": str(cluster.keys),
+            "security.peer_public_key": str(cluster.keys / "replica.key"),
             "guest.vcpus": 1, "guest.memory_mib": MEMORY_MIB, "guest.workload": "uniform",
             "guest.report_every": 0, "replication.heartbeat_ms": 50, "replication.timeout_ms": 2000,
             "replication.encode_threads": 1, "status.log_interval_s": 3600.0}
@@ -107,21 +80,23 @@ async def _protected_run(config, seconds: float) -> dict:
     progress1, t1 = sum(agent.machine.progress_all()), time.monotonic()
     status = agent.status()
     stats = agent.stats
-    raw = sum(b for _, b in stats.raw_bytes)
-    encoded = sum(b for _, b in stats.encoded_bytes)
+    everything = float("inf")                # every sample the rolling window still holds
+    raw = stats.raw_bytes.recent(everything)[1]
+    encoded = stats.encoded_bytes.recent(everything)[1]
     epochs = stats.epochs
     agent.stop()
     await task
     return {"status": status, "epochs": epochs, "seconds": t1 - t0,
             "rate": (progress1 - progress0) / (t1 - t0), "raw": raw, "encoded": encoded,
-            "pause_us": list(stats.pause_us), "dirty": list(stats.dirty_pages)}
+            "pause_us_p50": stats.pause_us.percentile(50), "pause_us_p99": stats.pause_us.percentile(99),
+            "dirty_p50": stats.dirty_pages.percentile(50)}
 
 
 def _unprotected_rate(working_set: int, seconds: float) -> float:
     """Items per second of the same workload with no dirty logging at all."""
     config = MachineConfig(vcpus=1, data_bytes=MEMORY_MIB << 20)
-    with KvmMachine(config, Workload("uniform", seed=1, working_set_pages=working_set),
-                    track_dirty=False) as vm:
+    with open_machine(config, Workload("uniform", seed=1, working_set_pages=working_set), backend="kvm",
+                      track_dirty=False) as vm:
         vm.start()
         p0, t0 = vm.progress(0), time.monotonic()
         time.sleep(seconds)
@@ -135,7 +110,7 @@ def _floor(pages: int, rounds: int) -> tuple[float, float]:
     config = MachineConfig(vcpus=1, data_bytes=MEMORY_MIB << 20, ring_entries=_ring_for(pages))
     workload = Workload("sequential", seed=1)          # distinct pages: each write is a first write
     times, first_write = [], []
-    with KvmMachine(config, workload) as vm:
+    with open_machine(config, workload, backend="kvm") as vm:
         pool = StagingPool(1, pages + 256)
         buffer = pool.acquire(pages)
         vm.run_to_limit(pages)
@@ -153,53 +128,47 @@ def _floor(pages: int, rounds: int) -> tuple[float, float]:
     return float(np.median(times)) / 1000, float(np.median(first_write)) / 1000
 
 
-def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, replica_log: str | None = None) -> dict:
+def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, logs: Path | None = None) -> dict:
+    """The benchmark; the replica's log goes to `logs` (a folder) if given, else with the run."""
     logging.getLogger("colo").setLevel(logging.WARNING)
     logging.getLogger("ring").setLevel(logging.WARNING)
     points = []
-    with tempfile.TemporaryDirectory(prefix="colo-bench-") as tmp:
-        keys = Path(tmp)
-        generate_keys(keys, "primary")
-        generate_keys(keys, "replica")
-        replica = Replica(keys, open(replica_log, "w") if replica_log else None)
-        try:
-            first_write_us = []
-            for pages in sizes:
-                print(f"  {pages} pages per epoch...", file=sys.stderr)
-                working_set = (MEMORY_MIB << 20) // 4096
-                overrides = {"guest.ring_entries": _ring_for(pages), "triggers.max_interval_ms": 0.0,
-                             "triggers.dirty_pages": pages if pages != 4032 else 0,
-                             "triggers.poll_us": 100}
-                if pages == 4032:
-                    overrides["guest.ring_entries"] = 4096
-                result = asyncio.run(_protected_run(_primary_config(replica, overrides), seconds))
-                floor_us, fw = _floor(pages, rounds=9)
-                first_write_us.append(fw)
-                unprotected = _unprotected_rate(working_set, min(seconds, 2.0))
-                pause50 = float(np.percentile(result["pause_us"], 50)) if result["pause_us"] else 0.0
-                points.append({
-                    "dirty_pages": pages,
-                    "dirty_pages_measured_p50": float(np.median(result["dirty"])) if result["dirty"] else 0.0,
-                    "checkpoints_per_s": result["epochs"] / result["seconds"],
-                    "pause_us_p50": pause50,
-                    "pause_us_p99": float(np.percentile(result["pause_us"], 99)) if result["pause_us"] else 0.0,
-                    "floor_us": floor_us,
-                    "pause_over_floor": pause50 / floor_us if floor_us else 0.0,
-                    "raw_mb_per_s": result["raw"] / result["seconds"] / 1e6,
-                    "encoded_mb_per_s": result["encoded"] / result["seconds"] / 1e6,
-                    "compression_ratio": result["raw"] / result["encoded"] if result["encoded"] else 0.0,
-                    "slowdown": unprotected / result["rate"] if result["rate"] else float("inf"),
-                    "pause_parts_us_p50": result["status"].get("pause_parts_us_p50", {}),
-                })
-            print("  at most 8 pages per epoch, shortest interval...", file=sys.stderr)
-            fast = asyncio.run(_protected_run(_primary_config(replica, {
-                "guest.working_set_pages": 8, "guest.ring_entries": 256, "triggers.max_interval_ms": 0.05,
-                "triggers.ring_full": True, "replication.max_in_flight": 4}), rate_seconds or seconds))
-        finally:
-            replica.close()
+    with Cluster(logs=logs, common=["--heartbeat-ms", "50", "--timeout-ms", "2000"]) as cluster:
+        cluster.start_replica()
+        first_write_us = []
+        for pages in sizes:
+            print(f"  {pages} pages per epoch...", file=sys.stderr)
+            working_set = (MEMORY_MIB << 20) // 4096
+            overrides = {"guest.ring_entries": _ring_for(pages), "triggers.max_interval_ms": 0.0,
+                         "triggers.dirty_pages": pages if pages != 4032 else 0,
+                         "triggers.poll_us": 100}
+            if pages == 4032:
+                overrides["guest.ring_entries"] = 4096
+            result = asyncio.run(_protected_run(_primary_config(cluster, overrides), seconds))
+            floor_us, fw = _floor(pages, rounds=9)
+            first_write_us.append(fw)
+            unprotected = _unprotected_rate(working_set, min(seconds, 2.0))
+            pause50 = result["pause_us_p50"]
+            points.append({
+                "dirty_pages": pages,
+                "dirty_pages_measured_p50": result["dirty_p50"],
+                "checkpoints_per_s": result["epochs"] / result["seconds"],
+                "pause_us_p50": pause50,
+                "pause_us_p99": result["pause_us_p99"],
+                "floor_us": floor_us,
+                "pause_over_floor": pause50 / floor_us if floor_us else 0.0,
+                "raw_mb_per_s": result["raw"] / result["seconds"] / 1e6,
+                "encoded_mb_per_s": result["encoded"] / result["seconds"] / 1e6,
+                "compression_ratio": result["raw"] / result["encoded"] if result["encoded"] else 0.0,
+                "slowdown": unprotected / result["rate"] if result["rate"] else float("inf"),
+                "pause_parts_us_p50": result["status"].get("pause_parts_us_p50", {}),
+            })
+        print("  at most 8 pages per epoch, shortest interval...", file=sys.stderr)
+        fast = asyncio.run(_protected_run(_primary_config(cluster, {
+            "guest.working_set_pages": 8, "guest.ring_entries": 256, "triggers.max_interval_ms": 0.05,
+            "triggers.ring_full": True, "replication.max_in_flight": 4}), rate_seconds or seconds))
     return {"points": points, "max_checkpoints_per_s": fast["epochs"] / fast["seconds"],
-            "max_rate_pause_us_p50": float(np.percentile(fast["pause_us"], 50)) if fast["pause_us"] else 0.0,
-            "max_rate_dirty_pages_p50": float(np.median(fast["dirty"])) if fast["dirty"] else 0.0,
+            "max_rate_pause_us_p50": fast["pause_us_p50"], "max_rate_dirty_pages_p50": fast["dirty_p50"],
             "first_write_us": float(np.median(first_write_us)) if first_write_us else 0.0}
 
 

@@ -18,26 +18,19 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
-from checkpointer.security import generate_keys
+from checkpointer.cluster import Cluster, ClusterError, ensure_keys, free_port
 
 KILL_POINTS = ("random", "transfer", "after-end", "heavy-output", "between")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -104,58 +97,30 @@ class Worker:
         return len(self.acked) + (1 if self.incr_acked else 0), lost, problems
 
 
-class Cluster:
-    """A replica and a drill primary in their own processes, in a temporary folder."""
+@dataclass
+class Service:
+    """The protected kvstore: a replica and a drill primary as processes, and where each serves."""
 
-    def __init__(self, tmp: Path, keys: Path, kill_at: str, log_to: Path, primary_flags: list[str] = (),
-                 with_replica: bool = True) -> None:
-        self.tmp, self.keys = tmp, keys
-        self.service_primary, self.service_replica = _free_port(), _free_port()
-        endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        common = ["--keys-dir", str(keys), "--heartbeat-ms", "50", "--timeout-ms", "500"]
-        self.replica = subprocess.Popen(
-            [sys.executable, "-m", "replica.cli", "--listen", endpoint, "--authorized-keys",
-             str(keys / "primary.key"), "--service-port", str(self.service_replica),
-             "--status-json", str(tmp / "replica.json"), *common],
-            stdout=subprocess.DEVNULL, stderr=open(log_to / "replica.log", "w")) if with_replica else None
-        self.primary = subprocess.Popen(
-            [sys.executable, "-m", "scenarios.drill_primary", "--kill-at", kill_at, "--",
-             "--replica", endpoint, "--peer-public-key", str(keys / "replica.key"), "--workload", "kvstore",
-             "--service-port", str(self.service_primary), "--vcpus", "1", "--memory-mib", "64",
-             "--report-every", "50", "--status-json", str(tmp / "primary.json"), *common,
-             *primary_flags],
-            stdout=subprocess.DEVNULL, stderr=open(log_to / "primary.log", "w"))
+    cluster: Cluster
+    primary_port: int          # the service on the primary (the clients' port)
+    replica_port: int          # the service on the replica, after a takeover
 
-    def status(self, role: str) -> dict:
-        try:
-            return json.loads((self.tmp / f"{role}.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+    def primary_alive(self) -> bool:
+        return self.cluster.agents["primary"].running()
 
-    def wait(self, what: str, predicate, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            if self.replica is not None and self.replica.poll() is not None:
-                raise RuntimeError(f"the replica exited while waiting for {what}")
-            if self.primary.poll() is not None and what != "the replica's takeover" \
-                    and not what.startswith("the service on the replica"):
-                raise RuntimeError(f"the primary exited ({self.primary.returncode}) while waiting for {what}")
-            time.sleep(0.02)
-        raise RuntimeError(f"timed out waiting for {what}")
 
-    def stop(self) -> None:
-        processes = [p for p in (self.primary, self.replica) if p is not None]
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+def start_service(folder: Path, keys: Path, kill_at: str, logs: Path, primary_flags: Sequence[str] = (),
+                  with_replica: bool = True) -> Service:
+    """A replica (unless `with_replica` is false: the primary then runs its guest alone) and a drill
+    primary with its kill switch at `kill_at`, running the kvstore guest."""
+    cluster = Cluster(folder, keys=keys, logs=logs, common=["--heartbeat-ms", "50", "--timeout-ms", "500"])
+    service = Service(cluster, free_port(), free_port())
+    if with_replica:
+        cluster.start_replica(["--service-port", str(service.replica_port)])
+    cluster.start_primary(["--workload", "kvstore", "--service-port", str(service.primary_port), "--vcpus", "1",
+                           "--memory-mib", "64", "--report-every", "50", *primary_flags],
+                          harness="scenarios.drill_primary", harness_args=["--kill-at", kill_at])
+    return service
 
 
 def one_run(number: int, point: str, rng: random.Random, keys: Path, workers: int, warmup: float,
@@ -166,40 +131,41 @@ def one_run(number: int, point: str, rng: random.Random, keys: Path, workers: in
         run_logs.mkdir(parents=True, exist_ok=True)
         nth = rng.randrange(20, 60)
         kill_at = "none:0" if point == "random" else f"{point}:{nth}"
-        cluster = Cluster(Path(tmp), keys, kill_at, run_logs)
+        service = start_service(Path(tmp), keys, kill_at, run_logs)
+        cluster = service.cluster
         try:
             cluster.wait("protection", lambda: cluster.status("primary").get("protected"))
             stop = threading.Event()
-            clients = [Worker(i, cluster.service_primary) for i in range(workers)]
+            clients = [Worker(i, service.primary_port) for i in range(workers)]
             threads = [threading.Thread(target=w.run, args=(stop, rng.getrandbits(32)), daemon=True)
                        for w in clients]
             for thread in threads:
                 thread.start()
-            _live_view(cluster, clients, warmup + (rng.random() if point == "random" else 0), live,
+            _live_view(service, clients, warmup + (rng.random() if point == "random" else 0), live,
                        until_dead=point != "random")
             before = cluster.status("primary")
-            if cluster.primary.poll() is None:
-                cluster.primary.send_signal(signal.SIGKILL)       # random point (or it never fired)
+            if service.primary_alive():
                 if point != "random":
                     point = f"{point}*"          # the point was not reached: killed from outside
-            cluster.primary.wait()
+            cluster.kill("primary")               # random point (or it never fired); else reaps it
             stop.set()
             for thread in threads:
                 thread.join(15)
-            cluster.wait("the replica's takeover", lambda: cluster.status("replica").get("role") == "active")
-            replica = redis.Redis(port=cluster.service_replica, protocol=2, socket_timeout=10)
-            cluster.wait("the service on the replica", lambda: _ping(replica))
+            cluster.wait("the replica's takeover", lambda: cluster.status("replica").get("role") == "active",
+                         may_exit=("primary",))
+            replica = redis.Redis(port=service.replica_port, protocol=2, socket_timeout=10)
+            cluster.wait("the service on the replica", lambda: _ping(replica), may_exit=("primary",))
             acked = lost = 0
             problems: list[str] = []
             for worker in clients:
                 a, missing, issues = worker.verify(replica)
                 acked, lost, problems = acked + a, lost + missing, problems + issues
-            for _ in range(60):                    # the standby guest's first progress report
-                after = cluster.status("replica")
-                if after.get("takeover_ms") is not None:
-                    break
-                replica.ping()
-                time.sleep(0.05)
+            try:                                   # the standby guest's first progress report
+                after = cluster.wait("the takeover time", lambda: _ping(replica) and (
+                    s := cluster.status("replica")).get("takeover_ms") is not None and s,
+                    timeout=30, may_exit=("primary",))
+            except ClusterError:
+                after = cluster.status("replica")     # reported without it
             replica.close()
             return {"run": number, "kill_point": point, "takeover_ms": after.get("takeover_ms"),
                     "epochs_committed": after.get("committed_epoch"),
@@ -209,7 +175,7 @@ def one_run(number: int, point: str, rng: random.Random, keys: Path, workers: in
                     "requests_acknowledged": sum(w.ops for w in clients), "acked_writes": acked,
                     "lost_writes": lost, "verified": not problems, "problems": problems[:10]}
         finally:
-            cluster.stop()
+            cluster.stop(timeout=10)
 
 
 def _ping(client: redis.Redis) -> bool:
@@ -219,7 +185,7 @@ def _ping(client: redis.Redis) -> bool:
         return False
 
 
-def _live_view(cluster: Cluster, clients: list[Worker], seconds: float, live: bool, until_dead: bool) -> None:
+def _live_view(service: Service, clients: list[Worker], seconds: float, live: bool, until_dead: bool) -> None:
     """Run the load for `seconds` (or until the primary dies), with a live line on a terminal."""
     from tqdm import tqdm
     bar = tqdm(total=None, desc="drill", file=sys.stderr, disable=not live, bar_format="{desc}: {postfix}")
@@ -227,12 +193,12 @@ def _live_view(cluster: Cluster, clients: list[Worker], seconds: float, live: bo
     deadline = started + seconds + (30 if until_dead else 0)
     try:
         while time.monotonic() < deadline:
-            if cluster.primary.poll() is not None:
+            if not service.primary_alive():
                 return
             if not until_dead and time.monotonic() - started >= seconds:
                 return
             time.sleep(0.2)
-            status = cluster.status("primary")
+            status = service.cluster.status("primary")
             ops = sum(w.ops for w in clients)
             bar.set_postfix_str(f"{status.get('checkpoints_per_s', 0):.0f} epochs/s, pause p50 "
                                 f"{status.get('pause_us_p50', 0):.0f} us, {status.get('encoded_mb_per_s', 0):.2f} "
@@ -277,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="colo-drill-logs-"))
-    keys = log_dir / "keys"
-    if not (keys / "primary.key").exists():
-        generate_keys(keys, "primary")
-        generate_keys(keys, "replica")
+    keys = ensure_keys(log_dir / "keys")
     per_run = []
     for number in range(args.runs):
         point = args.kill_point or KILL_POINTS[number % len(KILL_POINTS)]
@@ -289,12 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             per_run.append(one_run(number + 1, point, rng, keys, args.workers, args.warmup, log_dir,
                                    live=not args.json and sys.stderr.isatty()))
-        except RuntimeError as exc:
+        except RuntimeError as exc:               # a ClusterError, with its one-line reason
             per_run.append({"run": number + 1, "kill_point": point, "takeover_ms": None,
                             "epochs_committed": None, "pause_us_p50": None, "pause_us_p99": None,
                             "output_latency_us_p50": None, "output_latency_us_p99": None,
                             "requests_acknowledged": 0, "acked_writes": 0, "lost_writes": 0,
-                            "verified": False, "problems": [f"the run failed: {exc} (logs in {log_dir})"]})
+                            "verified": False, "problems": [f"the run failed: {getattr(exc, 'reason', exc)} (logs in {log_dir})"]})
     passed = sum(r["verified"] for r in per_run)
     report = {"runs": len(per_run), "passed": passed, "failed": len(per_run) - passed, "seed": seed,
               "logs": str(log_dir), "per_run": per_run}

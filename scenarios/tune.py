@@ -23,9 +23,9 @@ from pathlib import Path
 
 import zmq
 
-from checkpointer.security import generate_keys
+from checkpointer.cluster import ClusterError, endpoint, ensure_keys
 
-from .drill import Cluster, Worker, _free_port
+from .drill import Service, Worker, start_service
 from .tune_model import PRIOR_PER_PAGE_US, model_report, parse_predict, recommend, toml_snippet
 
 QUICK = {"rings": [1024], "dirty_pages": [64, 256, 768], "intervals_ms": [5.0, 20.0],
@@ -56,29 +56,29 @@ class Control:
         self.context.term()
 
 
-def _load(cluster: Cluster, workers: int, stop: threading.Event) -> list[Worker]:
-    clients = [Worker(i, cluster.service_primary) for i in range(workers)]
+def _load(service: Service, workers: int, stop: threading.Event) -> list[Worker]:
+    clients = [Worker(i, service.primary_port) for i in range(workers)]
     for number, client in enumerate(clients):
         threading.Thread(target=client.run, args=(stop, number), daemon=True).start()
     return clients
 
 
-def _work_done(control: Control | None, cluster: Cluster, clients: list[Worker]) -> float:
+def _work_done(control: Control | None, service: Service, clients: list[Worker]) -> float:
     """Client operations (the service), or the guest's own progress counter (a dirtying workload)."""
     if clients:
         return float(sum(c.ops for c in clients))
     if control is not None:
         return float(control.ask({"get": "status"})["status"]["guest_progress"])
-    return float(cluster.status("primary").get("guest_progress", 0))
+    return float(service.cluster.status("primary").get("guest_progress", 0))
 
 
-def _measure(control: Control, cluster: Cluster, clients: list[Worker], seconds: float) -> dict:
+def _measure(control: Control, service: Service, clients: list[Worker], seconds: float) -> dict:
     control.ask({"reset": "stats"})
-    ops0, t0 = _work_done(control, cluster, clients), time.monotonic()
+    ops0, t0 = _work_done(control, service, clients), time.monotonic()
     time.sleep(seconds)                                   # the measurement window itself
-    ops1, t1 = _work_done(control, cluster, clients), time.monotonic()
+    ops1, t1 = _work_done(control, service, clients), time.monotonic()
     status = control.ask({"get": "status"})["status"]
-    replica = cluster.status("replica")
+    replica = service.cluster.status("replica")
     return {"pause_us_p50": status["pause_us_p50"], "pause_us_p99": status["pause_us_p99"],
             "checkpoints_per_s": status["checkpoints_per_s"], "dirty_pages": status["dirty_pages_p50"],
             "raw_mb_per_s": status["raw_mb_per_s"], "encoded_mb_per_s": status["encoded_mb_per_s"],
@@ -96,42 +96,41 @@ def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=prin
     The service is measured by its clients' operations/s; a dirtying workload by its own progress
     counter (writes/s), with no clients and no output trigger to speak of.
     """
-    service = workload == "kvstore"
-    guest_flags = [] if service else ["--workload", workload, "--report-every", "0"]
-    if not service:
+    service_workload = workload == "kvstore"
+    guest_flags = [] if service_workload else ["--workload", workload, "--report-every", "0"]
+    if not service_workload:
         workers = 0
         grid = {**grid, "output_delays_ms": []}
-    keys = log_dir / "keys"
-    if not (keys / "primary.key").exists():
-        generate_keys(keys, "primary")
-        generate_keys(keys, "replica")
+    keys = ensure_keys(log_dir / "keys")
     settings = []
     with tempfile.TemporaryDirectory(prefix="colo-tune-") as tmp:
         # the same load, unprotected (no replica: the primary runs its guest alone)
-        cluster = Cluster(Path(tmp), keys, "none:0", log_dir, primary_flags=guest_flags, with_replica=False)
+        service = start_service(Path(tmp), keys, "none:0", log_dir, primary_flags=guest_flags, with_replica=False)
+        cluster = service.cluster
         stop = threading.Event()
         try:
             cluster.wait("the unprotected guest", lambda: cluster.status("primary").get("mode"))
-            clients = _load(cluster, workers, stop)
+            clients = _load(service, workers, stop)
             time.sleep(1.0)
-            ops0, t0 = _work_done(None, cluster, clients), time.monotonic()
+            ops0, t0 = _work_done(None, service, clients), time.monotonic()
             time.sleep(max(seconds, 2.0))                # the status file is rewritten every second
-            baseline = (_work_done(None, cluster, clients) - ops0) / (time.monotonic() - t0)
+            baseline = (_work_done(None, service, clients) - ops0) / (time.monotonic() - t0)
         finally:
             stop.set()
-            cluster.stop()
-            progress(f"unprotected: {baseline:.0f} {'ops' if service else 'writes'}/s")
+            cluster.stop(timeout=10)
+        progress(f"unprotected: {baseline:.0f} {'ops' if service_workload else 'writes'}/s")
         for ring in grid["rings"]:
-            control_endpoint = f"tcp://127.0.0.1:{_free_port()}"
-            cluster = Cluster(Path(tmp), keys, "none:0", log_dir,
-                              primary_flags=[*guest_flags, "--ring-entries", str(ring), "--control",
-                                             control_endpoint])
+            control_endpoint = endpoint()
+            service = start_service(Path(tmp), keys, "none:0", log_dir,
+                                    primary_flags=[*guest_flags, "--ring-entries", str(ring), "--control",
+                                                   control_endpoint])
+            cluster = service.cluster
             stop = threading.Event()
             control = None
             try:
                 cluster.wait("protection", lambda: cluster.status("primary").get("protected"))
                 control = Control(control_endpoint)
-                clients = _load(cluster, workers, stop)
+                clients = _load(service, workers, stop)
                 candidates = [("ring", {"dirty_pages": 0, "max_interval_ms": 0.0, "ring_full": True})]
                 candidates += [("dirty", {"dirty_pages": d, "max_interval_ms": 0.0}) for d in grid["dirty_pages"]
                                if d + 64 < ring]
@@ -142,7 +141,7 @@ def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=prin
                                for o in grid["output_delays_ms"]]
                 for kind, triggers in candidates:
                     control.ask({"set": {"output_delay_ms": 1.0, **triggers}})
-                    measured = _measure(control, cluster, clients, seconds)
+                    measured = _measure(control, service, clients, seconds)
                     name = {"ring": f"ring {ring}", "dirty": f"ring {ring}, {triggers['dirty_pages']} pages",
                             "interval": f"ring {ring}, {triggers['max_interval_ms']:g} ms",
                             "output": f"ring {ring}, output +{triggers.get('output_delay_ms', 1.0):g} ms"}[kind]
@@ -158,7 +157,7 @@ def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=prin
                 stop.set()
                 if control is not None:
                     control.close()
-                cluster.stop()
+                cluster.stop(timeout=10)
     return {"baseline_ops_per_s": baseline, "settings": settings}
 
 
@@ -255,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quiet = args.json
-    result = sweep(grid, seconds, args.workers, out, progress=(lambda _: None) if quiet else
-                   (lambda line: print(line, file=sys.stderr)), workload=args.workload)
+    try:
+        result = sweep(grid, seconds, args.workers, out, progress=(lambda _: None) if quiet else
+                       (lambda line: print(line, file=sys.stderr)), workload=args.workload)
+    except ClusterError as exc:
+        print(f"colo-tune: the sweep stopped: {exc.reason} (the agents' logs are in {out})", file=sys.stderr)
+        return 1
     result["workload"] = args.workload
     best, why = recommend(result["settings"], args.slo_latency_ms, args.max_overhead)
     result.update({"recommended": best, "why": why, "snippet": toml_snippet(best) if best else "",

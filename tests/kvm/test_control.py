@@ -10,9 +10,8 @@ import zmq
 import zmq.asyncio
 
 from checkpointer.agent import PrimaryAgent
+from checkpointer.cluster import free_port
 from checkpointer.config import load_config
-
-from tests.support import free_port
 
 pytestmark = pytest.mark.kvm
 

@@ -9,7 +9,8 @@ import socket as pysocket
 import pytest
 import redis
 
-from tests.support import Agents, free_port
+from checkpointer.cluster import free_port
+from tests.support import Agents
 
 pytestmark = pytest.mark.kvm
 
@@ -60,8 +61,7 @@ def test_acknowledged_writes_survive_a_sigkill_of_the_primary(service: Agents) -
         acked[key] = value
         counter = primary.incr("counter")
     primary.close()
-    service.processes["primary"].kill()
-    service.processes["primary"].wait()
+    service.kill("primary")
     service.wait("the replica's takeover", lambda: service.status("replica").get("role") == "active")
     standby = redis.Redis(port=service.replica_port, protocol=2, socket_timeout=10)
 

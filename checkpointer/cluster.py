@@ -1,0 +1,258 @@
+"""Agent processes on one host: a replica and a primary (or a harness that wraps one), watched from outside.
+
+The drill, colo-tune, the benchmark and the system tests all run the agents as separate processes
+over loopback, as they are deployed: a SIGKILL must kill a real process, and the two agents must
+not share an interpreter, a GIL or an event loop. What they need from that is the same each time,
+and is written here once:
+
+- a key pair per role (CURVE), generated in a folder unless it holds them already;
+- free ports: `free_port()` asks the kernel for one (another process may take it before the
+  agent binds it; on a test host that is rare enough, and the agent then fails with a clear
+  error naming the setting);
+- each agent started as `python -m replica.cli` / `python -m checkpointer.cli`, or as a module
+  that wraps one (the drill's kill switch, the tests' harness: `python -m MODULE HARNESS-ARGS --
+  AGENT-FLAGS`), with the flags that join the two (endpoint, keys, status file) already given;
+- their status files (each rewritten atomically, about every second) read as dicts;
+- waiting for a state until a deadline, failing as soon as an agent that should be running has
+  exited, with the agents' logs in the error;
+- SIGKILL, SIGTERM and the logs.
+
+This module sits at the agents' level: it starts them by module name and never imports them (nor
+anything from scenarios/), so it can start agents of any backend on any host.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TypeVar
+
+from .security import generate_keys
+
+PRIMARY_MODULE = "checkpointer.cli"
+REPLICA_MODULE = "replica.cli"
+ROOT = Path(__file__).resolve().parents[1]          # where the agents' packages are importable
+POLL_S = 0.02                                       # how often a wait looks again
+LOG_TAIL = 4000                                     # characters of each log in an error
+
+T = TypeVar("T")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now (the kernel's choice)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def endpoint(host: str = "127.0.0.1") -> str:
+    """A ZeroMQ TCP endpoint on a free port."""
+    return f"tcp://{host}:{free_port(host)}"
+
+
+def ensure_keys(folder: Path) -> Path:
+    """`folder` with a CURVE key pair for each role (generated unless already there)."""
+    for role in ("primary", "replica"):
+        if not (folder / f"{role}.key").exists():
+            generate_keys(folder, role)
+    return folder
+
+
+class ClusterError(RuntimeError):
+    """An agent exited, or a state was not reached in time. `reason` is the one-line cause."""
+
+    def __init__(self, reason: str, logs: str = "") -> None:
+        super().__init__(f"{reason}\n{logs}" if logs else reason)
+        self.reason = reason
+        self.logs = logs
+
+
+@dataclass
+class Agent:
+    """One agent process, its status file and its log."""
+
+    role: str
+    process: subprocess.Popen
+    status_path: Path
+    log_path: Path
+    log_file: IO[bytes]
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+class Cluster:
+    """A replica and a primary (or more agents, by name) in their own processes.
+
+    `folder` holds the status files (ROLE.json) and, unless `logs` says otherwise, the logs
+    (ROLE.log, appended to when a role is started again); without one, a temporary folder is made
+    and removed by close(). `keys` is a folder with the key pairs (default: FOLDER/keys, generated).
+    `common` flags go to every agent (heartbeat and timeout settings, say). The replica listens on
+    `self.endpoint`, and primaries connect to it.
+    """
+
+    def __init__(self, folder: Path | None = None, keys: Path | None = None, logs: Path | None = None,
+                 common: Sequence[str] = (), host: str = "127.0.0.1") -> None:
+        self._temporary = folder is None
+        self.folder = Path(tempfile.mkdtemp(prefix="colo-cluster-")) if folder is None else Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.keys = ensure_keys(Path(keys) if keys is not None else self.folder / "keys")
+        self.logs = Path(logs) if logs is not None else self.folder
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.common = list(common)
+        self.endpoint = endpoint(host)
+        self.agents: dict[str, Agent] = {}
+        self._expected_exits: set[str] = set()
+
+    # -- starting ----------------------------------------------------------------------------
+    def replica_flags(self, name: str = "replica") -> list[str]:
+        """What joins a replica to this cluster: where it listens, its keys, its status file."""
+        return ["--listen", self.endpoint, "--keys-dir", str(self.keys),
+                "--authorized-keys", str(self.keys / "primary.key"),
+                "--status-json", str(self.status_path(name))]
+
+    def primary_flags(self, name: str = "primary") -> list[str]:
+        """What joins a primary to this cluster's replica: the endpoint, keys, its status file."""
+        return ["--replica", self.endpoint, "--keys-dir", str(self.keys),
+                "--peer-public-key", str(self.keys / "replica.key"),
+                "--status-json", str(self.status_path(name))]
+
+    def start_replica(self, flags: Sequence[str] = (), *, harness: str | None = None,
+                      harness_args: Sequence[str] = (), name: str = "replica") -> subprocess.Popen:
+        """Start a replica (colo-replica, or `harness` wrapping one) with extra agent `flags`."""
+        return self.start_process(name, harness or REPLICA_MODULE, [*self.replica_flags(name), *flags],
+                          harness_args if harness else None)
+
+    def start_primary(self, flags: Sequence[str] = (), *, harness: str | None = None,
+                      harness_args: Sequence[str] = (), name: str = "primary") -> subprocess.Popen:
+        """Start a primary (colo-primary, or `harness` wrapping one) with extra agent `flags`."""
+        return self.start_process(name, harness or PRIMARY_MODULE, [*self.primary_flags(name), *flags],
+                          harness_args if harness else None)
+
+    def start_process(self, name: str, module: str, flags: Sequence[str],
+              harness_args: Sequence[str] | None = None) -> subprocess.Popen:
+        """Run `python -m module` as agent `name`: `flags` (and the common ones) are the agent's;
+        with `harness_args`, the module is a harness called as `module HARNESS-ARGS -- FLAGS`."""
+        previous = self.agents.get(name)
+        if previous is not None and previous.running():
+            raise ClusterError(f"the {name} is already running (pid {previous.process.pid})")
+        command = [sys.executable, "-m", module]
+        if harness_args is not None:
+            command += [*harness_args, "--"]
+        command += [*flags, *self.common]
+        self.status_path(name).unlink(missing_ok=True)      # a status left by an earlier agent is not this one's
+        log_path = self.logs / f"{name}.log"
+        log_file = open(log_path, "ab")
+        process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT)
+        if previous is not None:
+            previous.log_file.close()
+        self.agents[name] = Agent(name, process, self.status_path(name), log_path, log_file)
+        self._expected_exits.discard(name)
+        return process
+
+    # -- watching ------------------------------------------------------------------------------
+    def process(self, name: str) -> subprocess.Popen:
+        return self.agents[name].process
+
+    def status_path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def status(self, name: str) -> dict:
+        """The agent's last status file ({} before the first one)."""
+        try:
+            return json.loads(self.status_path(name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def next_status(self, name: str, timeout: float = 60.0) -> dict:
+        """The next status file the agent writes (each is a new file renamed into place)."""
+        def written() -> tuple[int, int] | None:
+            try:
+                stat = self.status_path(name).stat()
+            except FileNotFoundError:
+                return None
+            return stat.st_ino, stat.st_mtime_ns
+        before = written()
+        self.wait(f"the {name}'s next status file", lambda: written() not in (None, before), timeout)
+        return self.status(name)
+
+    def wait(self, what: str, predicate: Callable[[], T], timeout: float = 60.0,
+             may_exit: Collection[str] = ()) -> T:
+        """Wait until `predicate()` is true and return its value. Raises ClusterError (with the
+        logs) when `timeout` passes, or as soon as an agent exits that is not in `may_exit` and was
+        not stopped through this cluster."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            for name, agent in self.agents.items():
+                if name in may_exit or name in self._expected_exits or agent.running():
+                    continue
+                raise ClusterError(f"the {name} exited ({agent.process.returncode}) while waiting for {what}",
+                                   self.log_tails())
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"timed out waiting for {what}", self.log_tails())
+            time.sleep(POLL_S)
+
+    def log(self, name: str, tail: int = LOG_TAIL) -> str:
+        """The end of the agent's log ('' if it never started)."""
+        agent = self.agents.get(name)
+        path = agent.log_path if agent is not None else self.logs / f"{name}.log"
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return text[-tail:] if tail else text
+
+    def log_tails(self) -> str:
+        return "\n".join(f"--- {name} (log {agent.log_path})\n{self.log(name)}"
+                         for name, agent in self.agents.items())
+
+    # -- ending -------------------------------------------------------------------------------------
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to the agent, wait for it to end, return its exit status."""
+        agent = self.agents[name]
+        self._expected_exits.add(name)
+        if agent.running():
+            agent.process.send_signal(sig)
+        return agent.process.wait()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every running agent (all at once, so none waits for another), then wait;
+        SIGKILL what is still running after `timeout`."""
+        self._expected_exits.update(self.agents)
+        for agent in self.agents.values():
+            if agent.running():
+                agent.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for agent in self.agents.values():
+            try:
+                agent.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                agent.process.kill()
+                agent.process.wait()
+            agent.log_file.close()
+
+    def close(self) -> None:
+        """Stop the agents and remove the temporary folder (if this cluster made it)."""
+        self.stop()
+        if self._temporary:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
