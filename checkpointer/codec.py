@@ -49,7 +49,7 @@ wire module wraps this payload in its own frame with the checksum):
     8               4   u32   count: pages in the batch (n)
     12              4   u32   compressed length (c): bytes of the zstd frame
     16              8   u64   data length (d): 4096 * number of non-ZERO pages
-    24              8n  u64[] page keys, (slot << 40) | page offset, strictly increasing
+    24              8n  u64[] page keys (ring.pages: slot << 40 | offset, below 2**56), strictly increasing
     24+8n           n   u8[]  kinds: 0 ZERO, 1 RAW, 2 XOR
     24+8n+n         p         zero padding to a multiple of 8 (p = -n mod 8)
     24+8n+n+p       c         one zstd frame (content size d and a checksum

@@ -7,8 +7,8 @@ device state captured, the guest resumed. Encoding and sending happen after
 the resume, while the guest runs, from the staging buffer; the buffer goes
 back to its pool once the epoch is encoded.
 
-Page keys are (slot << 40) | page offset in the slot, sorted: the same keys
-the codec and the replica use.
+Pages are named by sorted page keys (ring.pages), the same keys the codec and
+the replica use.
 """
 
 from __future__ import annotations
@@ -19,34 +19,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ring import pages as pagekeys
 from ring.dirty import DirtySet, soft_limit
 from ring.machine import Machine, VcpuState
 from ring.memory import page_buffer
 
-SLOT_SHIFT = np.uint64(40)
-OFFSET_MASK = np.uint64((1 << 40) - 1)
-
 
 def page_keys(dirty: DirtySet) -> np.ndarray:
-    """The dirty set as sorted page keys."""
-    parts = [(np.uint64(slot) << SLOT_SHIFT) | offsets for slot, offsets in sorted(dirty.pages.items())]
-    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
-
-
-def split_keys(keys: np.ndarray) -> list[tuple[int, int, int]]:
-    """(slot, start, end) runs of sorted keys, one per slot."""
-    if len(keys) == 0:
-        return []
-    slots = keys >> SLOT_SHIFT
-    bounds = [0, *(np.flatnonzero(slots[1:] != slots[:-1]) + 1).tolist(), len(keys)]
-    return [(int(slots[a]), a, b) for a, b in zip(bounds, bounds[1:])]
+    """The dirty set as sorted page keys: DirtySet.keys(), kept for callers not yet switched."""
+    return dirty.keys()
 
 
 def gather(machine: Machine, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Copy the pages named by `keys` into out[:len(keys)] (one np.take per slot)."""
-    for slot, start, end in split_keys(keys):
+    for slot, start, end in pagekeys.by_slot(keys):
         source = machine.memory.slots[slot].pages
-        np.take(source, (keys[start:end] & OFFSET_MASK).astype(np.intp), axis=0,
+        np.take(source, pagekeys.offsets(keys[start:end]).astype(np.intp), axis=0,
                 out=out[start:end], mode="clip")
     return out[:len(keys)]
 
@@ -131,14 +119,14 @@ class Snapshotter:
             if extra is not None:
                 dirty = dirty.merged(extra)
             t2 = clock()
-            keys = page_keys(dirty)
+            keys = dirty.keys()
             buffer = self.pool.acquire(len(keys))
-            pages = gather(machine, keys, buffer)
+            gathered = gather(machine, keys, buffer)
             t3 = clock()
             vcpus = machine.capture_vcpus() if capture_state else []
             device = device_state() if capture_state else b""
             t4 = clock()
-            snapshot = Snapshot(epoch, reason, keys, pages, buffer, vcpus, device, capture_state)
+            snapshot = Snapshot(epoch, reason, keys, gathered, buffer, vcpus, device, capture_state)
             hook_ns = 0
             if while_paused is not None:          # test hooks: inspect the machine at the checkpoint
                 while_paused(snapshot, machine)

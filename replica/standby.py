@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from checkpointer.codec import CodecError, EpochDigest, decode_batch
-from checkpointer.snapshot import OFFSET_MASK, SLOT_SHIFT, split_keys
 from checkpointer.wire import unpack_vcpu_states
+from ring import pages as pagekeys
 from ring.guest import layout
 from ring.machine import VcpuState
 from ring.memory import GuestMemory, SlotSpec, page_buffer
@@ -69,17 +69,12 @@ class Standby:
         self._staged_device = b""
 
     def _valid_keys(self, keys: np.ndarray) -> np.ndarray:
-        slots = keys >> SLOT_SHIFT
-        offsets = keys & OFFSET_MASK
-        valid = np.zeros(len(keys), dtype=bool)
-        for slot, pages in self._slot_pages.items():
-            valid |= (slots == np.uint64(slot)) & (offsets < np.uint64(pages))
-        return valid
+        return pagekeys.inside(keys, self._slot_pages)
 
     def _base(self, keys: np.ndarray) -> np.ndarray:
         out = page_buffer(len(keys), touch=False)[:len(keys)]
-        for slot, start, end in split_keys(keys):
-            offsets = (keys[start:end] & OFFSET_MASK).astype(np.intp)
+        for slot, start, end in pagekeys.by_slot(keys):
+            offsets = pagekeys.offsets(keys[start:end]).astype(np.intp)
             np.take(self.memory.slots[slot].pages, offsets, axis=0, out=out[start:end])
         return out
 
@@ -127,8 +122,8 @@ class Standby:
             raise StagingError("commit with no epoch staged")
         start = time.perf_counter_ns()
         keys = self._staging_keys[:self._cursor]
-        for slot, a, b in split_keys(keys):
-            offsets = (keys[a:b] & OFFSET_MASK).astype(np.intp)
+        for slot, a, b in pagekeys.by_slot(keys):
+            offsets = pagekeys.offsets(keys[a:b]).astype(np.intp)
             self.memory.slots[slot].pages[offsets] = self._staging[a:b]
         if consistent:
             self.vcpus = self._staged_vcpus or []

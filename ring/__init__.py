@@ -7,10 +7,11 @@
         dirty = vm.harvest()           # pages per slot, deduplicated, ring reset
 """
 
+from . import pages
 from .backend import choose_backend, kvm_status, open_machine
 from .dirty import BitmapTracker, DirtyRing, DirtySet, RingTracker, soft_limit, validate_ring_entries
 from .errors import (ConfigError, GuestBuildError, GuestFault, HarvestError, KvmError,
-                     KvmUnavailableError, RingError, RingSizeError, SlotOverlapError, StateError)
+                     KvmUnavailableError, PageKeyError, RingError, RingSizeError, SlotOverlapError, StateError)
 from .machine import KvmMachine, Machine, MachineConfig, MachineState, VcpuState
 from .vcpus import Done, Event, Fault, LimitReached, Output, Progress, RingSoftFull
 from .workloads import Workload
@@ -21,4 +22,5 @@ __all__ = [
     "soft_limit", "validate_ring_entries", "Event", "Progress", "RingSoftFull", "LimitReached",
     "Output", "Done", "Fault", "RingError", "KvmError", "KvmUnavailableError", "ConfigError",
     "RingSizeError", "SlotOverlapError", "GuestBuildError", "GuestFault", "HarvestError", "StateError",
+    "PageKeyError", "pages",
 ]

@@ -31,13 +31,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import abi
-from .errors import ConfigError, HarvestError, RingSizeError
+from . import abi, pages as pagekeys
+from .errors import ConfigError, HarvestError, PageKeyError, RingSizeError
 
 _DIRTY = np.uint32(abi.KVM_DIRTY_GFN_F_DIRTY)
 _RESET = np.uint32(abi.KVM_DIRTY_GFN_F_RESET)
-_SLOT_SHIFT = np.uint64(40)                 # page offsets stay below 2**40 (4 EiB of 4 KiB pages)
-_OFFSET_MASK = np.uint64((1 << 40) - 1)
 
 
 def validate_ring_entries(entries: int, max_bytes: int | None = None) -> int:
@@ -87,6 +85,15 @@ class DirtySet:
         keys = {s for s, o in self.pages.items() if len(o)} | {s for s, o in other.pages.items() if len(o)}
         return all(np.array_equal(self.slot(s), other.slot(s)) for s in keys)
 
+    def keys(self) -> np.ndarray:
+        """The pages as sorted page keys (ring.pages)."""
+        return pagekeys.from_pages(self.pages)
+
+    @classmethod
+    def from_keys(cls, keys: np.ndarray) -> "DirtySet":
+        """The dirty set of sorted unique page keys (ring.pages); entries = len(keys)."""
+        return cls(pages=pagekeys.to_pages(keys), entries=len(keys))
+
     @classmethod
     def from_entries(cls, slots: np.ndarray, offsets: np.ndarray, entries: int | None = None,
                      last_entry: dict[int, tuple[int, int]] | None = None) -> "DirtySet":
@@ -94,31 +101,18 @@ class DirtySet:
 
         Sort plus a neighbour compare: np.unique costs several times more here.
         """
-        offsets = offsets.astype(np.uint64, copy=False)
         count = len(offsets)
         pages: dict[int, np.ndarray] = {}
         if count:
-            if int(offsets.max()) > int(_OFFSET_MASK):
-                raise HarvestError(f"ring entry offset {int(offsets.max()):#x} is beyond any slot")
-            keys = slots.astype(np.uint64) << _SLOT_SHIFT
-            keys |= offsets
+            try:
+                keys = pagekeys.make(slots, offsets)
+            except PageKeyError as exc:
+                raise HarvestError(f"dirty log entry: {exc}") from exc
             keys.sort()
             keep = np.empty(count, dtype=bool)
             keep[0] = True
             np.not_equal(keys[1:], keys[:-1], out=keep[1:])
-            keys = keys[keep]
-            first_slot, last_slot = int(keys[0] >> _SLOT_SHIFT), int(keys[-1] >> _SLOT_SHIFT)
-            if last_slot > 0xFFFF:            # (address space << 16) | slot: only space 0 here
-                raise HarvestError(f"ring entry names slot {last_slot & 0xFFFF} in address space "
-                                   f"{last_slot >> 16} (SMM): not supported")
-            if first_slot == last_slot:
-                keys &= _OFFSET_MASK
-                pages[first_slot] = keys
-            else:
-                key_slots = keys >> _SLOT_SHIFT
-                bounds = np.flatnonzero(key_slots[1:] != key_slots[:-1]) + 1
-                for chunk in np.split(keys, bounds):      # one iteration per slot, not per page
-                    pages[int(chunk[0] >> _SLOT_SHIFT)] = chunk & _OFFSET_MASK
+            pages = pagekeys.to_pages(keys[keep])
         return cls(pages=pages, entries=count if entries is None else entries,
                    last_entry=last_entry or {})
 

@@ -51,5 +51,9 @@ class HarvestError(RingError):
     """The ring and KVM disagree (reset count mismatch, entry outside its slot)."""
 
 
+class PageKeyError(RingError, ValueError):
+    """A page key, or the slot and offset for one, is outside the bounds of ring.pages."""
+
+
 class StateError(RingError):
     """An operation was called in the wrong state (harvest while running, resume while closed)."""

@@ -65,7 +65,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import abi
+from . import abi, pages as pagekeys
 from .dirty import BitmapTracker, DirtyRing, RingTracker, soft_limit
 from .errors import ConfigError, KvmError, StateError
 from .guest import layout, loader
@@ -162,7 +162,7 @@ class SimDirtyLog:
             new = np.zeros(count, dtype=bool)
             where = np.flatnonzero(candidate)
             if len(where):
-                keys = (slots[where].astype(np.uint64) << np.uint64(40)) | pages[where]
+                keys = pagekeys.make(slots[where], pages[where])
                 _, first = np.unique(keys, return_index=True)
                 new[where[first]] = True
             retired = count

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ring import abi
+from ring import abi, pages as pagekeys
 from ring.dirty import RESET_STALL_LIMIT, DirtyRing, DirtySet, HarvestError, RingTracker, set_bits, soft_limit
+from ring.errors import PageKeyError
 
 DIRTY, RESET = abi.KVM_DIRTY_GFN_F_DIRTY, abi.KVM_DIRTY_GFN_F_RESET
 
@@ -167,3 +168,89 @@ def test_dirty_set_from_entries_matches_python_sets(pairs) -> None:
         expected.setdefault(slot, set()).add(offset)
     assert {s: a.tolist() for s, a in dirty.pages.items()} == {s: sorted(o) for s, o in expected.items()}
     assert dirty.entries == len(pairs)
+
+
+# --- page keys (ring.pages) against plain Python ------------------------------------------------
+
+_pairs = st.lists(st.tuples(st.integers(0, 0xFFFF), st.integers(0, (1 << 40) - 1)), max_size=200)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_pairs)
+def test_page_keys_round_trip_and_sort_by_slot_then_offset(pairs) -> None:
+    slots = np.array([s for s, _ in pairs], dtype=np.uint32)
+    offsets = np.array([o for _, o in pairs], dtype=np.uint64)
+    keys = pagekeys.make(slots, offsets)
+    assert keys.dtype == np.uint64 and (keys < np.uint64(pagekeys.KEY_LIMIT)).all()
+    back_slots, back_offsets = pagekeys.split(keys)
+    assert back_slots.tolist() == slots.tolist() and back_offsets.tolist() == offsets.tolist()
+    assert [divmod(int(k), 1 << 40) for k in np.sort(keys)] == sorted(pairs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_pairs)
+def test_sorted_keys_split_by_slot_and_back_into_a_dirty_set(pairs) -> None:
+    unique = sorted(set(pairs))
+    keys = np.array([(s << 40) | o for s, o in unique], dtype=np.uint64)
+    expected: dict[int, list[int]] = {}
+    for s, o in unique:
+        expected.setdefault(s, []).append(o)
+    assert {s: pagekeys.offsets(keys[a:b]).tolist() for s, a, b in pagekeys.by_slot(keys)} == expected
+    assert {s: o.tolist() for s, o in pagekeys.to_pages(keys).items()} == expected
+    dirty = DirtySet.from_keys(keys)
+    assert dirty.entries == len(keys) and np.array_equal(dirty.keys(), keys)
+    assert np.array_equal(pagekeys.from_pages(dirty.pages), keys)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 300)), max_size=300))
+def test_runs_are_the_maximal_consecutive_offsets_within_a_slot(pairs) -> None:
+    unique = sorted(set(pairs))
+    keys = np.array([(s << 40) | o for s, o in unique], dtype=np.uint64)
+    naive: list[tuple[int, int]] = []                     # (first key, length)
+    for s, o in unique:
+        if naive and naive[-1][0] + naive[-1][1] == (s << 40) | o:
+            naive[-1] = (naive[-1][0], naive[-1][1] + 1)
+        else:
+            naive.append(((s << 40) | o, 1))
+    firsts, lengths = pagekeys.runs(keys)
+    assert list(zip(firsts.tolist(), lengths.tolist())) == naive
+
+
+def test_a_run_never_crosses_a_slot() -> None:
+    last = (1 << 40) - 1
+    keys = np.array([(1 << 40) | last, 2 << 40], dtype=np.uint64)    # numerically consecutive
+    firsts, lengths = pagekeys.runs(keys)
+    assert lengths.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("slots, offsets, words", [
+    ([1], [1 << 40], "page offset 0x10000000000 is beyond any slot"),
+    ([1 << 16 | 3], [0], r"slot 3 in address space 1 \(SMM\) is not supported"),
+    ([-1], [0], "slot -1 is negative"),
+    ([0], [-5], "page offset -5 is negative"),
+])
+def test_page_keys_beyond_the_bounds_are_refused(slots, offsets, words) -> None:
+    with pytest.raises(PageKeyError, match=words):
+        pagekeys.make(np.array(slots), np.array(offsets))
+
+
+def test_a_ring_entry_beyond_the_bounds_is_a_harvest_error() -> None:
+    with pytest.raises(HarvestError, match="dirty log entry: slot 9 in address space 1"):
+        DirtySet.from_entries(np.array([(1 << 16) | 9], dtype=np.uint32), np.array([4], dtype=np.uint64))
+
+
+@pytest.mark.parametrize("keys, words", [
+    (np.array([5, 3], dtype=np.uint64), "unsorted key 0x3 at index 1"),
+    (np.array([3, 3], dtype=np.uint64), "duplicate key 0x3 at index 1"),
+    (np.array([1 << 56], dtype=np.uint64), "key 0x100000000000000 at index 0 is not below 2\\*\\*56"),
+    (np.array([1], dtype=np.int64), "must be uint64"),
+])
+def test_checked_keys_are_sorted_unique_and_below_2_to_the_56(keys, words) -> None:
+    with pytest.raises(PageKeyError, match=words):
+        pagekeys.check(keys)
+
+
+def test_keys_inside_a_layout() -> None:
+    keys = np.array([(0 << 40) | 63, (0 << 40) | 64, (1 << 40) | 5, (2 << 40) | 0], dtype=np.uint64)
+    assert pagekeys.inside(keys, {0: 64, 1: 10}).tolist() == [True, False, True, False]
