@@ -648,7 +648,7 @@ def invalid(spec: Spec, *, packing: bool) -> st.SearchStrategy:
         long = st.integers(1, 5).map(lambda n: "x" * (spec.limit + n))
         return wrong if packing and spec.truncate else wrong | long
     if isinstance(spec, Bool):
-        return st.integers() | st.text(max_size=3) | st.none() | st.floats(allow_nan=False)
+        return st.integers() | st.text(max_size=3) | st.none() | st.floats(allow_nan=False, allow_infinity=False)
     if isinstance(spec, Choice):
         values = {c.value for c in spec.choices}
         return st.text(max_size=20).filter(lambda v: v not in values) | st.integers() | st.none() | st.booleans()
