@@ -146,7 +146,7 @@ class PrimaryAgent:
         try:
             if self.config.primary.control:
                 self.control = ControlServer(
-                    self.context, self.config.primary.control, status=self.status,
+                    self.context, self.config.primary.control, config=self.config, status=self.status,
                     get_triggers=lambda: dataclasses.asdict(self.triggers.settings),
                     set_triggers=self.set_triggers, reset_stats=self._reset_stats)
                 loops.append(self.control.serve)

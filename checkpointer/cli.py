@@ -10,7 +10,6 @@ from .launch import configure_logging, run_agent_cli, run_until_signal
 
 __all__ = ["build", "main", "configure_logging", "run_until_signal"]
 
-_run = run_until_signal      # TEMPORARY: scenarios/drill_primary.py and the test harness import _run
 
 
 def build(config: PrimaryAgentConfig) -> Any:

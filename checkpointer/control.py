@@ -25,7 +25,7 @@ log = logging.getLogger("colo.primary")
 class ControlServer:
     """Answers control requests with the agent's callbacks, one request at a time."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, *, get_triggers: Callable[[], dict],
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, *, config, get_triggers: Callable[[], dict],
                  set_triggers: Callable[[dict], dict], status: Callable[[], dict],
                  reset_stats: Callable[[], None]) -> None:
         self.socket = context.socket(zmq.REP)
@@ -34,7 +34,7 @@ class ControlServer:
             self.socket.bind(endpoint[:-2] + ":*" if endpoint.endswith(":0") else endpoint)
         except zmq.ZMQError as exc:
             self.socket.close(linger=0)
-            raise ConfigError(f"primary.control: cannot listen on {endpoint}: {exc.strerror}") from None
+            raise config.error("primary.control", f"cannot listen on {endpoint}: {exc.strerror}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._get_triggers, self._set_triggers = get_triggers, set_triggers
         self._status, self._reset_stats = status, reset_stats

@@ -37,8 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .frames import EpochReason, RefuseReason
-from .wire import UnsupportedVersion, negotiate_version
+from .wire import EpochReason, RefuseReason, UnsupportedVersion, negotiate_version
 
 
 class LogLevel(str, Enum):

@@ -19,7 +19,7 @@ import signal
 import sys
 
 from checkpointer.agent import Hooks, PrimaryAgent
-from checkpointer.cli import _run, configure_logging
+from checkpointer.launch import configure_logging, run_until_signal
 from checkpointer.config import parse_primary_args
 
 POINTS = ("none", "transfer", "after-end", "between", "heavy-output")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     agent = PrimaryAgent(config, hooks=Hooks(on_snapshot=on_snapshot, on_frame_sent=on_frame_sent,
                                              on_ack=on_ack))
-    asyncio.run(_run(agent))
+    asyncio.run(run_until_signal(agent))
     return 1 if agent.last_error else 0
 
 

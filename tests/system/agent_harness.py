@@ -25,7 +25,7 @@ import xxhash
 
 from checkpointer import wire
 from checkpointer.agent import Hooks, PrimaryAgent
-from checkpointer.cli import _run, configure_logging
+from checkpointer.launch import configure_logging, run_until_signal
 from checkpointer.config import parse_primary_args, parse_replica_args
 from replica.agent import ReplicaAgent, ReplicaHooks
 from replica.standby import memory_digest
@@ -74,7 +74,7 @@ def run_primary(args, agent_args) -> int:
 
     agent = PrimaryAgent(config, hooks=Hooks(on_snapshot=on_snapshot, on_frame_sent=on_frame_sent,
                                              on_ack=on_ack))
-    asyncio.run(_run(agent))
+    asyncio.run(run_until_signal(agent))
     return 1 if agent.last_error else 0
 
 
@@ -118,7 +118,7 @@ def run_replica(args, agent_args) -> int:
 
     agent = ReplicaAgent(config, hooks=ReplicaHooks(on_commit=on_commit, hold_ack=hold_ack))
     agent.bind()
-    asyncio.run(_run(agent))
+    asyncio.run(run_until_signal(agent))
     return 1 if agent.last_error else 0
 
 
