@@ -13,8 +13,9 @@ A session
 Each connection of a primary to a replica is one *session*: a random non-zero
 u64 the primary chooses when it connects (again on every reconnect), stamped
 on every frame either side sends, so frames of an old primary or an old
-connection (one that restarted, or a stale socket) are recognised and refused. Each direction numbers its own frames: ``seq`` starts
-at 0 with the sender's first frame and grows by exactly 1 per frame it sends.
+connection (one that restarted, or a stale socket) are recognised and
+refused. Each direction numbers its own frames: ``seq`` starts at 0 with the
+sender's first frame and grows by exactly 1 per frame it sends.
 
 A session starts with a *sync*: the replica's standby memory is empty, so the
 primary copies every resident page, first while the guest runs (pre-copy

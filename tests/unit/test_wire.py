@@ -724,7 +724,8 @@ def test_control_json_is_version_1_byte_for_byte() -> None:
             b'{"guest_phys_addr":1073741824,"size":8192,"slot":1}],"vcpus":2,"versions":[1]}',
         Welcome(1, None): b'{"last_epoch":null,"version":1}',
         Welcome(1, 9): b'{"last_epoch":9,"version":1}',
-        EpochBegin(7, EpochReason.RING_FULL, 10, 1): b'{"batches":1,"epoch":7,"pages":10,"reason":"ring_full","sync":false}',
+        EpochBegin(7, EpochReason.RING_FULL, 10, 1):
+            b'{"batches":1,"epoch":7,"pages":10,"reason":"ring_full","sync":false}',
         EpochBegin(7, "sync", 10, 1, True): b'{"batches":1,"epoch":7,"pages":10,"reason":"sync","sync":true}',
         EpochEnd(7, bytes(range(16)), 10, 1, 40960):
             b'{"batches":1,"digest":"000102030405060708090a0b0c0d0e0f","epoch":7,"pages":10,"raw_bytes":40960}',
@@ -780,7 +781,8 @@ def test_spec_quotes_each_declaration() -> None:
 
 def test_kinds_table_of_the_spec_matches_kind_rules() -> None:
     table = wire.__doc__.split("Kinds\n=====")[1].split("\n\n(1)")[0]
-    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines() if re.match(r"\d+\s{2,}[A-Z_]+\s{2,}", line)]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()
+            if re.match(r"\d+\s{2,}[A-Z_]+\s{2,}", line)]
     senders = {"P -> R": "primary", "R -> P": "replica", "both": "both"}
     seen = set()
     for value, name, direction, epoch, count, flags, payload in rows:
