@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from ring.pages import from_pages, to_pages
 from ring.dirty import DirtySet
 from ring.machine import Machine
 
@@ -77,8 +78,7 @@ class InitialSync:
         self.dirty = None
         self.drain()                                  # tracking starts now: everything else is resident
         self.dirty = None
-        keys = np.concatenate([page_keys(DirtySet({slot: memory.resident_pages()}))
-                               for slot, memory in sorted(self.machine.memory.slots.items())])
+        keys = from_pages({slot: memory.resident_pages() for slot, memory in self.machine.memory.slots.items()})
         log.info("sync: %d resident pages (%.1f MiB) to copy", len(keys), len(keys) * 4096 / 2**20)
         bar = tqdm(total=len(keys), unit="page", desc="initial sync", file=sys.stderr, leave=False,
                    disable=not sys.stderr.isatty())
@@ -110,8 +110,7 @@ class InitialSync:
                 self.leftover = pending
                 break
         else:                                         # rounds ran out: the final copy takes the rest
-            self.leftover = pending if pending is not None else DirtySet.from_entries(
-                keys >> np.uint64(40), keys & np.uint64((1 << 40) - 1))
+            self.leftover = pending if pending is not None else DirtySet(to_pages(keys))
         while self.batches:
             await asyncio.sleep(0.001)
         self.feed(proto.SyncRoundsDone(time.monotonic(), self.next_epoch() - 1))
