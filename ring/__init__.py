@@ -8,7 +8,7 @@
 """
 
 from . import pages
-from .backend import choose_backend, kvm_status, open_machine
+from .backend import choose_backend, kvm_status, open_machine, restore_machine
 from .dirty import BitmapTracker, DirtyRing, DirtySet, RingTracker, soft_limit, validate_ring_entries
 from .errors import (ConfigError, GuestBuildError, GuestFault, HarvestError, KvmError,
                      KvmUnavailableError, PageKeyError, RingError, RingSizeError, SlotOverlapError, StateError)
@@ -17,7 +17,7 @@ from .vcpus import Done, Event, Fault, LimitReached, Output, Progress, RingSoftF
 from .workloads import Workload
 
 __all__ = [
-    "open_machine", "choose_backend", "kvm_status", "MachineConfig", "Machine", "KvmMachine",
+    "open_machine", "restore_machine", "choose_backend", "kvm_status", "MachineConfig", "Machine", "KvmMachine",
     "MachineState", "VcpuState", "Workload", "DirtySet", "DirtyRing", "RingTracker", "BitmapTracker",
     "soft_limit", "validate_ring_entries", "Event", "Progress", "RingSoftFull", "LimitReached",
     "Output", "Done", "Fault", "RingError", "KvmError", "KvmUnavailableError", "ConfigError",

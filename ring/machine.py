@@ -3,7 +3,8 @@
 `Machine` holds everything both backends share (layout, parameter block,
 events, the pause barrier, the harvest order); `KvmMachine` runs a real KVM
 guest, `ring.sim.SimMachine` a simulated one. Build them through
-`ring.backend.open_machine`, the one place that chooses the backend.
+`ring.backend` (open_machine, restore_machine), the one place that chooses
+the backend.
 
 The harvest order is written here once: harvest() refuses to run unless
 every vCPU is parked outside KVM_RUN, then collects every ring, marks RESET,
@@ -31,7 +32,7 @@ from .kvm import Kvm, Vcpu, Vm
 from .memory import GuestMemory, SlotSpec
 from .vcpus import (Done, Event, Exit, Fault, LimitReached, Output, PortHandler, Progress, RingSoftFull, VcpuRunner,
                     errno_exit, install_kick_handler)
-from .workloads import ResolvedWorkload, Workload
+from .workloads import WORKLOAD_IDS, ResolvedWorkload, Workload
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,23 @@ class MachineConfig:
 
 
 from .vcpu_state import VcpuState  # noqa: E402  (defined beside its serialisation; kept importable here)
+
+
+def workload_in_memory(memory: GuestMemory) -> Workload | None:
+    """The workload a guest's parameter block names (what its loader wrote), or None if it names none.
+
+    A machine built over memory that already holds a guest takes its workload
+    from there: the simulator runs that workload, and both backends report it.
+    """
+    params = memory.view(layout.PARAMS_GPA, layout.PARAMS_DTYPE.itemsize).view(layout.PARAMS_DTYPE)[0]
+    names = {number: name for name, number in WORKLOAD_IDS.items()}
+    if int(params["magic"]) != layout.PARAMS_MAGIC or int(params["workload"]) not in names:
+        return None
+    return Workload(names[int(params["workload"])], seed=int(params["seed"]),
+                    working_set_pages=int(params["working_set"]) or None,
+                    hot_pages=int(params["hot_pages"]), hot_percent=int(params["hot_percent"]),
+                    stride=int(params["stride"]) or 1, report_every=int(params["report_every"]),
+                    total=int(params["total"]))
 
 
 @dataclass
@@ -318,7 +336,7 @@ class Machine:
 # --- the real thing ---------------------------------------------------------
 
 
-class _NoTracker:
+class NoTracker:
     """A machine run without dirty logging (a replica's guest after failover)."""
 
     def collect(self) -> DirtySet:
@@ -455,7 +473,7 @@ class KvmMachine(Machine):
                 self._ring_maps.append(ring_map)
                 rings.append(DirtyRing(ring_map, config.ring_entries, index))
         if not tracking:
-            self.tracker = _NoTracker()
+            self.tracker = NoTracker()
         elif config.dirty_log == "ring":
             self.tracker = RingTracker(rings, vm.reset_dirty_rings, rearm=self.rearm_dirty_logging,
                                        interruptions=lambda: vm.reset_interruptions)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -123,6 +124,20 @@ class GuestMemory:
         except Exception:
             self.close()
             raise
+
+    @classmethod
+    def holding(cls, specs: list[SlotSpec], contents: Mapping[int, np.ndarray]) -> "GuestMemory":
+        """New memory whose slots hold a copy of `contents` (slot -> bytes, a capture's memory)."""
+        memory = cls(specs)
+        try:
+            for slot, content in contents.items():
+                if slot not in memory.slots:
+                    raise ConfigError(f"the contents name slot {slot}, which the layout does not have")
+                memory.slots[slot].bytes[:] = content
+        except Exception:
+            memory.close()
+            raise
+        return memory
 
     def slot_of(self, gpa: int) -> MemorySlot:
         for slot in self.slots.values():

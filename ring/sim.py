@@ -61,6 +61,7 @@ import ctypes
 import errno
 import logging
 import threading
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -69,7 +70,7 @@ from . import abi, pages as pagekeys
 from .dirty import BitmapTracker, DirtyRing, RingTracker, soft_limit
 from .errors import ConfigError, KvmError, StateError
 from .guest import layout, loader
-from .machine import Machine, MachineConfig, VcpuState
+from .machine import Machine, MachineConfig, NoTracker, VcpuState
 from .memory import GuestMemory
 from .vcpus import Exit, PortHandler
 from .workloads import Workload
@@ -400,19 +401,24 @@ class SimMachine(Machine):
 
     def __init__(self, config: MachineConfig, workload: Workload | None = None, *,
                  memory: GuestMemory | None = None, load: bool = True, program: str = "workloads.c",
-                 ports: dict[int, PortHandler] | None = None) -> None:
-        if program != "workloads.c":
-            log.warning("the simulated backend runs the numpy twin of workloads.c; %s is ignored",
-                        program)
+                 ports: dict[int, PortHandler] | None = None, track_dirty: bool = True) -> None:
+        if Path(program).name != "workloads.c":
+            raise ConfigError(f"guest program {program} needs the KVM backend: the simulated backend "
+                              f"runs only workloads.c")
         super().__init__(config, workload, memory)
         self.extra_ports.update(ports or {})
+        self.track_dirty = track_dirty
         slot_pages = {slot: s.spec.pages for slot, s in self.memory.slots.items()}
-        ring_entries = config.ring_entries if config.dirty_log == "ring" else None
+        # Untracked, the simulated kernel still keeps its bitmap (as KVM keeps its page tables),
+        # but nobody reads it and no ring can fill.
+        ring_entries = config.ring_entries if config.dirty_log == "ring" and track_dirty else None
         self.kernel = SimDirtyLog(slot_pages, config.vcpus, ring_entries)
         if load:
             self.write_guest_image()
         self.executors = [SimExecutor(self, index) for index in range(config.vcpus)]
-        if ring_entries is not None:
+        if not track_dirty:
+            self.tracker = NoTracker()
+        elif ring_entries is not None:
             rings = [DirtyRing(buffer, ring_entries, index)
                      for index, buffer in enumerate(self.kernel.buffers)]
             self.tracker = RingTracker(rings, self.kernel.reset_dirty_rings, rearm=self.rearm_dirty_logging,

@@ -27,10 +27,11 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from ring.backend import open_machine, restore_machine
 from ring.errors import ConfigError, GuestFault
 from ring.guest import layout
 from ring.guest.spec import STREAM_DEVICE, GuestParam, GuestSpec
-from ring.machine import KvmMachine, MachineConfig, MachineState
+from ring.machine import Machine, MachineConfig, MachineState
 from ring.memory import GuestMemory
 from ring.stream import STREAM_SLOTS, StreamDevice
 from ring.vcpus import Done, Event, Fault, Output, Progress, install_kick_handler
@@ -115,7 +116,7 @@ class Service:
         self.restore_device = restore_device      # the checkpoint's DEVICE_STATE, checked at restore
         self.on_event = on_event
         self.device = StreamDevice(host, port, output=output, idle_interval=idle_interval)
-        self.machine: KvmMachine | None = None
+        self.machine: Machine | None = None
         self._memory: GuestMemory | None = None
         self.progress = 0                       # commands executed (the last progress report)
         self.faults: list[Fault] = []
@@ -133,14 +134,14 @@ class Service:
             if self.restore_state is not None:
                 if not self.restore_state.memory:
                     raise ConfigError("restore needs a MachineState captured with memory")
-                self._memory = GuestMemory(config.slot_specs())
-                self.machine = KvmMachine(config, Workload(report_every=self.report_every), program=str(KVSTORE),
-                                          memory=self._memory, load=False, ports=self.device.ports,
-                                          track_dirty=self.track_dirty)
-                self.machine.restore(self.restore_state)
+                self._memory = GuestMemory.holding(config.slot_specs(), self.restore_state.memory)
+                self.machine = restore_machine(config, self._memory, self.restore_state.vcpus, backend="kvm",
+                                               workload=Workload(report_every=self.report_every),
+                                               ports=self.device.ports, track_dirty=self.track_dirty)
             else:
-                self.machine = KvmMachine(config, Workload(report_every=self.report_every), program=str(KVSTORE),
-                                          ports=self.device.ports, track_dirty=self.track_dirty)
+                self.machine = open_machine(config, Workload(report_every=self.report_every), backend="kvm",
+                                            program=str(KVSTORE), ports=self.device.ports,
+                                            track_dirty=self.track_dirty)
                 write_service_params(self.machine, self.table_entries, self.request_max)
             self.machine.set_event_sink(self._on_event)
             if self.restore_state is not None:
@@ -207,7 +208,7 @@ class ServiceHandle:
         self._closed = False
 
     @property
-    def machine(self) -> KvmMachine:
+    def machine(self) -> Machine:
         return self.service.machine
 
     @property

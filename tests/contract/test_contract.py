@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from ring import (ConfigError, Done, Fault, LimitReached, MachineConfig, Progress, RingSoftFull,
-                  StateError, Workload, open_machine, soft_limit)
+                  StateError, Workload, open_machine, restore_machine, soft_limit)
 from ring.backend import kvm_status
 from ring.guest import layout, loader
+from ring.memory import GuestMemory
 
 pytestmark = pytest.mark.contract
 
@@ -271,3 +272,61 @@ def test_vcpu_state_count_must_match(backend: str) -> None:
         vm.restore_vcpus(states)                        # its own state is accepted back
         with pytest.raises(ConfigError):
             vm.restore_vcpus(states[:1])
+
+
+# --- machines built by ring.backend, on both backends -----------------------------------------
+
+def test_a_machine_restored_over_a_capture_continues_the_same_run_untracked(backend: str) -> None:
+    """The replica's failover: vCPU state onto a machine over memory it already holds, no dirty log."""
+    workload = Workload("sequential", seed=4, working_set_pages=600, report_every=0)
+    with machine(backend, workload, vcpus=2, pages=1024) as original:
+        start_at_zero(original)
+        original.run_to_limit(300, harvest_when_full=True)
+        state = original.capture()
+        memory = GuestMemory.holding(original.config.slot_specs(), state.memory)
+        try:
+            with restore_machine(original.config, memory, state.vcpus, backend=backend) as standby:
+                assert standby.backend == backend
+                items = np.arange(0, 2000, dtype=np.uint64)                          # workload read from memory
+                assert all(np.array_equal(standby.resolved.pages(v, items), original.resolved.pages(v, items))
+                           for v in (0, 1))
+                assert standby.progress_all() == [300, 300]
+                standby.run_to_limit(700)
+                original.resume()
+                original.run_to_limit(700, harvest_when_full=True)
+                assert standby.progress_all() == original.progress_all() == [700, 700]
+                data = layout.DATA_SLOT
+                assert np.array_equal(standby.memory.slots[data].pages, original.memory.slots[data].pages)
+                untracked = standby.harvest()          # only the VMM's own writes (the limits)
+                assert untracked.entries == 0 and len(untracked.slot(data)) == 0
+            assert memory.slots[data].bytes is not None                           # the caller owns it
+        finally:
+            memory.close()
+
+
+def test_a_restored_machine_can_track_its_dirty_pages(backend: str) -> None:
+    """A service restored from a capture is protected again: its machine logs what it writes."""
+    workload = Workload("uniform", seed=8, working_set_pages=400)
+    with machine(backend, workload, pages=512) as original:
+        start_at_zero(original)
+        original.run_to_limit(100)
+        state = original.capture()
+    memory = GuestMemory.holding(MachineConfig(data_bytes=2 << 20).slot_specs(), state.memory)
+    try:
+        with restore_machine(MachineConfig(data_bytes=2 << 20), memory, state.vcpus, backend=backend,
+                             track_dirty=True) as copy:
+            copy.run_to_limit(250, harvest_when_full=True)
+            assert set(copy.harvest().slot(layout.DATA_SLOT).tolist()) >= expected_pages(copy, 100, 250)
+    finally:
+        memory.close()
+
+
+def test_only_kvm_runs_another_guest_program(backend: str) -> None:
+    config = MachineConfig(data_bytes=2 << 20)
+    if backend == "sim":
+        with pytest.raises(ConfigError, match="guest program .*kvstore.c needs the KVM backend"):
+            open_machine(config, backend="sim", program="scenarios/guests/kvstore.c")
+    else:
+        from scenarios.service import KVSTORE
+        with open_machine(config, backend="kvm", program=str(KVSTORE)) as vm:
+            assert vm.backend == "kvm"

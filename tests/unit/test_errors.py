@@ -11,11 +11,12 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from ring import (ConfigError, GuestBuildError, KvmError, KvmMachine, KvmUnavailableError, MachineConfig,
                   RingSizeError, SlotOverlapError, Workload, validate_ring_entries)
-from ring.backend import choose_backend, kvm_status
+from ring.backend import choose_backend, kvm_status, open_machine
 from ring.guest import build
 from ring import abi, kvm as binding
 from ring.kvm import Kvm, SignalsBlocked
@@ -227,3 +228,21 @@ def test_sleeping_in_the_block_counts_as_a_stop() -> None:
     with guard:
         time.sleep(0.001)
     assert guard.stopped
+
+
+# --- machines from ring.backend -------------------------------------------------------------------
+
+def test_the_simulator_refuses_a_program_it_cannot_run() -> None:
+    with pytest.raises(ConfigError, match="guest program kvstore.c needs the KVM backend"):
+        open_machine(MachineConfig(), backend="sim", program="kvstore.c")
+
+
+def test_memory_holding_a_capture_must_match_its_layout() -> None:
+    specs = [SlotSpec(0, 0, 1 << 20, "low")]
+    with pytest.raises(ConfigError, match="slot 3, which the layout does not have"):
+        GuestMemory.holding(specs, {3: np.zeros(1 << 20, dtype=np.uint8)})
+    memory = GuestMemory.holding(specs, {0: np.full(1 << 20, 7, dtype=np.uint8)})
+    try:
+        assert int(memory.slots[0].bytes[12345]) == 7
+    finally:
+        memory.close()
