@@ -34,6 +34,7 @@ import zmq.asyncio
 from ring.backend import open_machine
 from ring.machine import Machine
 from ring.stream import StreamDevice
+from ring.vcpu_state import VcpuStateError
 from ring.vcpus import Done, Event, Fault, Output, Progress, RingSoftFull
 
 from . import protocol as proto
@@ -317,7 +318,7 @@ class PrimaryAgent:
                 if snapshot.consistent:
                     self.stats.record(snapshot, encoded.raw_bytes, encoded.encoded_bytes)
                 await self.pipeline.send(self._socket, self.writer, encoded, self.hooks.on_frame_sent)
-            except (zmq.ZMQError, CodecError, wire.WireError) as exc:
+            except (zmq.ZMQError, CodecError, wire.WireError, VcpuStateError) as exc:
                 self._feed(proto.SendFailed(time.monotonic(), f"epoch {epoch}: {exc!r}"))
 
     # -- receiving -------------------------------------------------------------------
