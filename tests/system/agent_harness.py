@@ -1,15 +1,17 @@
-"""Run a real agent in its own process with test hooks (used by tests/system/test_system.py).
+"""Run a real agent in its own process with test hooks (used by the system tests through tests/support.py).
 
-    python -m tests.system.agent_harness primary --record FILE [--kill-at N:STEP] -- <colo-primary flags>
-    python -m tests.system.agent_harness replica --record FILE [--ack-delay-ms MS] -- <colo-replica flags>
+    python -m tests.system.agent_harness primary --record FILE [--kill-at POINT:N] -- <colo-primary flags>
+    python -m tests.system.agent_harness replica --record FILE [--ack-delay-ms MS] [--hold-acks] -- <colo-replica flags>
 
 The primary records, while the guest is paused at each checkpoint, a digest of
 all guest memory, of the vCPU state and the guest's progress; the replica
 records the same of its standby after each consistent commit. Records are JSON
-lines written with os.write, so a SIGKILL loses none. `--hold-acks` lets the test hold the replica's acks: SIGUSR2 starts holding, SIGUSR2 again releases. `--kill-at N:STEP`
-SIGKILLs the primary at the N-th checkpoint taken while protected, at STEP:
-begin, pages (after the first page batch left), vcpu, device, end (after the
-END frame left, before its ack), or acked (when its ack arrives).
+lines written with os.write, so a SIGKILL loses none. `--hold-acks` lets the
+test hold the replica's acks: SIGUSR2 starts holding, SIGUSR2 again releases.
+`--kill-at POINT:N` SIGKILLs the primary at the N-th checkpoint taken while
+protected, at POINT, one of checkpointer.faults.KillPoint: begin, pages, vcpu,
+device, end, acked (each documented there); the target epoch is written to
+FILE.target.
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ import sys
 
 import xxhash
 
-from checkpointer import wire
-from checkpointer.agent import Hooks, PrimaryAgent
-from checkpointer.launch import configure_logging, run_until_signal
+from checkpointer.agent import PrimaryAgent
 from checkpointer.config import parse_primary_args, parse_replica_args
+from checkpointer.faults import KillPoint, KillSwitch, parse_kill_at
+from checkpointer.launch import configure_logging, run_until_signal
 from replica.agent import ReplicaAgent, ReplicaHooks
 from replica.standby import memory_digest
+from ring.vcpu_state import pack_vcpu_states
 
 
-def _vcpu_digest(states) -> str:
-    return xxhash.xxh3_128(wire.pack_vcpu_states(states)).hexdigest()
+def vcpu_digest(states) -> str:
+    return xxhash.xxh3_128(pack_vcpu_states(states)).hexdigest()
 
 
 class Recorder:
@@ -46,34 +49,20 @@ class Recorder:
 def run_primary(args, agent_args) -> int:
     config = parse_primary_args(agent_args)
     recorder = Recorder(args.record)
-    kill_count, kill_step = (int(args.kill_at.split(":")[0]), args.kill_at.split(":")[1]) if args.kill_at \
-        else (None, None)
-    state = {"protected": 0, "target": None}
     agent: PrimaryAgent
 
-    def on_snapshot(snapshot, machine) -> None:
-        if not snapshot.consistent:
-            return
-        recorder.write(epoch=snapshot.epoch, reason=snapshot.reason,
-                       memory=memory_digest(machine.memory).hex(), vcpus=_vcpu_digest(snapshot.vcpus),
-                       progress=sum(machine.progress_all()))
-        if agent.protocol.protected and snapshot.reason != "sync":
-            state["protected"] += 1
-            if state["protected"] == kill_count and state["target"] is None:
-                state["target"] = snapshot.epoch
-                with open(args.record + ".target", "w") as handle:
-                    handle.write(str(snapshot.epoch))
+    def record(snapshot, machine) -> None:
+        if snapshot.consistent:
+            recorder.write(epoch=snapshot.epoch, reason=snapshot.reason,
+                           memory=memory_digest(machine.memory).hex(), vcpus=vcpu_digest(snapshot.vcpus),
+                           progress=sum(machine.progress_all()))
 
-    def on_frame_sent(epoch: int, kind: int, step: str) -> None:
-        if epoch == state["target"] and step == kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def note_target(epoch: int) -> None:
+        with open(args.record + ".target", "w") as handle:
+            handle.write(str(epoch))
 
-    def on_ack(epoch: int) -> None:
-        if state["target"] is not None and epoch >= state["target"] and kill_step == "acked":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    agent = PrimaryAgent(config, hooks=Hooks(on_snapshot=on_snapshot, on_frame_sent=on_frame_sent,
-                                             on_ack=on_ack))
+    switch = KillSwitch.for_agent(args.kill_at, lambda: agent, on_target=note_target)
+    agent = PrimaryAgent(config, hooks=switch.hooks(on_snapshot=record))
     asyncio.run(run_until_signal(agent))
     return 1 if agent.last_error else 0
 
@@ -85,7 +74,7 @@ def run_replica(args, agent_args) -> int:
     def on_commit(epoch: int, standby) -> None:
         if standby.consistent:
             recorder.write(epoch=epoch, memory=standby.digest_memory().hex(),
-                           vcpus=_vcpu_digest(standby.vcpus), progress=standby.progress())
+                           vcpus=vcpu_digest(standby.vcpus), progress=standby.progress())
 
     held: list[asyncio.Future] = []
     state = {"holding": False}
@@ -129,7 +118,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=("primary", "replica"))
     parser.add_argument("--record", required=True)
-    parser.add_argument("--kill-at", default=None)
+    parser.add_argument("--kill-at", default=None, type=parse_kill_at, metavar="POINT:N",
+                        help="SIGKILL the primary at POINT (" + ", ".join(p.value for p in KillPoint)
+                             + ") of its N-th protected checkpoint")
     parser.add_argument("--ack-delay-ms", type=float, default=0.0)
     parser.add_argument("--hold-acks", action="store_true",
                         help="SIGUSR2 starts holding every ack (writes RECORD.holding); SIGUSR2 again releases")

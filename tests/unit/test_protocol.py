@@ -356,6 +356,9 @@ def test_new_session_invalidates_the_old_checkpoint() -> None:
 # --- both, linked in memory ------------------------------------------------------
 
 
+from checkpointer.faults import KillPoint      # the kill points of the drill and the system tests
+
+
 @dataclass
 class Link:
     """A primary and a replica joined in memory; the primary can be killed at a chosen point."""
@@ -363,7 +366,7 @@ class Link:
     primary: p.PrimaryProtocol = field(default_factory=p.PrimaryProtocol)
     replica: p.ReplicaProtocol = field(default_factory=p.ReplicaProtocol)
     now: float = 0.0
-    kill_at: tuple[int, str] | None = None       # (epoch, "begin" | p.PartKind.PAGES | "end" | "acked")
+    kill_at: tuple[int, KillPoint] | None = None   # (epoch, the point of it where the primary dies)
     dead: bool = False
     failovers: list = field(default_factory=list)
 
@@ -384,12 +387,13 @@ class Link:
 
     def send_epoch(self, epoch: int) -> None:
         consistent = self.primary.epoch_reasons[epoch] != "precopy"
-        steps = [("begin", p.EpochBegin(self.now, epoch, 2, 2, consistent)),
-                 (p.PartKind.PAGES, p.EpochPart(self.now, epoch, p.PartKind.PAGES, 1)),
-                 ("pages2", p.EpochPart(self.now, epoch, p.PartKind.PAGES, 1))]
+        steps = [(KillPoint.BEGIN, p.EpochBegin(self.now, epoch, 2, 2, consistent)),
+                 (KillPoint.PAGES, p.EpochPart(self.now, epoch, p.PartKind.PAGES, 1)),
+                 (None, p.EpochPart(self.now, epoch, p.PartKind.PAGES, 1))]      # a second batch
         if consistent:
-            steps.append((p.PartKind.VCPU, p.EpochPart(self.now, epoch, p.PartKind.VCPU)))
-        steps.append(("end", p.EpochEnd(self.now, epoch, 2, 2)))
+            steps.append((KillPoint.VCPU, p.EpochPart(self.now, epoch, p.PartKind.VCPU)))
+            steps.append((KillPoint.DEVICE, p.EpochPart(self.now, epoch, p.PartKind.DEVICE)))
+        steps.append((KillPoint.END, p.EpochEnd(self.now, epoch, 2, 2)))
         for name, event in steps:
             self.replica_do(event)
             if self.kill_at == (epoch, name):
@@ -403,7 +407,7 @@ class Link:
             elif isinstance(command, p.Verify):
                 self.replica_do(p.Verified(self.now, command.epoch, True))
             elif isinstance(command, p.SendAck) and not self.dead:
-                if self.kill_at == (command.epoch, "acked"):
+                if self.kill_at == (command.epoch, KillPoint.ACKED):
                     self.dead = True
                     continue
                 self.primary_do(p.Acked(self.now, command.epoch))
@@ -411,8 +415,8 @@ class Link:
                 self.failovers.append(command.epoch)
 
 
-@pytest.mark.parametrize("point", ["begin", p.PartKind.PAGES, p.PartKind.VCPU, "end", "acked"])
-def test_killed_primary_leaves_the_replica_at_the_last_complete_epoch(point: str) -> None:
+@pytest.mark.parametrize("point", list(KillPoint))
+def test_killed_primary_leaves_the_replica_at_the_last_complete_epoch(point: KillPoint) -> None:
     link = Link(kill_at=(6, point))
     link.primary_do(p.Start(0.0))
     assert link.primary.protected
@@ -420,7 +424,7 @@ def test_killed_primary_leaves_the_replica_at_the_last_complete_epoch(point: str
         link.now += 0.01
         link.primary_do(p.Trigger(link.now, p.EpochReason.RING_FULL))
         assert link.now < 5
-    complete = 6 if point in ("end", "acked") else 5
+    complete = 6 if point in (KillPoint.END, KillPoint.ACKED) else 5
     assert link.replica.committed_epoch == complete
     for _ in range(300):
         link.now += 0.01
