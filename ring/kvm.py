@@ -17,7 +17,7 @@ Some facts about calling KVM from Python:
   the garbage collector.
 
 Some facts about KVM_RESET_DIRTY_RINGS and signals (virt/kvm/dirty_ring.c and
-kvm_main.c, Linux 6.15 on; measured on 6.18 here):
+kvm_main.c since the 2025 dirty ring fixes; measured on Linux 6.18 here):
 
 - kvm_vm_ioctl_reset_dirty_pages walks the vCPUs' rings in order with one
   shared counter; kvm_dirty_ring_reset checks signal_pending(current) before
@@ -31,10 +31,11 @@ kvm_main.c, Linux 6.15 on; measured on 6.18 here):
   entry does not fit, so the mask it holds when the signal stops it is
   counted and zeroed in the ring but never write-protected. Those pages stay
   writable and the guest's next writes to them are never logged. Measured
-  here with a 20 kHz SIGALRM and resets retried until the counts added up:
-  2,700 of 3,000 written pages went unreported per harvest after 300
-  harvests. The signal check comes before the end-of-ring check, so this can
-  happen even when the count comes out complete.
+  here with resets retried until the counts added up: under a 20 kHz SIGALRM,
+  2,700 of the 3,000 pages written per harvest went unreported after 300
+  harvests; under a py-spy-like ptrace sampler (2 kHz) with signals blocked,
+  14,600 over 300 harvests. The signal check comes before the end-of-ring
+  check, so this can happen even when the count comes out complete.
 - So reset_dirty_rings() blocks every signal it can on the calling thread for
   the ioctl: blocked signals do not make signal_pending() true, and they are
   delivered as soon as the mask is restored. What a mask cannot block (a
