@@ -8,14 +8,16 @@ even heard.
 from __future__ import annotations
 
 import asyncio
-import socket as socket_module
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from checkpointer import wire
+from checkpointer.cluster import Cluster
 from checkpointer.codec import EpochDigest, PageEncoder
 from checkpointer.config import load_config
 from checkpointer.security import generate_keys, secure_client
@@ -160,53 +162,65 @@ async def test_bad_frames_are_refused_and_the_standby_is_unchanged(damage: str) 
         context.term()
 
 
-def test_primary_without_an_authorized_key_is_refused(tmp_path) -> None:
-    """The replica in its own process (CURVE server); plain blocking sockets here, bounded waits."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def _hello_socket(context: zmq.Context, endpoint: str, keys_dir: Path, replica_key: Path,
+                  monitor_events: int = 0) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """A DEALER with the primary key pair of `keys_dir` (CURVE), connected, its HELLO sent (zmq
+    keeps it until the connection is up); and a monitor of `monitor_events`, attached before the
+    connection so that no event is missed."""
+    security = load_config("primary", None, {"primary.replica": endpoint, "security.keys_dir": str(keys_dir),
+                                              "security.peer_public_key": str(replica_key)}).security
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    secure_client(sock, security)
+    monitor = sock.get_monitor_socket(monitor_events) if monitor_events else None
+    sock.connect(endpoint)
+    writer = wire.FrameWriter()
+    sock.send_multipart(writer.message(wire.Hello(versions=[1], session=writer.session, slots=SLOTS,
+                                                  vcpus=1, page_size=4096, agent="test")))
+    return sock, monitor
 
-    keys = tmp_path / "keys"
-    generate_keys(keys, "primary")
-    generate_keys(keys, "replica")
-    generate_keys(tmp_path / "other", "primary")
-    with socket_module.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    endpoint = f"tcp://127.0.0.1:{port}"
-    replica = subprocess.Popen([sys.executable, "-m", "replica.cli", "--listen", endpoint, "--keys-dir", str(keys),
-                                "--authorized-keys", str(keys / "primary.key"), "--heartbeat-ms", "20"],
-                               cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    context = zmq.Context()
 
-    def hello_from(keys_dir: Path) -> bytes | None:
-        """Send HELLO with this key pair; the first non-heartbeat answer, or None within 2 s."""
-        security = load_config("primary", None, {"primary.replica": endpoint, "security.keys_dir": str(keys_dir),
-                                                  "security.peer_public_key": str(keys / "replica.key")}).security
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 2000)
-        secure_client(sock, security)
-        sock.connect(endpoint)
-        writer = wire.FrameWriter()
+def _first_answer(sock: zmq.Socket, timeout_ms: int) -> wire.Kind | None:
+    """The kind of the first frame that is not a heartbeat, or None when none came in time."""
+    sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    while True:
         try:
-            sock.send_multipart(writer.message(wire.Hello(versions=[1], session=writer.session, slots=SLOTS,
-                                                          vcpus=1, page_size=4096, agent="test")))
-            while True:
-                try:
-                    frame = wire.decode_frame(sock.recv_multipart())
-                except zmq.Again:
-                    return None
-                if frame.kind != wire.Kind.HEARTBEAT:
-                    return frame.kind
-        finally:
-            sock.close()
+            frame = wire.decode_frame(sock.recv_multipart())
+        except zmq.Again:
+            return None
+        if frame.kind != wire.Kind.HEARTBEAT:
+            return frame.kind
 
+
+def test_primary_without_an_authorized_key_is_refused(tmp_path: Path) -> None:
+    """The replica in its own process (CURVE server); plain blocking sockets here, bounded waits.
+
+    The authorized primary goes first: once it is welcomed, the replica is known to be up and
+    answering, so what happens to the stranger next is a refusal, not a replica still starting.
+    The refusal itself is seen where CURVE puts it: the stranger's handshake fails on
+    authentication (the ZAP handler said no), and not one frame reaches it.
+    """
+    generate_keys(tmp_path / "other", "primary")
+    cluster = Cluster(tmp_path / "cluster", common=["--heartbeat-ms", "20"])
+    context = zmq.Context()
+    sockets: list[zmq.Socket] = []
     try:
-        assert hello_from(tmp_path / "other") is None, "an unauthorized primary was answered"
-        assert hello_from(keys) == wire.Kind.WELCOME
+        cluster.start_replica()
+        replica_key = cluster.keys / "replica.key"
+        authorized, _ = _hello_socket(context, cluster.endpoint, cluster.keys, replica_key)
+        sockets.append(authorized)
+        assert _first_answer(authorized, 30_000) == wire.Kind.WELCOME, cluster.log_tails()
+
+        stranger, monitor = _hello_socket(context, cluster.endpoint, tmp_path / "other", replica_key,
+                                          zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        sockets += [stranger, monitor]
+        assert monitor.poll(30_000), "the stranger's handshake neither failed nor succeeded"
+        event = recv_monitor_message(monitor)
+        assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH, event
+        assert _first_answer(stranger, 0) is None, "an unauthorized primary was answered"
+        assert cluster.agents["replica"].running(), cluster.log("replica")
     finally:
+        for sock in sockets:
+            sock.close()
         context.term()
-        replica.terminate()
-        replica.wait(10)
+        cluster.close()
