@@ -104,6 +104,8 @@ def test_quick_sweep_of_a_dirtying_workload_follows_the_threshold(tmp_path) -> N
     assert dirty[0]["reasons"].get("dirty_threshold", 0) > 0, dirty[0]
     # an interval closes epochs too (unless the ring fills first)
     intervals = [s for s in report["settings"] if s["kind"] == "interval"]
-    assert intervals and all(s["reasons"].get("interval", 0) > 0 for s in intervals), intervals
+    # (whether the interval or the ring closes them depends on how fast the guest dirties here)
+    assert intervals and all(s["reasons"].get("interval", 0) + s["reasons"].get("ring_full", 0)
+                             > sum(s["reasons"].values()) / 2 for s in intervals), intervals
     assert report["baseline_ops_per_s"] > 0
     assert_predictions_follow_the_model(report, [2048.0])
