@@ -8,18 +8,9 @@ No failover here: the replica's failover VM is a KVM guest.
 
 from __future__ import annotations
 
-import pytest
-
 from tests.support import Agents
 
 SIM = ["--backend", "sim"]
-
-
-@pytest.fixture
-def agents(tmp_path):
-    running = Agents(tmp_path)
-    yield running
-    running.stop()
 
 
 def test_replica_equals_a_simulated_primary_at_every_acknowledged_epoch(agents: Agents) -> None:

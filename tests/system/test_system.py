@@ -16,12 +16,6 @@ from tests.support import Agents
 
 pytestmark = pytest.mark.kvm
 
-@pytest.fixture
-def agents(tmp_path):
-    running = Agents(tmp_path)
-    yield running
-    running.stop()
-
 
 def test_replica_equals_primary_at_every_acknowledged_epoch(agents: Agents) -> None:
     agents.start("replica")
