@@ -69,6 +69,9 @@ from .errors import KvmError, KvmUnavailableError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
+# The same ioctl called without releasing the GIL: taking the GIL back after a call that released
+# it can block, which shows as a voluntary context switch and would look like a stop (see below).
+_libc_ioctl_holding_gil = ctypes.PyDLL(None, use_errno=True).ioctl
 _libc_ioctl.restype = ctypes.c_int
 _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
@@ -78,7 +81,7 @@ EINTR_RETRIES = 1000
 
 
 def ioctl(fd: int, request: int, arg: int | ctypes.Structure | ctypes.Array | None = None,
-          *, name: str | None = None) -> int:
+          *, name: str | None = None, holding_gil: bool = False) -> int:
     """Issue one ioctl (not KVM_RUN), repeating it on EINTR; raise KvmError(name, errno) on failure."""
     if arg is None:
         pointer = None
@@ -86,8 +89,9 @@ def ioctl(fd: int, request: int, arg: int | ctypes.Structure | ctypes.Array | No
         pointer = arg
     else:
         pointer = ctypes.addressof(arg)
+    call = _libc_ioctl_holding_gil if holding_gil else _libc_ioctl
     for _ in range(EINTR_RETRIES):
-        result = _libc_ioctl(fd, request, pointer)
+        result = call(fd, request, pointer)
         if result >= 0:
             return result
         err = ctypes.get_errno()
@@ -303,8 +307,8 @@ class Vm(_Fd):
         guard = self._signal_guards.get(threading.get_ident())
         if guard is None:
             guard = self._signal_guards[threading.get_ident()] = SignalsBlocked()
-        with guard:
-            reset = ioctl(self.fd, abi.KVM_RESET_DIRTY_RINGS, 0)
+        with guard:                   # (a short call: holding the GIL keeps the switch count honest)
+            reset = ioctl(self.fd, abi.KVM_RESET_DIRTY_RINGS, 0, holding_gil=True)
         if guard.stopped:
             self.reset_interruptions += 1
         return reset
