@@ -71,7 +71,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
 # The same ioctl called without releasing the GIL: taking the GIL back after a call that released
 # it can block, which shows as a voluntary context switch and would look like a stop (see below).
-_libc_ioctl_holding_gil = ctypes.PyDLL(None, use_errno=True).ioctl
+_libc_holding_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_ioctl_holding_gil = _libc_holding_gil.ioctl
 _libc_ioctl.restype = ctypes.c_int
 _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
@@ -106,7 +107,7 @@ class _SigSet(ctypes.Structure):
     _fields_ = [("words", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong))))]
 
 
-_sigmask = _libc.pthread_sigmask
+_sigmask = _libc_holding_gil.pthread_sigmask     # (releasing the GIL here could cost a switch interval)
 _sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _libc.sigfillset.argtypes = [ctypes.c_void_p]
 
