@@ -39,7 +39,7 @@ from ring.workloads import Workload
 from .agent import PrimaryAgent
 from .cluster import Cluster
 from .config import load_config
-from .snapshot import StagingPool, gather, page_keys
+from .snapshot import StagingPool, gather
 
 log = logging.getLogger("colo.bench")
 SIZES = (64, 256, 1024, 4032)
@@ -121,7 +121,7 @@ def _floor(pages: int, rounds: int) -> tuple[float, float]:
             vm.run_to_limit(start_progress + pages)
             t1 = time.perf_counter_ns()
             dirty = vm.harvest()
-            gather(vm, page_keys(dirty), buffer)
+            gather(vm, dirty.keys(), buffer)
             t2 = time.perf_counter_ns()
             times.append(t2 - t1)
             first_write.append((t1 - t0) / pages)

@@ -21,13 +21,9 @@ import numpy as np
 
 from ring import pages as pagekeys
 from ring.dirty import DirtySet, soft_limit
-from ring.machine import Machine, VcpuState
+from ring.machine import Machine
+from ring.vcpu_state import VcpuState
 from ring.memory import page_buffer
-
-
-def page_keys(dirty: DirtySet) -> np.ndarray:
-    """The dirty set as sorted page keys: DirtySet.keys(), kept for callers not yet switched."""
-    return dirty.keys()
 
 
 def gather(machine: Machine, keys: np.ndarray, out: np.ndarray) -> np.ndarray:

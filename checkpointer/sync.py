@@ -24,7 +24,7 @@ from ring.dirty import DirtySet
 from ring.machine import Machine
 
 from . import protocol as proto
-from .snapshot import Snapshotter, StagingPool, page_keys
+from .snapshot import Snapshotter, StagingPool
 
 log = logging.getLogger("colo.primary")
 
@@ -104,7 +104,7 @@ class InitialSync:
                 bar.update(len(chunk))
             self.drain()
             pending, self.dirty = self.dirty, None
-            keys = page_keys(pending) if pending is not None else np.empty(0, dtype=np.uint64)
+            keys = pending.keys() if pending is not None else np.empty(0, dtype=np.uint64)
             log.info("sync: round %d left %d dirty pages", round_number + 1, len(keys))
             if len(keys) <= settings.precopy_done_pages:
                 self.leftover = pending

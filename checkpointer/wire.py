@@ -236,7 +236,7 @@ import secrets
 from typing import Any, Iterable, Sequence
 
 from ring import vcpu_state
-from ring.vcpu_state import MAX_MSRS, MAX_VCPU_FIELD, MAX_VCPUS, VcpuState, VcpuStateError
+from ring.vcpu_state import VcpuState, VcpuStateError
 
 from .frames import (HANDSHAKE_KINDS, HANDSHAKE_VERSION, HEADER, HEADER_SIZE, KIND_RULES, MAGIC, MAX_PAYLOAD,
                      PRIMARY_KINDS, PROTOCOL_VERSION, REPLICA_KINDS, SUPPORTED_VERSIONS, U64, BadChecksum, BadMagic,
@@ -252,18 +252,13 @@ __all__ = [
     "PRIMARY_KINDS", "REPLICA_KINDS", "HANDSHAKE_KINDS", "Frame", "encode_frame", "decode_frame",
     "FrameGuard", "FrameWriter", "negotiate_version",
     "Message", "SlotLayout", "Hello", "Welcome", "EpochBegin", "EpochEnd", "Ack", "Refuse", "EpochReason",
-    "RefuseReason", "EPOCH_REASONS", "REFUSE_REASONS", "Packed", "pack_message", "decode_payload",
+    "RefuseReason", "Packed", "pack_message", "decode_payload",
     "declared_messages",
     "WireError", "TruncatedFrame", "MalformedFrame", "BadMagic", "UnsupportedVersion", "BadChecksum",
     "UnknownKind", "UnexpectedKind", "OversizedFrame", "MalformedPayload", "ReplayedFrame", "OutOfOrderFrame",
     "WrongSession",
-    # to be removed once callers use ring.vcpu_state directly:
-    "VcpuState", "pack_vcpu_states", "unpack_vcpu_states", "MAX_VCPUS", "MAX_VCPU_FIELD", "MAX_MSRS",
 ]
 
-#: Deprecated: the values of EpochReason and RefuseReason, for callers that still test strings.
-EPOCH_REASONS: tuple[str, ...] = tuple(r.value for r in EpochReason)
-REFUSE_REASONS: tuple[str, ...] = tuple(r.value for r in RefuseReason)
 
 
 # --- session and order ----------------------------------------------------------------
@@ -400,22 +395,3 @@ def decode_payload(frame: Frame) -> Any:
     if frame.kind in KIND_RULES and KIND_RULES[frame.kind].empty:
         return None
     raise UnknownKind(f"no payload decoder for {kind_name(frame.kind)}")
-
-
-# --- vCPU state: kept for callers that still import it from here -------------------------------
-
-
-def pack_vcpu_states(states: Sequence[VcpuState]) -> bytes:
-    """Deprecated: use ring.vcpu_state.pack_vcpu_states (raises VcpuStateError, not MalformedPayload)."""
-    try:
-        return vcpu_state.pack_vcpu_states(states)
-    except VcpuStateError as err:
-        raise MalformedPayload(str(err)) from None
-
-
-def unpack_vcpu_states(data: Any) -> list[VcpuState]:
-    """Deprecated: use ring.vcpu_state.unpack_vcpu_states, or decode_payload on a VCPU_STATE frame."""
-    try:
-        return vcpu_state.unpack_vcpu_states(data)
-    except VcpuStateError as err:
-        raise MalformedPayload(f"VCPU_STATE payload: {err}") from None

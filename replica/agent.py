@@ -277,7 +277,7 @@ class ReplicaAgent:
                     raise StagingError(f"epoch {command.epoch}: a PAGES frame says {self._incoming.frame.count} "
                                        f"pages but its batch holds {staged}")
             elif command.kind is proto.PartKind.VCPU:
-                self.standby.stage_vcpus(payload)
+                self.standby.stage_vcpus(payload, self._incoming.message)
             else:
                 self.standby.stage_device(payload)
         except (StagingError, wire.WireError, ValueError) as exc:

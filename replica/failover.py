@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ring.backend import open_machine
+from ring.backend import restore_machine
 from ring.guest import layout
 from ring.machine import Machine, MachineConfig
 from ring.stream import StreamDevice
@@ -42,15 +42,19 @@ class ActiveGuest:
 
 
 def start_standby(standby: Standby, *, service_host: str, service_port: int,
-                  on_event: Callable[[Event], None]) -> ActiveGuest:
+                  on_event: Callable[[Event], None], backend: str = "kvm") -> ActiveGuest:
     """Start the standby guest from its last committed consistent epoch; returns it running."""
     data = standby.memory.slots[layout.DATA_SLOT].spec
     config = MachineConfig(vcpus=len(standby.vcpus), data_bytes=data.size, dirty_log="bitmap")
     device = StreamDevice(service_host, service_port) if service_port else None
-    machine = open_machine(config, backend="kvm", memory=standby.memory, load=False, track_dirty=False,
-                           ports=device.ports if device is not None else None)
     try:
-        machine.restore_vcpus(standby.vcpus)
+        machine = restore_machine(config, standby.memory, standby.vcpus, backend=backend,
+                                  ports=device.ports if device is not None else None)
+    except BaseException:
+        if device is not None:
+            device.close()
+        raise
+    try:
         machine.set_event_sink(on_event)
         if device is not None:
             device.restore(machine, standby.device)

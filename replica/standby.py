@@ -16,10 +16,9 @@ import time
 import numpy as np
 
 from checkpointer.codec import CodecError, EpochDigest, decode_batch
-from checkpointer.wire import unpack_vcpu_states
 from ring import pages as pagekeys
 from ring.guest import layout
-from ring.machine import VcpuState
+from ring.vcpu_state import VcpuState, unpack_vcpu_states
 from ring.memory import GuestMemory, SlotSpec, page_buffer
 
 
@@ -96,9 +95,10 @@ class Standby:
         self._cursor += count
         return count
 
-    def stage_vcpus(self, payload) -> list[VcpuState]:
+    def stage_vcpus(self, payload, states: list[VcpuState] | None = None) -> list[VcpuState]:
+        """Stage a VCPU_STATE payload; `states` if the caller already decoded it (no second parse)."""
         data = bytes(payload)
-        self._staged_vcpus = unpack_vcpu_states(data)
+        self._staged_vcpus = unpack_vcpu_states(data) if states is None else list(states)
         self._staged_vcpu_bytes = data
         return self._staged_vcpus
 

@@ -21,7 +21,7 @@ from checkpointer.cluster import Cluster
 from checkpointer.codec import EpochDigest, PageEncoder
 from checkpointer.config import load_config
 from checkpointer.security import generate_keys, secure_client
-from ring.machine import VcpuState
+from ring.vcpu_state import VcpuState, pack_vcpu_states
 from replica.agent import ReplicaAgent
 
 SLOTS = [wire.SlotLayout(0, 0, 1 << 20), wire.SlotLayout(1, 1 << 30, 2 << 20)]
@@ -73,7 +73,7 @@ class FakePrimary:
         for row, offset in enumerate(sorted(pages)):
             content[row] = pages[offset]
         batch = self.encoder.encode(keys, content)
-        vcpus = wire.pack_vcpu_states([VcpuState(0, regs=bytes(144), sregs=bytes(312))])
+        vcpus = pack_vcpu_states([VcpuState(0, regs=bytes(144), sregs=bytes(312))])
         digest = EpochDigest()
         digest.update_pages(keys, content)
         digest.update_bytes(vcpus)
