@@ -42,6 +42,7 @@ from . import wire
 from .codec import CodecError, PageEncoder
 from .config import PrimaryAgentConfig
 from .control import ControlServer
+from .faults import KillPoint
 from .output import OutputBuffer
 from .pipeline import Pipeline
 from .runtime import Runtime, rss_mib, set_zmq_heartbeats
@@ -64,7 +65,7 @@ class Hooks:
     """Test hooks: called at protocol points (never needed in production)."""
 
     on_snapshot: Callable[[Snapshot, Machine], None] | None = None     # called while paused
-    on_frame_sent: Callable[[int, int, str], None] | None = None      # (epoch, kind, step)
+    on_frame_sent: Callable[[int, int, KillPoint], None] | None = None   # (epoch, kind, point reached)
     on_ack: Callable[[int], None] | None = None
 
 

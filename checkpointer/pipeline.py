@@ -24,6 +24,7 @@ from ring.vcpu_state import pack_vcpu_states
 
 from . import wire
 from .codec import EpochDigest, PageEncoder, encode_all
+from .faults import KillPoint
 from .snapshot import Snapshot, StagingPool
 
 INLINE_ENCODE_PAGES = 32          # smaller epochs are encoded on the loop: a thread handoff costs more
@@ -31,7 +32,8 @@ INLINE_ENCODE_PAGES = 32          # smaller epochs are encoded on the loop: a th
 
 @dataclass
 class EncodedEpoch:
-    """Every frame of one epoch, headers not yet stamped: (step, message) or (step, kind, count, payload)."""
+    """Every frame of one epoch, headers not yet stamped: (point, message) or (point, kind, count, payload);
+    the point is the KillPoint reached once that frame has left."""
 
     epoch: int
     frames: list[tuple]
@@ -55,13 +57,13 @@ def encode_epoch(encoder: PageEncoder, snapshot: Snapshot, batch_pages: int) -> 
     epoch = snapshot.epoch
     raw = int(sum(b.raw_bytes for b in batches))
     encoded = int(sum(b.encoded_bytes for b in batches))
-    frames: list[tuple] = [("begin", wire.EpochBegin(epoch, snapshot.reason, len(keys), len(batches),
+    frames: list[tuple] = [(KillPoint.BEGIN, wire.EpochBegin(epoch, snapshot.reason, len(keys), len(batches),
                                                      not snapshot.consistent))]
-    frames += [("pages", wire.Kind.PAGES, len(batch.keys), batch.payload) for batch in batches]
+    frames += [(KillPoint.PAGES, wire.Kind.PAGES, len(batch.keys), batch.payload) for batch in batches]
     if snapshot.consistent:
-        frames.append(("vcpu", wire.Kind.VCPU_STATE, len(snapshot.vcpus), vcpu_bytes))
-        frames.append(("device", wire.Kind.DEVICE_STATE, 0, snapshot.device))
-    frames.append(("end", wire.EpochEnd(epoch, digest.digest(), len(keys), len(batches), raw)))
+        frames.append((KillPoint.VCPU, wire.Kind.VCPU_STATE, len(snapshot.vcpus), vcpu_bytes))
+        frames.append((KillPoint.DEVICE, wire.Kind.DEVICE_STATE, 0, snapshot.device))
+    frames.append((KillPoint.END, wire.EpochEnd(epoch, digest.digest(), len(keys), len(batches), raw)))
     return EncodedEpoch(epoch, frames, raw, encoded)
 
 
@@ -97,7 +99,7 @@ class Pipeline:
             await asyncio.wait(list(self._encoding))
 
     async def send(self, socket_now: Callable[[], Any], writer: wire.FrameWriter, encoded: EncodedEpoch,
-                   on_sent: Callable[[int, int, str], None] | None = None) -> bool:
+                   on_sent: Callable[[int, int, KillPoint], None] | None = None) -> bool:
         """Send an epoch's frames in order; False if its socket was replaced meanwhile (a new session)."""
         socket = socket_now()
         for step, *item in encoded.frames:
