@@ -43,10 +43,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import abi
+from .backend import open_machine
 from .dirty import DirtySet, soft_limit
 from .errors import RingError
 from .guest import layout
-from .machine import MAX_DATA_BYTES, KvmMachine, Machine, MachineConfig
+from .machine import MAX_DATA_BYTES, Machine, MachineConfig
 from .vcpus import RingSoftFull
 from .workloads import Workload
 
@@ -147,10 +148,10 @@ def _timed_harvest(machine: Machine) -> tuple[int, DirtySet]:
     return elapsed, dirty
 
 
-def _guest(dirty_log: str, memory_gib: int, pages: int) -> KvmMachine:
+def _guest(dirty_log: str, memory_gib: int, pages: int) -> Machine:
     config = MachineConfig(vcpus=1, data_bytes=memory_gib * GIB, dirty_log=dirty_log,
                            ring_entries=ring_entries_for(pages))
-    return KvmMachine(config, harvest_workload(memory_gib, pages))
+    return open_machine(config, harvest_workload(memory_gib, pages), backend="kvm")
 
 
 def _measured_round(machine: Machine, pages: int, series: _Series) -> None:

@@ -165,7 +165,7 @@ class StreamDevice:
     """The VMM side of the stream device.
 
         device = StreamDevice("127.0.0.1", 6380)
-        machine = KvmMachine(config, program=..., ports=device.ports)
+        machine = open_machine(config, program=..., ports=device.ports)   # ring.backend
         device.attach(machine)           # before machine.start(): lays out or adopts the region
         await device.start()             # on the loop: listen, start the idle timer
         machine.start()
@@ -204,7 +204,7 @@ class StreamDevice:
     # -- wiring ------------------------------------------------------------------
     @property
     def ports(self) -> dict:
-        """The port handlers to pass to the machine: `KvmMachine(..., ports=device.ports)`."""
+        """The port handlers to pass to the machine: `open_machine(..., ports=device.ports)`."""
         return {PORT_DOORBELL: self._on_doorbell, PORT_IDLE: self._on_idle}
 
     def attach(self, machine) -> None:

@@ -1,1 +1,3 @@
-"""colo-ring scenarios package (see the issues that build it)."""
+"""scenarios: what runs on top of the agents: the guests (the kvstore service, registered as a
+guest spec), the failover drill colo-drill and the tuning tool colo-tune.
+"""

@@ -1,0 +1,1 @@
+"""The tests, by tier: unit, contract, kvm, system (see conftest.py)."""

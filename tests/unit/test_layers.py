@@ -64,3 +64,13 @@ def test_no_private_name_is_imported_across_modules() -> None:
               for line, module, names in _imports(path) for name in names
               if name.startswith("_") and not name.startswith("__")]
     assert not arrows, "private helpers imported across modules:\n" + "\n".join(arrows)
+
+
+def test_machines_are_built_only_in_ring_backend() -> None:
+    builders = {"KvmMachine", "SimMachine"}
+    calls = [f"{path.relative_to(ROOT)}:{node.lineno} builds a machine"
+             for package in ORDER for path in _sources(package) if path != ROOT / "ring" / "backend.py"
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and (getattr(node.func, "id", None) in builders
+                                                or getattr(node.func, "attr", None) in builders)]
+    assert not calls, "machines built outside ring.backend:\n" + "\n".join(calls)
