@@ -31,7 +31,6 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from ring.backend import open_machine
 from ring.machine import Machine
 from ring.stream import StreamDevice
 from ring.vcpu_state import VcpuStateError
@@ -43,6 +42,7 @@ from .codec import CodecError, PageEncoder
 from .config import PrimaryAgentConfig
 from .control import ControlServer
 from .faults import KillPoint
+from .guest import Guest, build_guest
 from .output import OutputBuffer
 from .pipeline import Pipeline
 from .runtime import Runtime, rss_mib, set_zmq_heartbeats
@@ -73,24 +73,20 @@ class PrimaryAgent:
     """Protect one guest: run it, checkpoint it to the replica, release its outputs on ack."""
 
     def __init__(self, config: PrimaryAgentConfig, *, hooks: Hooks | None = None,
-                 output_sink: Callable[[bytes], None] | None = None) -> None:
+                 output_sink: Callable[[bytes], None] | None = None, guest: Guest | None = None) -> None:
+        """Protect `guest` if given (a running guest this node already serves, e.g. after a
+        takeover), else a new one built from the config's guest spec."""
         self.config = config
         self.hooks = hooks or Hooks()
         self.output_sink = output_sink or (lambda data: log.info("guest output: %r", data))
         if not config.security.insecure:
             client_keys(config.security)           # bad keys fail here, before a guest runs
-        guest, service = config.guest, config.service
-        self.spec = config.guest_spec()
-        self.device: StreamDevice | None = None
-        if self.spec.is_service:
-            # The service guest: its stream device's output goes through output commit.
-            self.device = StreamDevice(service.host, service.port, output=self._device_output)
-            self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend,
-                                        program=str(self.spec.program), ports=self.device.ports)
-            self.spec.write_params(self.machine, config.guest_params())
-            self.device.attach(self.machine)
-        else:
-            self.machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend)
+        self.guest = guest if guest is not None else build_guest(config)
+        # The service's replies go through output commit from now on.
+        self.guest.route_output(self._device_output)
+        self.spec = self.guest.spec or config.guest_spec()
+        self.machine: Machine = self.guest.machine
+        self.device: StreamDevice | None = self.guest.device
         replication = config.replication
         self.protocol = proto.PrimaryProtocol(proto.PrimaryConfig(
             max_in_flight=replication.max_in_flight,
@@ -152,12 +148,9 @@ class PrimaryAgent:
                     get_triggers=lambda: dataclasses.asdict(self.triggers.settings),
                     set_triggers=self.set_triggers, reset_stats=self._reset_stats)
                 loops.append(self.control.serve)
-            self.machine.set_event_sink(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
+            await self.guest.start(lambda e: self._loop.call_soon_threadsafe(self._on_guest_event, e))
             if self.device is not None:
-                await self.device.start()
-                log.info("the %s service listens on %s:%d", self.spec.name, self.config.service.host,
-                         self.device.port)
-            self.machine.start()
+                log.info("the %s service listens on %s:%d", self.spec.name, self.device.host, self.device.port)
         except BaseException:
             await self._close()
             raise
@@ -198,9 +191,7 @@ class PrimaryAgent:
         if self.control is not None:
             self.control.socket.close(linger=0)
         self.executor.shutdown(wait=True)
-        if self.device is not None:
-            self.device.close()
-        self.machine.close()
+        self.guest.close()
         self.context.term()
 
     # -- commands ----------------------------------------------------------------

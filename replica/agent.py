@@ -31,12 +31,13 @@ import zmq.asyncio
 from checkpointer import protocol as proto
 from checkpointer import wire
 from checkpointer.config import ReplicaAgentConfig
+from checkpointer.guest import Guest
 from checkpointer.runtime import Rolling, Runtime, set_zmq_heartbeats
 from checkpointer.security import secure_server
 from ring.memory import SlotSpec
 from ring.vcpus import Event, Fault, Progress, RingSoftFull
 
-from .failover import start_standby
+from .failover import restore_standby
 from .standby import Standby, StagingError
 
 log = logging.getLogger("colo.replica")
@@ -86,7 +87,7 @@ class ReplicaAgent:
         self.writer: wire.FrameWriter | None = None
         self.peer: bytes | None = None
         self.endpoint: str | None = None
-        self.active = None                        # replica.failover.ActiveGuest once failed over
+        self.active: Guest | None = None          # the guest this node serves once it took over
         self.takeover_ms: float | None = None
         self.last_primary_message = 0.0
         self._incoming: _Incoming | None = None
@@ -327,14 +328,17 @@ class ReplicaAgent:
         log.error("FAILOVER: %s; starting the standby guest from epoch %d", command.reason, command.epoch)
         self._failover_started = time.monotonic()
         loop = asyncio.get_running_loop()
-        self.active = start_standby(
-            self.standby, service_host=self.config.service.host, service_port=self.config.service.takeover_port,
-            on_event=lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
+        self.active = restore_standby(self.standby, service_host=self.config.service.host,
+                                      service_port=self.config.service.takeover_port)
+        machine = self.active.machine
+        machine.set_event_sink(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
+        machine.start()                           # the vCPUs at once; the service port in _serve
         if self.active.device is not None:
             self.runtime.spawn(self._serve())
 
     async def _serve(self) -> None:
-        await self.active.serve()
+        loop = asyncio.get_running_loop()
+        await self.active.start(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
         if self.takeover_ms is None:             # the service is back: that is the takeover
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
         log.error("the service is back on port %d (takeover %.1f ms after the primary's last message)",

@@ -1,67 +1,50 @@
 """Failover: the standby memory becomes a running guest, and its service comes back.
 
 The VM is built (in ring.backend, like every machine) over the standby memory
-itself, without a copy, untracked (nothing checkpoints it now), with the vCPU
-state of the last consistent epoch. A service guest gets a new stream device
-on the replica's service port; the device is restored from the epoch's
-DEVICE_STATE: the slot table it saved must match the one in the committed
-memory (a mismatch is a torn checkpoint, refused by name), and every
+itself, without a copy, with the vCPU state of the last consistent epoch, and
+untracked unless asked (nothing checkpoints it until this node protects it as
+the primary of a new replica: then `track_dirty`). A service guest gets a new
+stream device on the replica's service port; the device is restored from the
+epoch's DEVICE_STATE: the slot table it saved must match the one in the
+committed memory (a mismatch is a torn checkpoint, refused by name), and every
 connection it shows open is closed in the guest (those clients were the dead
 primary's: they reconnect).
+
+The result is a checkpointer.guest.Guest, the object that outlives the role:
+the node serves it now, and can hand it to a primary role later.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
+from checkpointer.guest import Guest
 from ring.backend import restore_machine
 from ring.guest import layout
-from ring.machine import Machine, MachineConfig
+from ring.machine import MachineConfig
 from ring.stream import StreamDevice
-from ring.vcpus import Event
 
 from .standby import Standby
 
 
-class ActiveGuest:
-    """The guest this node now runs for its clients."""
-
-    def __init__(self, machine: Machine, device: StreamDevice | None) -> None:
-        self.machine = machine
-        self.device = device
-
-    async def serve(self) -> None:
-        """Open the service port (a service guest only)."""
-        if self.device is not None:
-            await self.device.start()
-
-    def close(self) -> None:
-        if self.device is not None:
-            self.device.close()
-        self.machine.close()
-
-
-def start_standby(standby: Standby, *, service_host: str, service_port: int,
-                  on_event: Callable[[Event], None], backend: str = "kvm") -> ActiveGuest:
-    """Start the standby guest from its last committed consistent epoch; returns it running."""
+def restore_standby(standby: Standby, *, service_host: str, service_port: int, backend: str = "kvm",
+                    track_dirty: bool = False) -> Guest:
+    """The standby guest, from its last committed consistent epoch, ready to start (not started)."""
     data = standby.memory.slots[layout.DATA_SLOT].spec
-    config = MachineConfig(vcpus=len(standby.vcpus), data_bytes=data.size, dirty_log="bitmap")
+    config = MachineConfig(vcpus=len(standby.vcpus), data_bytes=data.size,
+                           dirty_log="ring" if track_dirty else "bitmap")
     device = StreamDevice(service_host, service_port) if service_port else None
     try:
         machine = restore_machine(config, standby.memory, standby.vcpus, backend=backend,
-                                  ports=device.ports if device is not None else None)
+                                  ports=device.ports if device is not None else None, track_dirty=track_dirty)
     except BaseException:
         if device is not None:
             device.close()
         raise
     try:
-        machine.set_event_sink(on_event)
         if device is not None:
             device.restore(machine, standby.device)
-        machine.start()
     except BaseException:
         if device is not None:
             device.close()
         machine.close()
         raise
-    return ActiveGuest(machine, device)
+    return Guest(machine, device)

@@ -203,6 +203,11 @@ class StreamDevice:
 
     # -- wiring ------------------------------------------------------------------
     @property
+    def listening(self) -> bool:
+        """start() has opened the service port."""
+        return self._server is not None
+
+    @property
     def ports(self) -> dict:
         """The port handlers to pass to the machine: `open_machine(..., ports=device.ports)`."""
         return {PORT_DOORBELL: self._on_doorbell, PORT_IDLE: self._on_idle}

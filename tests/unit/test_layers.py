@@ -17,7 +17,8 @@ ORDER = ("ring", "checkpointer", "replica", "scenarios")          # each may imp
 # primary's internals.
 SHARED = {"checkpointer", "checkpointer.protocol", "checkpointer.wire", "checkpointer.frames",
           "checkpointer.messages", "checkpointer.schema", "checkpointer.codec", "checkpointer.runtime",
-          "checkpointer.config", "checkpointer.security", "checkpointer.launch"}
+          "checkpointer.config", "checkpointer.security", "checkpointer.launch",
+          "checkpointer.guest"}
 
 
 def _imports(path: Path):
