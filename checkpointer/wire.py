@@ -233,7 +233,7 @@ Rules
 from __future__ import annotations
 
 import secrets
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from ring import vcpu_state
 from ring.vcpu_state import VcpuState, VcpuStateError

@@ -18,13 +18,11 @@ report).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -188,7 +186,7 @@ class ReplicaAgent:
         try:
             try:
                 frame = wire.decode_frame(frame_parts)
-                new_session = self.guard.check(frame)
+                self.guard.check(frame)
                 message = wire.decode_payload(frame)
             except wire.WireError as exc:
                 self.rejected_frames += 1

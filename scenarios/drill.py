@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 import tempfile
 import threading

@@ -496,7 +496,7 @@ def test_workload_choices_are_the_registered_guests():
     assert "kvstore" in names and "uniform" in names
     help_text = " ".join(primary_arg_parser().format_help().split())
     assert f"what the guest runs ({', '.join(names)};" in help_text
-    assert f'workload = "uniform"' in DEFAULT_TOML and ", ".join(names) in DEFAULT_TOML
+    assert 'workload = "uniform"' in DEFAULT_TOML and ", ".join(names) in DEFAULT_TOML
 
 
 def test_settings_that_moved_are_pointed_to(tmp_path):
