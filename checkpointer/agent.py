@@ -140,7 +140,7 @@ class PrimaryAgent:
         # The snapshot drops the GIL at every ioctl and wait; with encoder threads running Python,
         # taking it back costs up to the switch interval (5 ms by default) each time.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        loops = [self.triggers.tick_loop, self.triggers.dirty_watch_loop, self._status_loop]
+        loops = [self._tick_loop, self.triggers.dirty_watch_loop, self._status_loop]
         try:
             if self.config.primary.control:
                 self.control = ControlServer(
@@ -156,6 +156,10 @@ class PrimaryAgent:
             raise
         loops.append(self._start)
         await self.runtime.run(loops, self._shutdown, duration)
+
+    async def _tick_loop(self) -> None:
+        await self.runtime.tick_loop(self.triggers.tick_period, self.triggers.tick,
+                                     lambda: self.protocol.config.replica_timeout)
 
     async def _start(self) -> None:
         self._feed(proto.Start(time.monotonic()))

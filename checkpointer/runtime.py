@@ -35,6 +35,8 @@ from .protocol import Command, Log, LogLevel
 
 __all__ = ["Runtime", "Rolling", "set_zmq_heartbeats", "write_status", "rss_mib"]
 
+SETTLE_TURNS = 8          # loop turns given to unread frames after a stall, before a tick judges silence
+
 
 def set_zmq_heartbeats(socket: zmq.Socket, heartbeat_ms: int, timeout_ms: int) -> None:
     """ZeroMQ's own heartbeats: a dead TCP peer is dropped even when nothing is sent."""
@@ -211,6 +213,29 @@ class Runtime:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    # -- the clock -----------------------------------------------------------------
+    async def tick_loop(self, period: Callable[[], float], tick: Callable[[float], None],
+                        timeout: Callable[[], float]) -> None:
+        """Feed `tick(now)` every `period()` seconds (re-read: settings change at run time).
+
+        A tick is how the protocol learns that time passed, and so that a peer fell silent.
+        When this process's own loop stalled (a long snapshot, the machine starved us), the
+        peer's frames may be waiting unread: the loop is first given a few turns to read
+        them, so that our own stall is never taken for the peer's silence, and a stall long
+        enough to matter is logged.
+        """
+        while True:
+            interval = period()
+            due = time.monotonic() + interval
+            await asyncio.sleep(interval)
+            late = time.monotonic() - due
+            if late > interval:
+                for _ in range(SETTLE_TURNS):
+                    await asyncio.sleep(0)
+                if late > timeout() / 4:
+                    self.log.warning("this agent's event loop stalled for %.0f ms", late * 1000)
+            tick(time.monotonic())
 
     # -- status ------------------------------------------------------------------
     async def status_loop(self, settings, figures: Callable[[], dict], log_line: Callable[[dict], None]) -> None:

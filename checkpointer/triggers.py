@@ -69,11 +69,13 @@ class Triggers:
             self._output_timer.cancel()
             self._output_timer = None
 
-    async def tick_loop(self) -> None:
+    def tick_period(self) -> float:
+        """A few ticks per heartbeat and per interval (re-read: the interval may change at run time)."""
         config = self.protocol.config
-        while True:                              # (re-read: the interval may change at run time)
-            await asyncio.sleep(min(config.heartbeat_interval, config.max_interval or 1.0) / 4)
-            self.feed(proto.Tick(time.monotonic()))
+        return min(config.heartbeat_interval, config.max_interval or 1.0) / 4
+
+    def tick(self, now: float) -> None:
+        self.feed(proto.Tick(now))
 
     async def dirty_watch_loop(self) -> None:
         while True:

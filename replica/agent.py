@@ -356,10 +356,9 @@ class ReplicaAgent:
 
     # -- clocks ----------------------------------------------------------------------
     async def _tick_loop(self) -> None:
-        period = self.protocol.config.heartbeat_interval / 4
-        while True:
-            await asyncio.sleep(period)
-            self._feed(proto.ReplicaTick(time.monotonic()))
+        config = self.protocol.config
+        await self.runtime.tick_loop(lambda: config.heartbeat_interval / 4,
+                                     lambda now: self._feed(proto.ReplicaTick(now)), lambda: config.primary_timeout)
 
     def guest_progress(self) -> int:
         if self.active is not None:

@@ -61,6 +61,8 @@ def test_acknowledged_writes_survive_a_sigkill_of_the_primary(service: Agents) -
         acked[key] = value
         counter = primary.incr("counter")
     primary.close()
+    # the claim needs its premise: the replica was never dropped, so every reply waited for its ack
+    assert "replica lost" not in (service.logs / "primary.log").read_text(), service.log("primary")
     service.kill("primary")
     service.wait("the replica's takeover", lambda: service.status("replica").get("role") == "active")
     standby = redis.Redis(port=service.replica_port, protocol=2, socket_timeout=10)
