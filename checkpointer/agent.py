@@ -118,6 +118,7 @@ class PrimaryAgent:
         self._sending: set[asyncio.Task] = set()          # tasks sending an epoch (finished at a stop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._stopping = False
         self.guest_progress = 0
         self.held = 0                            # times backpressure held the guest
 
@@ -171,6 +172,11 @@ class PrimaryAgent:
         """Stop cleanly: no new epochs, let the ones being sent finish, say BYE, flush it, close."""
         if self._closed:
             return
+        # From here on time and triggers decide nothing: no new epoch (a snapshot would resume the
+        # guest), and no tick may call the replica lost (that would release unacknowledged output
+        # and skip the BYE). Acks still count: they release what the replica has committed.
+        self._stopping = True
+        self.runtime.cancel_loops()
         self.triggers.cancel()
         if not self.machine._closed and self.machine.runner is not None and self.machine.runner.started:
             self.machine.pause()                # no more guest events
@@ -179,7 +185,9 @@ class PrimaryAgent:
         if socket is not None and sending:
             await asyncio.wait(sending, timeout=2.0)
         await self.runtime.cancel_all()         # an epoch still half-sent is discarded by the replica
-        if socket is not None and writer is not None and socket is self.socket:
+        # BYE tells the replica not to take over: only for an orderly stop. A primary stopping
+        # on an error (a failed task, a guest fault) says nothing, so that the replica does.
+        if socket is not None and writer is not None and socket is self.socket and self.last_error is None:
             try:                                # the lock is free now: every sender was cancelled
                 await asyncio.wait_for(socket.send_multipart(
                     writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch), copy=False), 1.0)
@@ -200,8 +208,10 @@ class PrimaryAgent:
 
     # -- commands ----------------------------------------------------------------
     def _feed(self, event: proto.PrimaryEvent) -> None:
-        if not self._closed:
-            self.runtime.execute(self.protocol.handle(event))
+        if self._closed or (self._stopping and isinstance(event, (proto.Tick, proto.Trigger, proto.PrecopyReady,
+                                                                  proto.SyncRoundsDone))):
+            return
+        self.runtime.execute(self.protocol.handle(event))
 
     def _do_Connect(self, command: proto.Connect) -> None:
         self._close_socket()

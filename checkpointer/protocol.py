@@ -447,8 +447,11 @@ class ReplicaEvent:
 
 @dataclass(frozen=True)
 class Hello(ReplicaEvent):
+    """A primary's HELLO. `layout_problem`: why the shell cannot hold its memory layout ("" if it can)."""
+
     session: int
     versions: tuple[int, ...]
+    layout_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -646,6 +649,8 @@ class ReplicaProtocol:
             version = negotiate_version(event.versions, self.config.supported_versions)
         except UnsupportedVersion as exc:
             return [SendRefuse(RefuseReason.NO_COMMON_VERSION, str(exc))]
+        if event.layout_problem:                # refused before anything of ours changes
+            return [SendRefuse(RefuseReason.LAYOUT_MISMATCH, event.layout_problem)]
         commands = self._discard("a new primary session began")
         if self.session is not None and self.session != event.session:
             commands.append(Log(LogLevel.WARNING, "new primary session: the standby is not a consistent "

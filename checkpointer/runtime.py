@@ -84,10 +84,17 @@ class Rolling:
     def __len__(self) -> int:
         return len(self._values)
 
-    def percentile(self, q: float) -> float:
+    def percentile(self, q: float, horizon: float | None = None) -> float:
+        """The q-th percentile of the window, or of the samples of the last `horizon` seconds."""
         if not self._values:
             return 0.0
-        return float(np.percentile(np.fromiter(self._values, float, len(self._values)), q))
+        values = np.fromiter(self._values, float, len(self._values))
+        if horizon is not None:
+            times = np.fromiter(self._times, float, len(self._times))
+            values = values[time.monotonic() - times <= horizon]
+            if not len(values):
+                return 0.0
+        return float(np.percentile(values, q))
 
     def recent(self, horizon: float, now: float | None = None) -> tuple[int, float, float]:
         """(samples, their sum, the span they cover in seconds) over the last `horizon` seconds."""
@@ -153,11 +160,21 @@ class Runtime:
     # -- tasks -----------------------------------------------------------------
     async def run(self, loops: Iterable[Callable[[], Coroutine]], on_stop: Callable[[], Awaitable[None]],
                   duration: float | None = None) -> None:
-        """Run `loops` under one TaskGroup until stop() (or `duration`); then `on_stop`.
+        """Run `loops` under one TaskGroup until stop() (or `duration`); then `on_stop`, exactly once.
 
-        A task that raises ends the group: its error is logged and kept in last_error,
-        and `on_stop` still runs, so the agent always closes what it opened.
+        A task that raises ends the group: its error is logged and kept in last_error. `on_stop`
+        runs as a task of its own (outside the group, so that a failure while it runs cannot cut
+        it short) and is awaited on every way out: a normal stop, a failed task, or this
+        coroutine being cancelled. So the agent always closes what it opened.
         """
+        stop_task: asyncio.Task | None = None
+
+        def stop_once() -> asyncio.Task:
+            nonlocal stop_task
+            if stop_task is None:
+                stop_task = asyncio.ensure_future(on_stop())
+            return stop_task
+
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -167,7 +184,7 @@ class Runtime:
                     await asyncio.wait_for(self.stopping.wait(), duration)
                 except asyncio.TimeoutError:
                     pass
-                await on_stop()
+                await asyncio.shield(stop_once())
                 for task in list(self._tasks):
                     task.cancel()
         except* Exception as failures:
@@ -175,26 +192,38 @@ class Runtime:
             for exc in failures.exceptions:
                 self.log.error("agent task failed: %r", exc, exc_info=exc)
             self.last_error = repr(failures.exceptions[0])
-            await on_stop()
         finally:
             self._group = None
+            await stop_once()
 
     def spawn(self, coroutine: Coroutine, *, session: bool = False) -> asyncio.Task | None:
         """Start a supervised task; a session task is cancelled with its session.
 
-        Once the agent is stopping after a failure there is no group to run in: the work is
-        dropped (None), as every task of the group was cancelled anyway.
+        Once the group is shutting down (a task failed, or the agent stopped) there is
+        nothing to run in: the work is dropped (None), as every task of the group is being
+        cancelled anyway.
         """
         if self._group is None:
             coroutine.close()
             return None
-        task = self._group.create_task(coroutine)
+        try:
+            task = self._group.create_task(coroutine)
+        except RuntimeError:                  # the group is aborting: a task failed
+            coroutine.close()
+            return None
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if session:
             self._sessions.add(task)
             task.add_done_callback(self._sessions.discard)
         return task
+
+    def cancel_loops(self) -> None:
+        """Cancel every task but the sessions' (ticks, triggers, status): a stop begins."""
+        current = asyncio.current_task()
+        for task in list(self._tasks - self._sessions):
+            if task is not current:
+                task.cancel()
 
     def session_tasks(self) -> list[asyncio.Task]:
         return list(self._sessions)

@@ -294,8 +294,13 @@ class FrameGuard:
     def next_seq(self) -> int:
         return 0 if self.last_seq is None else self.last_seq + 1
 
-    def check(self, frame: Frame) -> bool:
-        """Accept ``frame`` or raise. Returns True when it started a new session."""
+    def check(self, frame: Frame, adopt: bool = True) -> bool:
+        """Accept ``frame`` or raise. Returns True when it is a HELLO of a new session.
+
+        With ``adopt=False`` such a HELLO is checked but the guard stays on its session until
+        ``adopt(session)``: the replica switches only once its protocol adopted the session,
+        so a HELLO it refuses (a layout it cannot hold, say) leaves the current one intact.
+        """
         where = f"{frame_where(frame.kind, frame.epoch, frame.seq)} session {frame.session:#x}"
         if self.accept is not None and frame.kind not in self.accept:
             raise UnexpectedKind(f"{where}: this side does not accept {kind_name(frame.kind)} frames")
@@ -308,9 +313,8 @@ class FrameGuard:
         if new:
             if frame.seq != 0:
                 raise OutOfOrderFrame(f"{where}: a new session must start at seq 0")
-            if self.session is not None:
-                self._retire(self.session)
-            self.session, self.last_seq = frame.session, 0
+            if adopt:
+                self.adopt(frame.session)
             return True
         expected = self.next_seq
         if frame.seq < expected:
@@ -319,6 +323,12 @@ class FrameGuard:
             raise OutOfOrderFrame(f"{where}: expected seq {expected}, {frame.seq - expected} frame(s) missing")
         self.last_seq = frame.seq
         return False
+
+    def adopt(self, session: int) -> None:
+        """Follow `session` from now on (its HELLO, seq 0, was accepted); the old one is retired."""
+        if self.session is not None and self.session != session:
+            self._retire(self.session)
+        self.session, self.last_seq = session, 0
 
     def _retire(self, session: int) -> None:
         self._retired[session] = None

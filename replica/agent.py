@@ -32,6 +32,7 @@ from checkpointer.config import ReplicaAgentConfig
 from checkpointer.guest import Guest
 from checkpointer.runtime import Rolling, Runtime, set_zmq_heartbeats
 from checkpointer.security import secure_server
+from ring.errors import RingError
 from ring.memory import SlotSpec
 from ring.vcpus import Event, Fault, Progress, RingSoftFull
 
@@ -40,6 +41,7 @@ from .standby import Standby, StagingError
 
 log = logging.getLogger("colo.replica")
 
+STATUS_HORIZON = 5.0            # seconds of commits the status figures cover
 DISCONNECT_GRACE = 0.02          # seconds between a closed connection and the failover decision
 REPLICA_COMMANDS = (proto.AdoptSession, proto.SendWelcome, proto.SendRefuse, proto.OpenStaging,
                     proto.StagePart, proto.Verify, proto.Commit, proto.SendAck, proto.Discard,
@@ -58,11 +60,17 @@ class ReplicaHooks:
 
 @dataclass
 class _Incoming:
-    """The message being handled: who sent it, and what it is (answers go back to `identity`)."""
+    """The message being handled: who sent it, and what it is (answers go back to `identity`).
+
+    For a HELLO, `standby` is the standby built for its layout, adopted only if the protocol
+    adopts the session (else closed): building it first means a layout this host cannot hold
+    is refused before anything of the current session changes.
+    """
 
     identity: bytes
     frame: wire.Frame | None = None
     message: object = None
+    standby: Standby | None = None
 
 
 class ReplicaAgent:
@@ -89,7 +97,7 @@ class ReplicaAgent:
         self.takeover_ms: float | None = None
         self.last_primary_message = 0.0
         self._incoming: _Incoming | None = None
-        self._digests: dict[int, bytes] = {}
+        self._ends: dict[int, tuple[bytes, int]] = {}      # epoch -> (END digest, raw bytes)
         self._failover_started = 0.0
         self.commit_pages = Rolling(4096)
         self.commit_raw = Rolling(4096)
@@ -100,6 +108,7 @@ class ReplicaAgent:
         self.rejected_frames = 0
         self._connections: set[int] = set()      # open connections' fds (socket monitor)
         self.monitor: zmq.asyncio.Socket | None = None
+        self._closed = False
 
     @property
     def last_error(self) -> str | None:
@@ -140,6 +149,9 @@ class ReplicaAgent:
         self.runtime.stop()
 
     async def _shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await self.runtime.cancel_all()
         if self.socket is not None:
             self.socket.disable_monitor()
@@ -151,6 +163,7 @@ class ReplicaAgent:
             self.authenticator = None
         if self.active is not None:
             self.active.close()
+            self.active = None
         if self.standby is not None:
             self.standby.close()
             self.standby = None
@@ -186,7 +199,7 @@ class ReplicaAgent:
         try:
             try:
                 frame = wire.decode_frame(frame_parts)
-                self.guard.check(frame)
+                self.guard.check(frame, adopt=False)     # a new session only once the protocol adopts it
                 message = wire.decode_payload(frame)
             except wire.WireError as exc:
                 self.rejected_frames += 1
@@ -199,24 +212,34 @@ class ReplicaAgent:
             if self.protocol.mode is not proto.ReplicaMode.ACTIVE:
                 self.last_primary_message = now      # (takeover is measured from the last one)
             if frame.kind == wire.Kind.HELLO:
-                self._feed(proto.Hello(now, message.session, tuple(message.versions)))
+                self._feed(proto.Hello(now, message.session, tuple(message.versions),
+                                       self._prepare_standby(message)))
             elif identity == self.peer:
                 self._on_frame(frame, message, now)
         finally:
+            if self._incoming.standby is not None:       # built for a HELLO that was not adopted
+                self._incoming.standby.close()
             self._incoming = None
+
+    def _prepare_standby(self, hello: wire.Hello) -> str:
+        """Build the standby a HELLO's layout needs; returns why it cannot be built ("" if it could)."""
+        if self.protocol.mode is proto.ReplicaMode.ACTIVE:
+            return ""                                     # refused anyway: this node runs the guest
+        slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]
+        try:
+            self._incoming.standby = Standby(slots)
+        except (ValueError, OSError, RingError) as exc:
+            return f"this replica cannot hold the primary's memory layout: {exc}"
+        return ""
 
     def _on_frame(self, frame: wire.Frame, message, now: float) -> None:
         kind = frame.kind
         if kind == wire.Kind.EPOCH_BEGIN:
-            self.epoch = message.epoch
-            self._epoch_bytes = [0, 0]
             self._feed(proto.EpochBegin(now, message.epoch, message.pages, message.batches, not message.sync))
         elif kind in PART_KINDS:
-            self._epoch_bytes[1] += len(frame.payload)
             self._feed(proto.EpochPart(now, frame.epoch, PART_KINDS[kind], frame.count))
         elif kind == wire.Kind.EPOCH_END:
-            self._digests = {message.epoch: message.digest}     # only the epoch being verified
-            self._epoch_bytes[0] = message.raw_bytes
+            self._ends = {message.epoch: (message.digest, message.raw_bytes)}   # only the epoch being verified
             self._feed(proto.EpochEnd(now, message.epoch, message.pages, message.batches))
         elif kind == wire.Kind.HEARTBEAT:
             self._feed(proto.HeardFromPrimary(now))
@@ -239,15 +262,14 @@ class ReplicaAgent:
             log.warning("the primary's queue is full: a reply was dropped")
 
     def _do_AdoptSession(self, command: proto.AdoptSession) -> None:
-        hello = self._incoming.message
         if self.standby is not None:
             self.standby.close()
-        slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]
-        self.standby = Standby(slots)
-        log.info("standby memory: %s", ", ".join(f"slot {s.slot} {s.size >> 20} MiB" for s in slots))
+        self.standby, self._incoming.standby = self._incoming.standby, None
+        log.info("standby memory: %s", ", ".join(f"slot {s.slot} {s.size >> 20} MiB" for s in self.standby.layout))
         self.peer = self._incoming.identity
+        self.guard.adopt(command.session)
         self.writer = wire.FrameWriter(session=command.session)
-        self._digests.clear()
+        self._ends.clear()
 
     def _do_SendWelcome(self, command: proto.SendWelcome) -> None:
         welcome = wire.Welcome(command.version, command.committed_epoch or None)
@@ -255,9 +277,8 @@ class ReplicaAgent:
 
     def _do_SendRefuse(self, command: proto.SendRefuse) -> None:
         incoming = self._incoming
-        if incoming is not None and incoming.identity != self.peer and incoming.frame is not None \
-                and incoming.frame.kind == wire.Kind.HELLO:
-            # a HELLO we did not adopt: answer that peer in its own session, keep ours
+        if incoming is not None and incoming.frame is not None and incoming.frame.kind == wire.Kind.HELLO:
+            # a HELLO we did not adopt: answer its sender in its own session, keep ours
             identity, writer = incoming.identity, wire.FrameWriter(session=incoming.message.session)
         else:
             identity, writer = self.peer, self.writer
@@ -265,10 +286,18 @@ class ReplicaAgent:
         self._send(identity, writer, lambda: writer.message(refuse))
 
     def _do_OpenStaging(self, command: proto.OpenStaging) -> None:
-        self.standby.open(command.epoch, command.pages)
+        try:
+            self.standby.open(command.epoch, command.pages)
+        except StagingError as exc:               # e.g. more pages announced than the guest has
+            self.rejected_frames += 1
+            self._feed(proto.BadFrame(time.monotonic(), str(exc)))
+            return
+        self.epoch = command.epoch
+        self._epoch_bytes = [0, 0]
 
     def _do_StagePart(self, command: proto.StagePart) -> None:
         payload = self._incoming.frame.payload
+        self._epoch_bytes[1] += len(payload)
         try:
             if command.kind is proto.PartKind.PAGES:
                 staged = self.standby.stage_pages(payload)
@@ -284,7 +313,8 @@ class ReplicaAgent:
             self._feed(proto.BadFrame(time.monotonic(), str(exc)))
 
     def _do_Verify(self, command: proto.Verify) -> None:
-        ok, reason = self.standby.verify(self._digests.pop(command.epoch, b""))
+        digest, self._epoch_bytes[0] = self._ends.pop(command.epoch, (b"", 0))
+        ok, reason = self.standby.verify(digest)
         self._feed(proto.Verified(time.monotonic(), command.epoch, ok, reason))
 
     def _do_Commit(self, command: proto.Commit) -> None:
@@ -375,8 +405,8 @@ class ReplicaAgent:
             "checkpoints_per_s": self.commit_pages.rate(),
             "pause_us_p50": 0.0,
             "pause_us_p99": 0.0,
-            "apply_us_p50": self.apply_us.percentile(50),
-            "dirty_pages_p50": self.commit_pages.percentile(50),
+            "apply_us_p50": self.apply_us.percentile(50, horizon=STATUS_HORIZON),
+            "dirty_pages_p50": self.commit_pages.percentile(50, horizon=STATUS_HORIZON),
             "raw_mb_per_s": self.commit_raw.throughput() / 1e6,
             "encoded_mb_per_s": self.commit_encoded.throughput() / 1e6,
             "guest_progress": self.guest_progress(),

@@ -116,7 +116,7 @@ def _flip(parts: list, part: int, index: int) -> list:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("damage", ["corrupt_payload", "corrupt_header", "truncated", "replayed",
-                                    "out_of_order", "wrong_key", "digest"])
+                                    "out_of_order", "wrong_key", "digest", "too_many_pages"])
 async def test_bad_frames_are_refused_and_the_standby_is_unchanged(damage: str) -> None:
     agent, task = await start_replica(replica_config())
     context = zmq.asyncio.Context()
@@ -147,6 +147,8 @@ async def test_bad_frames_are_refused_and_the_standby_is_unchanged(damage: str) 
         elif damage == "digest":
             end = wire.EpochEnd(2, bytes(16), 2, 1, 2 * 4096)
             frames[-1] = primary.writer.message(end)
+        elif damage == "too_many_pages":                       # more pages than the guest has
+            frames = [primary.writer.message(wire.EpochBegin(2, "ring_full", 10**6, 1, False))]
         for frame in frames:
             await primary.send(frame)
         answer = await primary.receive(timeout=5)
@@ -156,8 +158,38 @@ async def test_bad_frames_are_refused_and_the_standby_is_unchanged(damage: str) 
         assert agent.standby.memory.slots[1].pages[3, 0] == 7
         assert agent.standby.memory.slots[1].pages[4, 0] == 0
         assert agent.rejected_frames + agent.protocol.rejected >= 1
+        assert not task.done() and agent.last_error is None      # refused, not crashed
     finally:
         primary.socket.close()
+        await stop(agent, task)
+        context.term()
+
+
+@pytest.mark.asyncio
+async def test_a_layout_the_replica_cannot_hold_is_refused_and_the_session_goes_on() -> None:
+    agent, task = await start_replica(replica_config())
+    context = zmq.asyncio.Context()
+    primary, stranger = FakePrimary(context, agent.endpoint), FakePrimary(context, agent.endpoint)
+    try:
+        assert (await primary.hello()).kind == wire.Kind.WELCOME
+        for frame in primary.epoch_frames(1, {3: 7}):
+            await primary.send(frame)
+        assert (await primary.receive()).kind == wire.Kind.ACK
+        too_large = [wire.SlotLayout(0, 0, 4 << 20), wire.SlotLayout(1, 1 << 32, 1 << 47)]   # 128 TiB
+        await stranger.send(stranger.writer.message(wire.Hello(versions=[1], session=stranger.writer.session,
+                                                               slots=too_large, vcpus=1, page_size=4096,
+                                                               agent="test")))
+        refusal = await stranger.receive()
+        assert refusal.kind == wire.Kind.REFUSE
+        assert wire.decode_payload(refusal).reason is wire.RefuseReason.LAYOUT_MISMATCH
+        for frame in primary.epoch_frames(2, {3: 8}):          # our session was not touched
+            await primary.send(frame)
+        ack = await primary.receive()
+        assert ack.kind == wire.Kind.ACK and ack.epoch == 2
+        assert agent.standby.memory.slots[1].pages[3, 0] == 8 and agent.last_error is None
+    finally:
+        primary.socket.close()
+        stranger.socket.close()
         await stop(agent, task)
         context.term()
 

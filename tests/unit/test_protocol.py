@@ -228,6 +228,14 @@ def test_hello_negotiates_the_highest_common_version() -> None:
     assert "[5, 6]" in refused[0].detail and "[1]" in refused[0].detail
 
 
+def test_a_hello_whose_layout_cannot_be_held_is_refused_and_changes_nothing() -> None:
+    replica = greeted_replica()
+    _epoch(replica, 1)
+    commands = replica.handle(p.Hello(0.1, 99, (1,), layout_problem="slots overlap"))
+    assert commands == [p.SendRefuse(p.RefuseReason.LAYOUT_MISMATCH, "slots overlap")]
+    assert replica.session == 7 and replica.consistent_epoch == 1 and replica.mode is p.ReplicaMode.RECEIVING
+
+
 def test_a_complete_epoch_is_verified_committed_and_acked() -> None:
     replica = greeted_replica()
     commands = _epoch(replica, 1)

@@ -85,3 +85,47 @@ def test_rolling_figures_over_a_window_and_a_horizon() -> None:
     count, total, span = figures.recent(5.0, now=10.0)
     assert (count, total, span) == (3, 9.0, 2.0)        # 8, 9 and 10 s; they span 2 s
     assert Rolling().rate() == 0.0 and Rolling().percentile(99) == 0.0
+
+
+@pytest.mark.asyncio
+async def test_the_stop_runs_once_and_whole_when_a_task_fails_during_it() -> None:
+    runtime = Runtime(Role(), log, [])
+    calls = []
+    failing = asyncio.Event()
+
+    async def fails_when_told() -> None:
+        await failing.wait()
+        raise ValueError("late failure")
+
+    async def on_stop() -> None:
+        calls.append("start")
+        failing.set()                                   # a task fails while the stop is under way
+        for _ in range(10):                             # (turns of the loop for the failure to land)
+            await asyncio.sleep(0)
+        calls.append("end")
+
+    async def stop_soon() -> None:
+        runtime.stop()
+
+    await asyncio.wait_for(runtime.run([fails_when_told, stop_soon], on_stop), 10)
+    assert calls == ["start", "end"] and runtime.last_error == "ValueError('late failure')"
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_agent_still_closes_what_it_opened() -> None:
+    runtime = Runtime(Role(), log, [])
+    calls = []
+
+    async def idle() -> None:
+        await asyncio.Event().wait()
+
+    async def on_stop() -> None:
+        calls.append("stopped")
+
+    running = asyncio.ensure_future(runtime.run([idle], on_stop))
+    for _ in range(3):                                  # let it start its group
+        await asyncio.sleep(0)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert calls == ["stopped"]

@@ -808,3 +808,17 @@ def test_zero_copy_send_over_inproc_pair() -> None:
     finally:
         tx.close(linger=0)
         rx.close(linger=0)
+
+
+def test_a_guard_that_does_not_adopt_keeps_its_session_until_told() -> None:
+    guard = FrameGuard()
+    assert guard.check(frame_of(Kind.HELLO), adopt=False) and guard.session is None
+    guard.adopt(SESSION)
+    guard.check(frame_of(seq=1))
+    assert guard.check(frame_of(Kind.HELLO, session=SESSION + 1), adopt=False) is True
+    assert guard.session == SESSION                            # checked, not adopted: ours goes on
+    guard.check(frame_of(seq=2))
+    guard.adopt(SESSION + 1)
+    assert guard.session == SESSION + 1 and guard.next_seq == 1
+    with pytest.raises(WrongSession, match="retired"):
+        guard.check(frame_of(seq=3))
