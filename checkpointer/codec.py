@@ -82,6 +82,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from ring import pages as pagekeys
 from ring.abi import PAGE_SIZE
 from ring.memory import page_buffer
 
@@ -429,11 +430,10 @@ def decode_batch(payload, base: Callable[[np.ndarray], np.ndarray], out: np.ndar
         bad = np.flatnonzero(kinds > KIND_XOR)
         if len(bad):
             raise CodecError(f"page batch: unknown page kind {int(kinds[bad[0]])} at index {int(bad[0])}")
-        bad = np.flatnonzero(keys[1:] <= keys[:-1])
-        if len(bad):
-            i = int(bad[0]) + 1
-            what = "duplicate" if keys[i] == keys[i - 1] else "unsorted"
-            raise CodecError(f"page batch: {what} page key {int(keys[i]):#x} at index {i}")
+        try:
+            pagekeys.check(keys, "page batch")      # sorted, unique, within the key bound
+        except pagekeys.PageKeyError as exc:
+            raise CodecError(str(exc)) from None
         if valid_key is not None:
             mask = np.asarray(valid_key(keys))
             if mask.shape != keys.shape:
