@@ -407,6 +407,9 @@ class PrimaryAgent:
             "output_latency_us_p50": latency[0],
             "output_latency_us_p99": latency[1],
             "held": self.held,
+            # resets a signal or a stop cut short, and the re-protections of every slot they cost
+            "dirty_resets_cut_short": getattr(self.machine.tracker, "resets_cut_short", 0),
+            "dirty_log_rearms": getattr(self.machine.tracker, "rearms", 0),
             "rss_mib": rss_mib(),
             "last_error": self.last_error,
             **summary,

@@ -36,6 +36,7 @@ from .protocol import Command, Log, LogLevel
 __all__ = ["Runtime", "Rolling", "set_zmq_heartbeats", "write_status", "rss_mib"]
 
 SETTLE_TURNS = 8          # loop turns given to unread frames after a stall, before a tick judges silence
+STALL_S = 0.02            # a tick this late (or 4 periods) means the loop stalled
 
 
 def set_zmq_heartbeats(socket: zmq.Socket, heartbeat_ms: int, timeout_ms: int) -> None:
@@ -259,7 +260,7 @@ class Runtime:
             due = time.monotonic() + interval
             await asyncio.sleep(interval)
             late = time.monotonic() - due
-            if late > interval:
+            if late > max(4 * interval, STALL_S):  # (a short tick always oversleeps a little)
                 for _ in range(SETTLE_TURNS):
                     await asyncio.sleep(0)
                 if late > timeout() / 4:
