@@ -141,16 +141,30 @@ class EncodedBatch:
 
 @dataclass(frozen=True)
 class EpochStats:
-    """What one epoch's encoding cost and saved."""
+    """What one epoch's encoding cost and saved.
+
+    The per-kind page counts are counted only when asked for: the primary encodes small
+    epochs on its event loop, where three numpy reductions per batch are not free.
+    """
 
     pages: int
-    zero_pages: int
-    raw_pages: int
-    xor_pages: int
     raw_bytes: int
     encoded_bytes: int
     encode_ns: int             # sum of the batches' encode times (each in its worker thread)
     wall_ns: int               # elapsed, start of the first batch to the end of the last
+    batches: tuple[EncodedBatch, ...] = ()
+
+    @property
+    def zero_pages(self) -> int:
+        return sum(b.zero_pages for b in self.batches)
+
+    @property
+    def raw_pages(self) -> int:
+        return sum(b.raw_pages for b in self.batches)
+
+    @property
+    def xor_pages(self) -> int:
+        return sum(b.xor_pages for b in self.batches)
 
     @property
     def ratio(self) -> float:
@@ -158,13 +172,9 @@ class EpochStats:
 
     @classmethod
     def of(cls, batches: Sequence[EncodedBatch], wall_ns: int) -> "EpochStats":
-        return cls(pages=sum(b.count for b in batches),
-                   zero_pages=sum(b.zero_pages for b in batches),
-                   raw_pages=sum(b.raw_pages for b in batches),
-                   xor_pages=sum(b.xor_pages for b in batches),
-                   raw_bytes=sum(b.raw_bytes for b in batches),
+        return cls(pages=sum(b.count for b in batches), raw_bytes=sum(b.raw_bytes for b in batches),
                    encoded_bytes=sum(b.encoded_bytes for b in batches),
-                   encode_ns=sum(b.encode_ns for b in batches), wall_ns=wall_ns)
+                   encode_ns=sum(b.encode_ns for b in batches), wall_ns=wall_ns, batches=tuple(batches))
 
 
 def _check_pages(keys, pages, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -215,6 +215,20 @@ def frame_where(kind: int, epoch: int, seq: int) -> str:
     return f"{kind_name(kind)} epoch {epoch} seq {seq}"
 
 
+class _Where:
+    """frame_where, formatted only if an error message needs it (every frame is checked)."""
+
+    __slots__ = ("kind", "epoch", "seq", "prefix")
+
+    def __init__(self, kind: int, epoch: int, seq: int, prefix: str = "") -> None:
+        self.kind, self.epoch, self.seq, self.prefix = kind, epoch, seq, prefix
+
+    def __str__(self) -> str:
+        return self.prefix + frame_where(self.kind, self.epoch, self.seq)
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
 @dataclass(frozen=True)
 class Frame:
     """One decoded (or to-be-encoded) frame. ``payload`` is any contiguous bytes-like object."""
@@ -232,7 +246,7 @@ class Frame:
         return f"{frame_where(self.kind, self.epoch, self.seq)} session {self.session:#x}"
 
 
-def byte_view(obj: Any, what: str) -> memoryview:
+def byte_view(obj: Any, what: object) -> memoryview:
     """A flat unsigned-byte view of ``obj`` without copying it; MalformedFrame naming ``what`` if it has none."""
     try:
         view = memoryview(obj)
@@ -270,7 +284,7 @@ def encode_frame(frame: Frame) -> list:
         kind = Kind(frame.kind)
     except ValueError:
         raise UnknownKind(f"cannot encode unknown kind {frame.kind!r}") from None
-    where = frame_where(kind, frame.epoch, frame.seq)
+    where = _Where(kind, frame.epoch, frame.seq)
     if kind is Kind.INVALID:
         raise UnknownKind(f"cannot encode kind 0 (INVALID), {where}")
     for name, value, top in (("version", frame.version, U16), ("session", frame.session, U64),
@@ -280,7 +294,7 @@ def encode_frame(frame: Frame) -> list:
             raise MalformedFrame(f"{name} {value!r} out of range on {where}")
     if frame.session == 0:
         raise MalformedFrame(f"session 0 is reserved, on {where}")
-    view = byte_view(frame.payload, f"payload of {where}")
+    view = byte_view(frame.payload, _Where(kind, frame.epoch, frame.seq, "payload of "))
     _check_header_rules(kind, frame.epoch, frame.count, frame.flags, view.nbytes, where)
     head = HEADER.pack(MAGIC, frame.version, kind, frame.session, frame.seq, frame.epoch, frame.count,
                        frame.flags, view.nbytes, xxhash.xxh3_64_intdigest(view), 0)[:_CHECKED]
@@ -320,7 +334,7 @@ def decode_frame(parts: Sequence[Any], *, max_payload: int = MAX_PAYLOAD,
         raise MalformedFrame(f"header is {size} bytes, expected {HEADER_SIZE}")
     (_, _, kind, session, seq, epoch, count, flags, payload_len, payload_sum,
      header_sum) = HEADER.unpack_from(header)
-    where = frame_where(kind, epoch, seq)
+    where = _Where(kind, epoch, seq)
     if xxhash.xxh3_64_intdigest(header[:_CHECKED]) != header_sum:
         raise BadChecksum(f"header checksum mismatch on {where}")
     if kind not in _KIND_VALUES or kind == Kind.INVALID:
