@@ -1,0 +1,112 @@
+"""The pair's lease in a real etcd (started here, in a temporary folder, on free ports).
+
+One node holds the key; another cannot take it while the lease lives, and takes it, with a
+larger fencing token, once the holder's lease is revoked or has expired; the old holder's
+renewal then fails. No etcd answering is a typed error naming the endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from checkpointer.cluster import free_port
+from checkpointer.fencing import EtcdUnavailable, PairLease
+
+ETCD = shutil.which("etcd")
+pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd is not installed (Debian: etcd-server; .ci/run installs it)")
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    client, peer = free_port(), free_port()
+    process = subprocess.Popen(
+        [ETCD, "--name", "test", "--data-dir", str(tmp_path / "etcd"),
+         "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
+         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-cluster", f"test=http://127.0.0.1:{peer}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "etcd.log", "w"))
+    endpoint = f"http://127.0.0.1:{client}"
+
+    async def answers() -> bool:
+        probe = PairLease(endpoint, "/probe", "probe", 2, timeout_s=0.5)
+        try:
+            await probe.holder()
+            return True
+        except EtcdUnavailable:
+            return False
+        finally:
+            await probe.close()
+
+    deadline = time.monotonic() + 30
+    while not asyncio.run(answers()):
+        assert process.poll() is None, (tmp_path / "etcd.log").read_text()
+        assert time.monotonic() < deadline, "etcd did not answer within 30 s"
+    yield endpoint
+    process.terminate()
+    process.wait(10)
+
+
+def test_one_holder_at_a_time_and_a_newer_token_after_a_revoke(etcd) -> None:
+    async def scenario() -> None:
+        a, b = PairLease(etcd, "/colo/pair", "a", 5), PairLease(etcd, "/colo/pair", "b", 5)
+        try:
+            held = await a.acquire()
+            assert held is not None and held.token > 0 and a.valid()
+            assert await b.acquire() is None and not b.valid()           # held: the transaction fails
+            holder = await b.holder()
+            assert (holder.node, holder.token, holder.lease_id) == ("a", held.token, held.lease_id)
+            renewed = await a.renew()
+            assert renewed is not None and renewed.valid_until >= held.valid_until
+            await b.revoke(holder.lease_id)                              # the holder's death was proven
+            taken = await b.acquire()
+            assert taken is not None and taken.token > held.token       # the fencing token grows
+            assert await a.renew() is None and not a.valid()            # a learns it lost the lease
+            assert (await a.holder()).node == "b"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_key_is_free_only_once_the_lease_expired(etcd) -> None:
+    async def scenario() -> None:
+        a, b = PairLease(etcd, "/colo/expiry", "a", 1), PairLease(etcd, "/colo/expiry", "b", 1)
+        try:
+            held = await a.acquire()
+            assert held.valid_until <= time.monotonic() + 1            # never past the granted TTL
+            assert await b.acquire() is None                            # silence alone is not enough
+            deadline = time.monotonic() + 30
+            while (taken := await b.acquire()) is None:                 # etcd expires a's lease itself
+                assert time.monotonic() < deadline, "a's lease never expired"
+                await asyncio.sleep(0.1)
+            assert taken.token > held.token and await a.renew() is None
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cluster_list_skips_a_dead_member_and_no_etcd_is_named(etcd) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    async def scenario() -> None:
+        lease = PairLease(f"{dead},{etcd}", "/colo/list", "a", 5, timeout_s=0.5)
+        try:
+            assert await lease.acquire() is not None                    # the second endpoint answered
+        finally:
+            await lease.close()
+        nobody = PairLease(dead, "/colo/list", "a", 5, timeout_s=0.5)
+        try:
+            with pytest.raises(EtcdUnavailable, match=f"no etcd endpoint answered .*{dead[7:]}"):
+                await nobody.acquire()
+        finally:
+            await nobody.close()
+
+    asyncio.run(scenario())
