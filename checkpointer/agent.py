@@ -118,7 +118,6 @@ class PrimaryAgent:
         self._sending: set[asyncio.Task] = set()          # tasks sending an epoch (finished at a stop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._stopping = False
         self.guest_progress = 0
         self.held = 0                            # times backpressure held the guest
 
@@ -172,10 +171,7 @@ class PrimaryAgent:
         """Stop cleanly: no new epochs, let the ones being sent finish, say BYE, flush it, close."""
         if self._closed:
             return
-        # From here on time and triggers decide nothing: no new epoch (a snapshot would resume the
-        # guest), and no tick may call the replica lost (that would release unacknowledged output
-        # and skip the BYE). Acks still count: they release what the replica has committed.
-        self._stopping = True
+        self._feed(proto.Stop(time.monotonic()))     # (the protocol now starts nothing new)
         self.runtime.cancel_loops()
         self.triggers.cancel()
         if not self.machine._closed and self.machine.runner is not None and self.machine.runner.started:
@@ -208,10 +204,8 @@ class PrimaryAgent:
 
     # -- commands ----------------------------------------------------------------
     def _feed(self, event: proto.PrimaryEvent) -> None:
-        if self._closed or (self._stopping and isinstance(event, (proto.Tick, proto.Trigger, proto.PrecopyReady,
-                                                                  proto.SyncRoundsDone))):
-            return
-        self.runtime.execute(self.protocol.handle(event))
+        if not self._closed:
+            self.runtime.execute(self.protocol.handle(event))
 
     def _do_Connect(self, command: proto.Connect) -> None:
         self._close_socket()

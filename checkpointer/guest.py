@@ -43,23 +43,19 @@ class Guest:
         if self.machine.runner is None or not self.machine.runner.started:
             self.machine.start()
 
-    @property
-    def running(self) -> bool:
-        return self.machine.runner is not None and self.machine.runner.started and not self.machine._closed
-
     def close(self) -> None:
         if self.device is not None:
             self.device.close()
         self.machine.close()
 
 
-def build_guest(config, output: DeviceOutput | None = None) -> Guest:
+def build_guest(config) -> Guest:
     """A fresh guest from the primary's config: its spec's program, devices and parameters."""
     guest, service, spec = config.guest, config.service, config.guest_spec()
     if not spec.is_service:
         return Guest(open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend),
                      spec=spec)
-    device = StreamDevice(service.host, service.port, output=output)
+    device = StreamDevice(service.host, service.port)
     machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend,
                            program=str(spec.program), ports=device.ports)
     try:

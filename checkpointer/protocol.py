@@ -120,6 +120,17 @@ class SendFailed(PrimaryEvent):
 
 
 @dataclass(frozen=True)
+class Stop(PrimaryEvent):
+    """The agent is stopping on purpose: finish what is in flight, start nothing new.
+
+    From here on time and triggers decide nothing: no new epoch (a snapshot would
+    resume the guest), no pre-copy, and no silence may call the replica lost (that
+    would release unacknowledged output and skip the BYE). Acks still count: they
+    release what the replica has committed.
+    """
+
+
+@dataclass(frozen=True)
 class Tick(PrimaryEvent):
     """Time passed (the shell ticks a few times per heartbeat interval)."""
 
@@ -239,6 +250,7 @@ class PrimaryProtocol:
     in_flight: list[int] = field(default_factory=list)
     held_trigger: EpochReason | None = None   # a trigger waiting for a free place (the guest is held)
     final_sync_waiting: bool = False    # the final stop-and-copy waiting for a free place
+    stopping: bool = False              # Stop was handled: only acks still count
     precopy_waiting: bool = False       # a gathered pre-copy batch waiting for a free place
     final_sync_epoch: int | None = None
     session: int = 0
@@ -266,6 +278,8 @@ class PrimaryProtocol:
             self.mode is PrimaryMode.SYNCING and self.final_sync_epoch is not None)
 
     def handle(self, event: PrimaryEvent) -> list[Command]:
+        if self.stopping and isinstance(event, (Tick, Trigger, PrecopyReady, SyncRoundsDone)):
+            return []
         method = getattr(self, f"_on_{type(event).__name__}", None)
         if method is None:
             raise TypeError(f"the primary protocol has no handler for {type(event).__name__}")
@@ -299,6 +313,10 @@ class PrimaryProtocol:
         self.final_sync_epoch = None
         return [Log(LogLevel.INFO, f"replica welcomed us (protocol v{event.version}); full sync from "
                             f"epoch {self.next_epoch}"), BeginSync(self.next_epoch)]
+
+    def _on_Stop(self, event: Stop) -> list[Command]:
+        self.stopping = True
+        return []
 
     def _on_PrecopyReady(self, event: "PrecopyReady") -> list[Command]:
         """The shell gathered a pre-copy batch of pages (guest running): number it and send it."""

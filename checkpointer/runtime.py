@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Iterable
 import numpy as np
 import zmq
 
-from .protocol import Command, Log, LogLevel
+from .protocol import Command, Log
 
 __all__ = ["Runtime", "Rolling", "set_zmq_heartbeats", "write_status", "rss_mib"]
 
@@ -155,8 +155,7 @@ class Runtime:
             self._handlers[type(command)](command)
 
     def _log(self, command: Log) -> None:
-        level = command.level.value if isinstance(command.level, LogLevel) else str(command.level)
-        getattr(self.log, level)(command.message)
+        getattr(self.log, command.level.value)(command.message)
 
     # -- tasks -----------------------------------------------------------------
     async def run(self, loops: Iterable[Callable[[], Coroutine]], on_stop: Callable[[], Awaitable[None]],

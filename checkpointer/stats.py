@@ -13,7 +13,6 @@ class CheckpointStats:
     """Rolling figures for the status file and the log line."""
 
     def __init__(self, window: int = 2048) -> None:
-        self.window = window
         self.pause_us = Rolling(window)
         self.parts_us: dict[str, Rolling] = collections.defaultdict(lambda: Rolling(window))
         self.dirty_pages = Rolling(window)
@@ -25,7 +24,7 @@ class CheckpointStats:
     def record(self, snapshot: Snapshot, raw: int, encoded: int) -> None:
         now = time.monotonic()
         self.epochs += 1
-        self.reasons[str(getattr(snapshot.reason, "value", snapshot.reason))] += 1
+        self.reasons[str(snapshot.reason)] += 1
         self.pause_us.add(snapshot.pause_ns / 1000, now)
         for part, ns in snapshot.times_ns.items():
             self.parts_us[part].add(ns / 1000, now)

@@ -75,7 +75,6 @@ class InitialSync:
 
     async def run(self) -> None:
         """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy)."""
-        self.dirty = None
         self.drain()                                  # tracking starts now: everything else is resident
         self.dirty = None
         keys = from_pages({slot: memory.resident_pages() for slot, memory in self.machine.memory.slots.items()})

@@ -223,8 +223,6 @@ class ReplicaAgent:
 
     def _prepare_standby(self, hello: wire.Hello) -> str:
         """Build the standby a HELLO's layout needs; returns why it cannot be built ("" if it could)."""
-        if self.protocol.mode is proto.ReplicaMode.ACTIVE:
-            return ""                                     # refused anyway: this node runs the guest
         slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]
         try:
             self._incoming.standby = Standby(slots)

@@ -73,8 +73,9 @@ _libc_ioctl = _libc.ioctl
 # it can block, which shows as a voluntary context switch and would look like a stop (see below).
 _libc_holding_gil = ctypes.PyDLL(None, use_errno=True)
 _libc_ioctl_holding_gil = _libc_holding_gil.ioctl
-_libc_ioctl.restype = ctypes.c_int
-_libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+for _call in (_libc_ioctl, _libc_ioctl_holding_gil):
+    _call.restype = ctypes.c_int
+    _call.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 #: How often ioctl() repeats a call that returned EINTR before it gives up (a fatal signal
 #: ends the process long before; this only bounds a kernel that misbehaves).

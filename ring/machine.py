@@ -30,6 +30,7 @@ from .guest import layout, loader
 from .guest.build import build_program
 from .kvm import Kvm, Vcpu, Vm
 from .memory import GuestMemory, SlotSpec
+from .vcpu_state import VcpuState     # (defined beside its serialisation; importable from here too)
 from .vcpus import (Done, Event, Exit, Fault, LimitReached, Output, PortHandler, Progress, RingSoftFull, VcpuRunner,
                     errno_exit, install_kick_handler)
 from .workloads import WORKLOAD_IDS, ResolvedWorkload, Workload
@@ -69,9 +70,6 @@ class MachineConfig:
     def slot_specs(self) -> list[SlotSpec]:
         return [SlotSpec(layout.LOW_SLOT, 0, layout.LOW_SIZE, "low"),
                 SlotSpec(layout.DATA_SLOT, layout.DATA_GPA, self.data_bytes, "data")]
-
-
-from .vcpu_state import VcpuState  # noqa: E402  (defined beside its serialisation; kept importable here)
 
 
 def workload_in_memory(memory: GuestMemory) -> Workload | None:

@@ -198,6 +198,16 @@ def test_primary_invariants_under_random_events(steps) -> None:
         assert len(unacked) <= primary.config.max_in_flight, f"{unacked} sent without an ack"
 
 
+def test_a_stopping_primary_starts_nothing_and_never_calls_its_replica_lost() -> None:
+    primary, now = protected_primary(max_in_flight=2, replica_timeout=1.0)
+    (_, send) = primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))
+    assert primary.handle(p.Stop(now)) == []
+    assert primary.handle(p.Trigger(now, p.EpochReason.OUTPUT)) == []            # no new epoch
+    assert primary.handle(p.Tick(now + 5.0)) == []                              # silence: not a loss
+    assert primary.mode is p.PrimaryMode.PROTECTED
+    assert p.ReleaseOutputs(send.epoch) in primary.handle(p.Acked(now + 5.0, send.epoch))   # acks count
+
+
 # --- replica ------------------------------------------------------------------
 
 
