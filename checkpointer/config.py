@@ -33,6 +33,7 @@ section            what                                      used by
 ``[security]``     CURVE keys, or ``insecure = true``        both
 ``[status]``       status file and log interval              both
 ``[replica]``      ``listen``: where the replica binds       replica
+``[fencing]``      etcd, the pair's lease and key            both
 =================  ========================================  ==================
 
 A section used only by the other agent is still checked (so a typo is found
@@ -71,6 +72,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from urllib.parse import urlsplit
 from typing import Any, ClassVar
 
 from ring import abi
@@ -82,8 +84,8 @@ from ring.guest.spec import GuestSpec, find_guest, guest_names
 __all__ = [
     "ConfigError", "SettingError", "Setting", "setting", "settings", "GuestSection", "ServiceSection",
     "TriggerSection", "ReplicationSection", "SecuritySection", "StatusSection", "PrimarySection",
-    "ReplicaSection", "PrimaryAgentConfig", "ReplicaAgentConfig", "AgentConfig", "load_config",
-    "validate_endpoint", "to_dict", "dump_toml", "default_toml", "add_flags", "add_common_flags",
+    "ReplicaSection", "FencingSection", "PrimaryAgentConfig", "ReplicaAgentConfig", "AgentConfig", "load_config",
+    "validate_endpoint", "parse_endpoints", "to_dict", "dump_toml", "default_toml", "add_flags", "add_common_flags",
     "add_primary_flags", "add_replica_flags", "flag_overrides", "primary_arg_parser",
     "replica_arg_parser", "parse_primary_args", "parse_replica_args", "DEFAULT_TOML", "KINDS",
     "BACKENDS", "SECTIONS",
@@ -545,9 +547,90 @@ class ReplicaSection(_Section):
                           check=_endpoint(bind=True, empty_ok=False), metavar="tcp://HOST:PORT")
 
 
+def parse_endpoints(text: str) -> list[tuple[str, int]]:
+    """etcd's `URL[,URL...]` (http://HOST:PORT, or HOST:PORT) as (host, port) pairs; ValueError naming a bad one."""
+    endpoints = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        url = urlsplit(item if "://" in item else f"http://{item}")
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if url.scheme not in ("http", "https") or not url.hostname or port is None:
+            raise ValueError(f"etcd endpoint {item!r}: expected http://HOST:PORT")
+        endpoints.append((url.hostname, port))
+    if not endpoints:
+        raise ValueError("no etcd endpoint given")
+    return endpoints
+
+
+def _etcd_endpoints(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        parse_endpoints(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _node_name(value: str) -> str | None:
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+        return f"must be a short name of letters, digits, '-', '_' and '.', got {value!r}"
+    return None
+
+
+def _etcd_key(value: str) -> str | None:
+    if not value.startswith("/") or value.endswith("/") or any(c.isspace() for c in value):
+        return f"must be an absolute key path like /colo-ring/pair (no spaces, no trailing /), got {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class FencingSection(_Section):
+    """[fencing] (both): the pair's lease in etcd, which decides the one node that may serve."""
+
+    SECTION: ClassVar[str] = "fencing"
+    ABOUT: ClassVar[str] = "the pair's lease in etcd: only its holder serves clients"
+    NOTES: ClassVar[tuple[str, ...]] = (
+        "Without etcd the replica never fails over by itself; no_fencing = true makes it",
+        "fail over on silence alone, which ALLOWS SPLIT BRAIN (two nodes serving).",
+    )
+
+    etcd: str = setting("", "etcd endpoints, URL[,URL...]; \"\": none (no automatic failover)",
+                        check=_etcd_endpoints, metavar="URL[,URL...]", example="http://127.0.0.1:2379")
+    no_fencing: bool = setting(False, "fail over on silence without etcd: ALLOWS SPLIT BRAIN",
+                               flag="--no-fencing")
+    key: str = setting("/colo-ring/pair", "the pair's key in etcd (both nodes use the same)",
+                       check=_etcd_key, flag="--etcd-key", metavar="KEY")
+    node: str = setting("", "this node's name in etcd; \"\": its role and host name",
+                        check=_node_name, flag="--node-name", metavar="NAME")
+    ttl_s: int = setting(2, "the lease's TTL (etcd grants whole seconds); a frozen or cut-off "
+                            "node is replaced after it", low=1, high=3600, flag="--lease-ttl-s")
+    renew_ms: int = setting(400, "how often the holder renews its lease", low=10,
+                            flag="--lease-renew-ms")
+    revoke_on_close: bool = setting(True, "a primary whose connection closed without BYE is dead: "
+                                          "revoke its lease (fast takeover)")
+
+    def _validate(self) -> None:
+        if self.etcd and self.no_fencing:
+            raise self._fail("no_fencing", "etcd is set too: fencing with etcd, or no fencing, not both")
+        if self.renew_ms * 2 > self.ttl_s * 1000:
+            raise self._fail("renew_ms", f"must be at most half the lease's TTL ({self.ttl_s} s), so that "
+                                         f"one lost renewal does not lose the lease; got {self.renew_ms}")
+
+    @property
+    def mode(self) -> str:
+        """"etcd" (fenced by the lease), "off" (no_fencing: split brain possible) or "manual"."""
+        return "etcd" if self.etcd else "off" if self.no_fencing else "manual"
+
+
 SECTIONS: dict[str, type[_Section]] = {
     cls.SECTION: cls for cls in (PrimarySection, GuestSection, ServiceSection, TriggerSection,
-                                 ReplicationSection, SecuritySection, StatusSection, ReplicaSection)
+                                 ReplicationSection, SecuritySection, StatusSection, ReplicaSection,
+                                 FencingSection)
 }
 
 # Settings moved since an earlier release: an old file gets told where they went.
@@ -589,6 +672,7 @@ class PrimaryAgentConfig(_AgentConfig):
     replication: ReplicationSection = field(default_factory=ReplicationSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     status: StatusSection = field(default_factory=StatusSection)
+    fencing: FencingSection = field(default_factory=FencingSection)
 
     @property
     def replica(self) -> str:
@@ -622,6 +706,7 @@ class ReplicaAgentConfig(_AgentConfig):
     replication: ReplicationSection = field(default_factory=ReplicationSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     status: StatusSection = field(default_factory=StatusSection)
+    fencing: FencingSection = field(default_factory=FencingSection)
 
     def listen_addresses(self) -> list[tuple[str, str]]:
         """(key, tcp://HOST:PORT) of what this agent listens on from the start."""
@@ -858,7 +943,10 @@ def _add(parser: argparse.ArgumentParser, chosen: Sequence[Setting]) -> None:
             cls = SECTIONS[s.section]
             groups[s.section] = parser.add_argument_group(f"[{s.section}]", cls.ABOUT)
         group = groups[s.section]
-        if s.type is bool:
+        if s.type is bool and s.option.startswith("--no-"):    # already a negative: no --no-no-
+            group.add_argument(s.option, dest=s.dest, action="store_const", const=True,
+                               default=None, help=s.flag_help())
+        elif s.type is bool:
             group.add_argument(s.option, dest=s.dest, action=argparse.BooleanOptionalAction,
                                default=None, help=s.flag_help())
         else:

@@ -1,38 +1,84 @@
-"""The pair's lease in etcd: who may release output, and the fencing token that says since when.
+"""The pair's lease in etcd: which node may serve clients, and the fencing token that says since when.
 
-Groundwork for fencing (issue 9): this module talks to etcd; the agents do not use it yet.
+This module makes the decisions that keep a pair to one active node; here is why they are safe.
 
-Some facts about etcd leases that the rules rest on:
+Keys, under the pair's key K (``[fencing] key``):
 
-- A lease has a TTL granted by the etcd leader and expires on the leader's clock; a key put
-  with the lease disappears when the lease expires or is revoked. Keep-alive renews it.
-- A transaction is atomic: `create_revision(key) == 0` (the key does not exist) guarded put
-  succeeds for exactly one of two racing nodes, and the key's create revision is unique and
-  grows with every new holder. That revision is the fencing token: a node that sees a token
-  newer than its own knows another node has been active since.
-- Our own clock may run slower than the leader's. A node therefore counts its lease valid only
-  until the time it *sent* its last successful renewal, plus the granted TTL shortened by the
-  clock-rate drift bound, less a fixed margin: `sent + ttl * (1 - DRIFT) - MARGIN_S`. Taking the
-  send time (not the answer's) covers any delay on the way; the rate bound covers clocks that
-  drift apart while the lease runs (quartz is within 100 ppm; DRIFT is 1%, a hundred times
-  that); MARGIN_S covers the scheduling delay between checking validity and releasing output.
-  So whenever this node believes it holds the lease, the leader has not yet expired it.
+- ``K``: the active node's name, put under its lease (a TTL, renewed by the holder). Its create
+  revision is the **fencing token**: unique, and larger for every new holder.
+- ``K/standby``: the replica session whose standby holds every write the active node ever
+  acknowledged ("none" when no replica does). Not leased: it outlives a dead holder.
+
+Facts about etcd the rules rest on: a key put with a lease disappears when the lease expires or is
+revoked; a transaction is atomic, so ``create_revision(K) == 0`` (K absent) lets exactly one of two
+racing nodes create K; a leader election never shortens a lease (the new leader grants every lease
+a full TTL again).
+
+**S1. At most one node releases output at any moment.** A node releases output only while
+``valid()``: until ``sent + ttl * (1 - DRIFT) - MARGIN_S`` on its own monotonic clock, where `sent`
+is when it sent its last successful grant or renewal. The leader starts the TTL no earlier than it
+received that request, so the lease lives at least `ttl` leader-seconds after `sent`; our clock may
+run slower than the leader's by at most DRIFT (1%: a hundred times what quartz drifts), so our
+deadline comes first; MARGIN_S covers the time between the check and the bytes leaving (one
+synchronous call: no await between them). Another node becomes active only by creating K, which is
+possible only once K is gone, after that lease ended. The one exception is a revocation (S3).
+
+**S2. No acknowledged write is lost by a takeover.** A primary releases an output only when (a)
+its epoch was committed by the replica session named in ``K/standby``, or (b) ``K/standby`` is
+"none", written by the holder (guarded by its token, so only while it still holds K) *before* any
+unacknowledged output leaves. A replica takes over only through one transaction that requires K
+absent **and** ``K/standby`` naming its own session, and that writes K (its token) and "none"
+(nobody holds a copy of the new active node yet). So if the primary ever let an unacknowledged
+write out (it lost its replica and ran unprotected, still holding the lease), the replica's
+transaction fails, and a replica whose standby misses those writes never serves. Silence alone
+never makes a replica active: it waits for the lease to end (a freeze, a partition), or proves
+the primary dead (S3).
+
+**S3. Revocation on proof of death (fast takeover after a crash).** The primary sends BYE before
+every close of the replication connection it makes itself, and its ZeroMQ heartbeat timeout is
+longer than its own silence timeout, so that ZeroMQ never closes first. So when the connection is
+closed by the primary's side without a BYE, while the primary had spoken to us within half the
+timeout and our own process was not stalled (a stall could have hidden the BYE's arrival order),
+its kernel closed it: the primary process is gone, and its lease may be revoked at once
+(``revoke_on_close``). The assumption is that nothing between the hosts forges a FIN or RST (a
+firewall with *reject* rules would): where that may happen, set ``revoke_on_close = false`` and a
+crash costs the TTL, like a freeze. Should the assumption fail, S2 still holds (the transaction and
+the standby key), and the old primary learns at its next renewal that its lease is gone; until
+then it may release only outputs of epochs the new active node has committed, never one it lacks.
+
+**S4. The token.** HELLO and EPOCH_BEGIN carry the primary's token; the replica refuses a token
+older than one it has seen, and a node that sees a token newer than its own (a refusal saying so,
+or K held by the other node with a larger revision) knows it was superseded and stops.
+
+**S5. etcd down.** The holder cannot renew; when its validity ends it fences itself: output held,
+guest paused. Nobody else can become active either (creating K needs etcd). The service stops and
+nothing is lost: the price of never running two active nodes. When etcd answers again within the
+lease (extended by the election), the holder renews and goes on; if its lease ended, it takes K
+again if nobody else did (its guest is the newest state: nobody served since).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
-from urllib.parse import urlsplit
 
 import aetcd
 
-DRIFT = 0.01            # clock-rate drift bound against the etcd leader (see above)
-MARGIN_S = 0.05         # release-time margin (see above)
+from .config import FencingSection, parse_endpoints
+
+DRIFT = 0.01            # clock-rate drift bound against the etcd leader (see S1)
+MARGIN_S = 0.05         # release-time margin (see S1)
+NO_STANDBY = b"none"
+CLAIM_POLL_S = 0.05     # how often a claiming replica looks at the key while it waits for it to go
 
 __all__ = ["PairLease", "Holding", "Holder", "FencingError", "EtcdUnavailable", "parse_endpoints",
-           "DRIFT", "MARGIN_S"]
+           "Fence", "FenceMode", "LeaseChange", "Claim", "DRIFT", "MARGIN_S"]
+
+log = logging.getLogger("colo.fencing")
 
 
 class FencingError(Exception):
@@ -41,6 +87,15 @@ class FencingError(Exception):
 
 class EtcdUnavailable(FencingError):
     """No etcd endpoint answered."""
+
+
+class KeyHeld(FencingError):
+    """Another node holds the pair's key: it is the active node."""
+
+    def __init__(self, holder: "Holder", key: str) -> None:
+        self.holder = holder
+        super().__init__(f"the pair's key {key} is held by node {holder.node!r} (token {holder.token}): "
+                         f"that node is active")
 
 
 @dataclass(frozen=True)
@@ -64,21 +119,6 @@ class Holder:
     lease_id: int
 
 
-def parse_endpoints(text: str) -> list[tuple[str, int]]:
-    """`URL[,URL...]` (http://HOST:PORT, or HOST:PORT) as (host, port) pairs; ValueError naming a bad one."""
-    endpoints = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        url = urlsplit(item if "://" in item else f"http://{item}")
-        if url.scheme not in ("http", "https") or not url.hostname or url.port is None:
-            raise ValueError(f"etcd endpoint {item!r}: expected http://HOST:PORT")
-        endpoints.append((url.hostname, url.port))
-    if not endpoints:
-        raise ValueError("no etcd endpoint given")
-    return endpoints
-
-
 class PairLease:
     """One node's view of the pair's key `key` under a lease of `ttl_s` seconds."""
 
@@ -86,6 +126,7 @@ class PairLease:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.key = key.encode()
+        self.standby_key = self.key + b"/standby"
         self.node = node
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
@@ -104,7 +145,8 @@ class PairLease:
                                             connect_wait_timeout=self.timeout_s)
             try:
                 return await operation(self._client)
-            except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as exc:
+            except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
+                    aetcd.exceptions.InternalError, asyncio.TimeoutError) as exc:
                 problems.append(f"{self.endpoints[0][0]}:{self.endpoints[0][1]}: {type(exc).__name__}")
                 await self._drop_client()
                 self.endpoints.append(self.endpoints.pop(0))          # the next one, round robin
@@ -125,21 +167,26 @@ class PairLease:
     def _valid_until(self, sent: float, ttl: float) -> float:
         return sent + ttl * (1 - DRIFT) - MARGIN_S
 
-    async def acquire(self) -> Holding | None:
-        """Take the key if nobody holds it (the transaction fails otherwise); None if held."""
+    async def acquire(self, standby: int | None = None) -> Holding | None:
+        """Create the key if it is absent (and, given `standby`, if the standby key names that
+        session); None if the transaction failed. The standby key becomes "none" (S2)."""
         sent = self.clock()
 
         async def take(client):
             lease = await client.lease(max(1, round(self.ttl_s)))
             t = client.transactions
+            compare = [t.create(self.key) == 0]
+            if standby is not None:
+                compare.append(t.value(self.standby_key) == str(standby).encode())
             ok, responses = await client.transaction(
-                compare=[t.create(self.key) == 0],
-                success=[t.put(self.key, self.node.encode(), lease=lease)], failure=[])
+                compare=compare,
+                success=[t.put(self.key, self.node.encode(), lease=lease),
+                         t.put(self.standby_key, NO_STANDBY)], failure=[])
             if not ok:
                 await client.revoke_lease(lease.id)
                 return None
             return Holding(responses[0].response_put.header.revision, lease.id,
-                           self._valid_until(sent, max(1, round(self.ttl_s))))
+                           self._valid_until(sent, lease.ttl))
 
         self.holding = await self._call(take)
         return self.holding
@@ -156,11 +203,29 @@ class PairLease:
             return answer.TTL
 
         ttl = await self._call(refresh)
+        if self.holding is not holding:
+            return self.holding                         # revoked or replaced meanwhile
         if ttl <= 0:
             self.holding = None
             return None
         self.holding = Holding(holding.token, holding.lease_id, self._valid_until(sent, ttl))
         return self.holding
+
+    async def declare_standby(self, session: int | None) -> bool:
+        """Name the replica session whose standby has every acknowledged write (None: no replica
+        has); only while we hold the key (guarded by our token). False: we do not hold it."""
+        holding = self.holding
+        if holding is None:
+            return False
+        value = NO_STANDBY if session is None else str(session).encode()
+
+        async def write(client):
+            t = client.transactions
+            ok, _ = await client.transaction(compare=[t.create(self.key) == holding.token],
+                                             success=[t.put(self.standby_key, value)], failure=[])
+            return ok
+
+        return await self._call(write)
 
     async def holder(self) -> Holder | None:
         """Who holds the key now (None: nobody)."""
@@ -182,5 +247,209 @@ class PairLease:
             self.holding = None
 
     def valid(self) -> bool:
-        """Whether this node may act as the active node at this moment (see the module's facts)."""
+        """Whether this node may act as the active node at this moment (S1)."""
         return self.holding is not None and self.holding.valid(self.clock())
+
+
+class FenceMode(str, Enum):
+    ETCD = "etcd"           # the lease decides
+    OFF = "off"             # --no-fencing: fail over on silence, split brain possible
+    MANUAL = "manual"       # no etcd: the replica never fails over by itself
+
+
+class LeaseChange(str, Enum):
+    LOST = "lost"                   # not valid any more: fence (hold output, pause the guest)
+    RENEWED = "renewed"             # valid again, the same lease and token
+    RETAKEN = "retaken"             # valid again under a new token: the standby key says "none"
+    SUPERSEDED = "superseded"       # another node holds the key: stop
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of a replica's claim to the key."""
+
+    won: bool
+    token: int = 0
+    reason: str = ""
+
+
+class Fence:
+    """A node's right to serve, under `[fencing]`: the lease (etcd), always (off), or never taken over (manual)."""
+
+    def __init__(self, section: FencingSection, node: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.section = section
+        self.mode = FenceMode(section.mode)
+        self.node = node
+        self.clock = clock
+        self.lease = (PairLease(section.etcd, section.key, node, section.ttl_s,
+                                timeout_s=max(0.05, section.renew_ms / 1000), clock=clock)
+                      if self.mode is FenceMode.ETCD else None)
+        self.changes: list[tuple[float, str, int]] = []    # (wall time, what, token)
+        self.fenced = False
+        self.problem = ""                   # why the last renewal failed, for the status
+
+    @property
+    def token(self) -> int:
+        holding = self.lease.holding if self.lease is not None else None
+        return holding.token if holding is not None else 0
+
+    def may_serve(self) -> bool:
+        """Whether output may leave this node now (S1); without etcd, always."""
+        return self.lease is None or self.lease.valid()
+
+    def status(self) -> dict:
+        lease = self.lease
+        holding = lease.holding if lease is not None else None
+        return {"mode": self.mode.value, "node": self.node, "token": self.token,
+                "key": self.section.key if lease is not None else None,
+                "lease_valid_s": max(0.0, holding.valid_until - self.clock()) if holding else None,
+                "fenced": self.fenced, "problem": self.problem or None,
+                "changes": [{"at": at, "what": what, "token": token} for at, what, token in self.changes[-20:]]}
+
+    def _note(self, what: str) -> None:
+        self.changes.append((time.time(), what, self.token))
+
+    async def close(self) -> None:
+        if self.lease is not None:
+            await self.lease.close()
+
+    # -- the active node ---------------------------------------------------------------------
+    async def take(self) -> None:
+        """Become the active node at start: take the key, or raise KeyHeld (another node is active)."""
+        if self.lease is None:
+            return
+        give_up_at = self.clock() + self.section.ttl_s * (1 + DRIFT) + 1.0
+        while await self.lease.acquire() is None:
+            holder = await self.lease.holder()
+            if holder is not None and (holder.node != self.node or self.clock() > give_up_at):
+                raise KeyHeld(holder, self.section.key)
+            if holder is not None:                  # an earlier run of this node: its lease runs out
+                log.warning("the pair's key still names this node (token %d, an earlier run): waiting "
+                            "for its lease to end", holder.token)
+                await asyncio.sleep(CLAIM_POLL_S * 4)
+        self._note("active")
+        log.info("holding the pair's key %s (token %d)", self.section.key, self.token)
+
+    async def declare_standby(self, session: int | None) -> bool:
+        """S2's standby key; retried while etcd does not answer and the lease may still be valid."""
+        if self.lease is None:
+            return True
+        while True:
+            try:
+                return await self.lease.declare_standby(session)
+            except EtcdUnavailable as exc:
+                self.problem = str(exc)
+                if not self.lease.valid():
+                    return False
+                await asyncio.sleep(self.section.renew_ms / 4000)
+
+    async def hold(self, changed: Callable[[LeaseChange, str], None]) -> None:
+        """Renew the lease every renew_ms for as long as this runs, and report each change of
+        the right to serve: LOST (at the validity deadline at the latest), RENEWED, RETAKEN,
+        SUPERSEDED (then return)."""
+        lease = self.lease
+        if lease is None:
+            await asyncio.Event().wait()
+            return
+        period = self.section.renew_ms / 1000
+        next_renewal = self.clock() + period
+        while True:
+            holding = lease.holding
+            deadline = next_renewal if holding is None or self.fenced else min(next_renewal, holding.valid_until)
+            await asyncio.sleep(max(0.0, deadline - self.clock()))
+            if not self.fenced and not lease.valid():
+                self._lost(changed, self.problem or "the lease could not be renewed in time")
+            if self.clock() < next_renewal:
+                continue
+            next_renewal = self.clock() + period
+            try:
+                if lease.holding is not None:
+                    if await lease.renew() is not None:
+                        self.problem = ""
+                        if self.fenced and lease.valid():
+                            self.fenced = False
+                            self._note("renewed")
+                            changed(LeaseChange.RENEWED, "the lease was renewed")
+                        continue
+                    self._lost(changed, "the lease expired or was revoked")
+                if await lease.acquire() is not None:
+                    self.fenced = False
+                    self.problem = ""
+                    self._note("retaken")
+                    changed(LeaseChange.RETAKEN, f"took the pair's key again (token {self.token}): nobody "
+                                                 f"else had")
+                    continue
+                holder = await lease.holder()
+                if holder is not None and holder.node != self.node:
+                    self._note(f"superseded by {holder.node}")
+                    changed(LeaseChange.SUPERSEDED, f"node {holder.node!r} holds the pair's key (token "
+                                                    f"{holder.token}): it is the active node now")
+                    return
+            except EtcdUnavailable as exc:
+                self.problem = str(exc)
+
+    def _lost(self, changed: Callable[[LeaseChange, str], None], reason: str) -> None:
+        if not self.fenced:
+            self.fenced = True
+            self._note("fenced")
+            changed(LeaseChange.LOST, reason)
+
+    def superseded_by(self, token: int) -> bool:
+        """Whether a peer's token says another node has been active since we took the key (S4)."""
+        return self.lease is not None and token > self.token > 0
+
+    # -- the replica ---------------------------------------------------------------------------
+    async def claim(self, primary_token: int, session: int, proven_dead: bool) -> Claim:
+        """Take the key for a takeover from the standby of `session` (S2, S3).
+
+        Waits while the primary's lease lives; revokes it first if its death is proven. Gives up
+        when the primary turns out alive (its lease was renewed past its TTL), when the standby key
+        does not name our session (the primary ran unprotected since: our copy misses writes), or
+        when another node took the key. Keeps trying while etcd does not answer: the standby may be
+        the only copy of the guest.
+        """
+        if self.mode is FenceMode.OFF:
+            return Claim(True, 0, "no fencing: taking over on silence alone")
+        if self.lease is None:
+            return Claim(False, 0, "no etcd configured: a replica without fencing never takes over by "
+                                   "itself (give --etcd, or --no-fencing, which allows split brain)")
+        lease, ttl = self.lease, self.section.ttl_s
+        give_up_at: float | None = None
+        revoked = False
+        while True:
+            try:
+                holder = await lease.holder()
+                if holder is None:
+                    if await lease.acquire(standby=session) is not None:
+                        self._note("active")
+                        return Claim(True, self.token, "took the pair's key")
+                    holder = await lease.holder()
+                    if holder is None:
+                        return Claim(False, 0, "the standby key does not name our session: the primary "
+                                               "ran unprotected after it lost us, so our copy misses "
+                                               "writes it acknowledged")
+                if holder.node == self.node:
+                    return Claim(False, holder.token, "the key names this node already (a stale lease "
+                                                      "of an earlier run): not taking over on it")
+                if primary_token and holder.token != primary_token:
+                    return Claim(False, holder.token, f"node {holder.node!r} holds the key with token "
+                                                      f"{holder.token}, not our primary's {primary_token}")
+                if proven_dead and self.section.revoke_on_close and not revoked:
+                    await lease.revoke(holder.lease_id)
+                    revoked = True
+                    log.warning("the primary's connection closed without BYE: its lease %x is revoked",
+                                holder.lease_id)
+                    continue
+                now = self.clock()
+                if give_up_at is None:
+                    give_up_at = now + ttl * (1 + DRIFT) + 2 * self.section.renew_ms / 1000
+                    log.warning("the primary's lease (token %d) still lives: waiting up to %.1f s for it "
+                                "to expire", holder.token, give_up_at - now)
+                elif now > give_up_at:
+                    return Claim(False, holder.token, f"node {holder.node!r} kept renewing its lease: it "
+                                                      f"is alive")
+            except EtcdUnavailable as exc:
+                self.problem = str(exc)
+                log.error("claiming the pair's key: %s; trying again", exc)
+                give_up_at = None                     # the TTL counts from when etcd answers again
+            await asyncio.sleep(CLAIM_POLL_S)

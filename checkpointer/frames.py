@@ -97,6 +97,8 @@ class RefuseReason(enum.StrEnum):
     WRONG_SESSION = "wrong_session"
     BAD_FRAME = "bad_frame"
     BUSY = "busy"
+    SUPERSEDED = "superseded"           # the replica has seen a newer fencing token than the primary's
+    FENCING_MISMATCH = "fencing_mismatch"   # one side fences with etcd and the other does not
 
 
 @dataclass(frozen=True)

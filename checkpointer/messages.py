@@ -39,6 +39,8 @@ class Hello:
     vcpus: int = wire_field(Int(1, MAX_VCPUS))
     page_size: int = wire_field(Int(4096, U32, power_of_two=True), default=4096)
     agent: str = wire_field(Text(), default="")
+    #: the primary's fencing token (checkpointer.fencing; 0: it does not fence with etcd)
+    token: int = wire_field(Int(), default=0)
 
     def check(self) -> None:
         """slots: no slot id twice, each non-empty and aligned to page_size, none overlapping another."""
@@ -63,6 +65,8 @@ class Welcome:
     version: int = wire_field(Int(1, U16))
     #: the replica's last committed epoch, None if it has none
     last_epoch: int | None = wire_field(Int(), optional=True, default=None)
+    #: the newest fencing token the replica has seen (0: none)
+    token: int = wire_field(Int(), default=0)
 
 
 @message(Kind.EPOCH_BEGIN)
@@ -77,6 +81,8 @@ class EpochBegin:
     #: DEVICE_STATE; not a checkpoint to fail over to). False: a consistent checkpoint, which
     #: carries VCPU_STATE (the final stop-and-copy of a sync is one, with reason "sync").
     sync: bool = wire_field(Bool(), default=False, flag=Flag.SYNC)
+    #: the primary's fencing token, as in its HELLO
+    token: int = wire_field(Int(), default=0)
 
 
 @message(Kind.EPOCH_END)

@@ -135,6 +135,42 @@ class Tick(PrimaryEvent):
     """Time passed (the shell ticks a few times per heartbeat interval)."""
 
 
+@dataclass(frozen=True)
+class StandbyDeclared(PrimaryEvent):
+    """The pair's standby key (checkpointer.fencing, S2) now names `session` (None: no replica
+    holds our writes). ok False: it could not be written, because we no longer hold the key."""
+
+    session: int | None
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class LeaseLost(PrimaryEvent):
+    """The lease is no longer valid (not renewed in time, expired, revoked): fence the guest."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class LeaseRenewed(PrimaryEvent):
+    """The same lease is valid again (etcd answered in time): the guest may go on."""
+
+
+@dataclass(frozen=True)
+class LeaseRetaken(PrimaryEvent):
+    """Our lease ended and we took the key again under a new token (nobody else had): the standby
+    key says "none" now, so no replica's copy counts any more."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Superseded(PrimaryEvent):
+    """Another node is active now (it holds the key, or a peer showed a newer token): stop."""
+
+    reason: str
+
+
 # primary: commands
 
 
@@ -218,6 +254,33 @@ class DropReplica(Command):
 
 
 @dataclass(frozen=True)
+class DeclareStandby(Command):
+    """Write the standby key: `session` (a replica holds every acknowledged write) or None (no
+    replica does: from then on outputs may leave without an ack). Answered by StandbyDeclared."""
+
+    session: int | None
+
+
+@dataclass(frozen=True)
+class FenceGuest(Command):
+    """The lease is lost: keep the guest stopped and let no output out until LeaseRenewed."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class UnfenceGuest(Command):
+    """The lease is valid again: the guest runs, and what was releasable leaves."""
+
+
+@dataclass(frozen=True)
+class StepDown(Command):
+    """Another node is active: stop serving and stop the agent (its guest is no longer the pair's)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Log(Command):
     level: LogLevel
     message: str
@@ -237,6 +300,9 @@ class PrimaryConfig:
     replica_timeout: float = 1.0
     max_interval: float | None = 0.1      # the interval trigger; None: off
     reconnect_interval: float = 0.5
+
+
+UNDECLARED = -1
 
 
 @dataclass
@@ -261,6 +327,11 @@ class PrimaryProtocol:
     last_connect: float = float("-inf")
     epoch_reasons: dict[int, EpochReason] = field(default_factory=dict)   # epochs in flight
     precopy_epochs: set[int] = field(default_factory=set)                  # of those, pre-copy ones
+    # The standby key (fencing S2): what was asked, and what etcd confirmed. UNDECLARED: nothing
+    # yet; None: "no replica holds our writes"; a session: that session's replica holds them.
+    standby_wanted: int | None = UNDECLARED
+    standby_declared: int | None = UNDECLARED
+    fenced: bool = False                # the lease is lost: the guest is held, no output leaves
 
     @property
     def protected(self) -> bool:
@@ -276,6 +347,12 @@ class PrimaryProtocol:
         """Every dirty page now belongs to an epoch: protected, or the final sync copy was taken."""
         return self.mode is PrimaryMode.PROTECTED or (
             self.mode is PrimaryMode.SYNCING and self.final_sync_epoch is not None)
+
+    @property
+    def releases_unacked(self) -> bool:
+        """Outputs leave at once, without an ack: nothing is checkpointed now, and the standby key
+        says no replica holds our writes (so no replica can take over from a copy missing them)."""
+        return self.standby_declared is None and self.standby_wanted is None and not self.checkpointing
 
     def handle(self, event: PrimaryEvent) -> list[Command]:
         if self.stopping and isinstance(event, (Tick, Trigger, PrecopyReady, SyncRoundsDone)):
@@ -299,7 +376,54 @@ class PrimaryProtocol:
             return [Log(LogLevel.WARNING, "start received twice: ignored")]
         self.last_snapshot = event.now
         return [Log(LogLevel.WARNING, "guest running UNPROTECTED until a replica has synced"),
-                ReleaseOutputs(None)] + self._connect(event.now)
+                *self._declare(None)] + self._connect(event.now)
+
+    def _declare(self, session: int | None) -> list[Command]:
+        self.standby_wanted = session
+        return [DeclareStandby(session)]
+
+    def _on_StandbyDeclared(self, event: StandbyDeclared) -> list[Command]:
+        if event.session != self.standby_wanted:
+            return []                               # overtaken by a later declaration
+        if not event.ok:
+            return [Log(LogLevel.ERROR, "the standby key could not be written: this node no longer "
+                                        "holds the pair's key")]
+        self.standby_declared = event.session
+        if event.session is None:
+            return [ReleaseOutputs(None)] if self.releases_unacked else []
+        if event.session == self.session and self.mode is PrimaryMode.SYNCING \
+                and self.final_sync_epoch is not None and self.acked_epoch >= self.final_sync_epoch:
+            self.mode = PrimaryMode.PROTECTED
+            return [Log(LogLevel.INFO, f"protected: the replica committed the full sync (epoch "
+                                       f"{self.final_sync_epoch}), and etcd names its copy"),
+                    ReleaseOutputs(self.acked_epoch)]
+        return []
+
+    # -- the lease -------------------------------------------------------------
+    def _on_LeaseLost(self, event: LeaseLost) -> list[Command]:
+        if self.fenced:
+            return []
+        self.fenced = True
+        return [FenceGuest(event.reason), Log(LogLevel.ERROR, f"FENCED: {event.reason}; the guest is "
+                                                              f"held and no output leaves")]
+
+    def _on_LeaseRenewed(self, event: LeaseRenewed) -> list[Command]:
+        self.fenced = False
+        return [UnfenceGuest(), Log(LogLevel.WARNING, "the lease is valid again: serving")]
+
+    def _on_LeaseRetaken(self, event: LeaseRetaken) -> list[Command]:
+        self.fenced = False
+        self.standby_wanted = self.standby_declared = None      # the acquisition wrote "none"
+        commands: list[Command] = [UnfenceGuest()]
+        if self.mode in (PrimaryMode.SYNCING, PrimaryMode.PROTECTED):
+            commands += self._lose(event.now, f"{event.reason}; the replica's copy no longer counts")
+        elif self.releases_unacked:
+            commands.append(ReleaseOutputs(None))
+        return commands
+
+    def _on_Superseded(self, event: Superseded) -> list[Command]:
+        self.stopping = True
+        return [Log(LogLevel.ERROR, f"superseded: {event.reason}; stepping down"), StepDown(event.reason)]
 
     def _on_Welcomed(self, event: Welcomed) -> list[Command]:
         if self.mode is not PrimaryMode.CONNECTING:
@@ -385,10 +509,10 @@ class PrimaryProtocol:
             self.precopy_epochs.discard(epoch)
         commands: list[Command] = []
         if self.mode is PrimaryMode.SYNCING and self.final_sync_epoch is not None \
-                and event.epoch >= self.final_sync_epoch:
-            self.mode = PrimaryMode.PROTECTED
-            commands.append(Log(LogLevel.INFO, f"protected: the replica committed the full sync "
-                                        f"(epoch {event.epoch})"))
+                and event.epoch >= self.final_sync_epoch and self.standby_wanted != self.session:
+            # Protected once etcd names this replica's copy (fencing S2): only then may a
+            # takeover use it, so only then do its acks release output.
+            commands += self._declare(self.session)
         if self.mode is PrimaryMode.PROTECTED:
             commands.append(ReleaseOutputs(event.epoch))
         if len(self.in_flight) < self.config.max_in_flight:
@@ -418,7 +542,7 @@ class PrimaryProtocol:
         was_protected = self.mode is PrimaryMode.PROTECTED
         commands: list[Command] = [DropReplica(reason)]
         if self.held_trigger is not None:
-            commands.append(ResumeGuest())
+            commands.append(ResumeGuest())            # (a fenced guest stays held: see FenceGuest)
             self.held_trigger = None
         self.final_sync_waiting = False
         self.precopy_waiting = False
@@ -430,7 +554,10 @@ class PrimaryProtocol:
         self.last_connect = now
         commands.append(Log(LogLevel.ERROR, f"replica lost ({reason}): guest running UNPROTECTED"
                                      + ("" if was_protected else " (it was not yet protected)")))
-        commands.append(ReleaseOutputs(None))
+        if self.standby_declared is None and self.standby_wanted is None:
+            commands.append(ReleaseOutputs(None))     # no replica's copy was ever named: nothing waits
+        else:
+            commands += self._declare(None)           # outputs leave once etcd says no copy counts
         return commands
 
     def _on_Tick(self, event: Tick) -> list[Command]:
@@ -470,6 +597,8 @@ class Hello(ReplicaEvent):
     session: int
     versions: tuple[int, ...]
     layout_problem: str = ""
+    token: int = 0            # the primary's fencing token (0: it does not fence with etcd)
+    fencing_problem: str = ""  # why our fencing and the primary's do not match ("" if they do)
 
 
 @dataclass(frozen=True)
@@ -478,6 +607,7 @@ class EpochBegin(ReplicaEvent):
     pages: int
     batches: int
     consistent: bool          # carries vCPU state (not a pre-copy round)
+    token: int = 0            # the primary's fencing token, as in its HELLO
 
 
 @dataclass(frozen=True)
@@ -527,7 +657,25 @@ class ReplicaTick(ReplicaEvent):
 
 @dataclass(frozen=True)
 class PrimaryDisconnected(ReplicaEvent):
-    """Every authenticated connection to the replica closed (from ZeroMQ's socket monitor)."""
+    """Every authenticated connection to the replica closed (from ZeroMQ's socket monitor), after
+    everything received before the close was handled. `stalled`: this process itself was
+    stalled recently, so the close is no proof of the primary's death (fencing S3)."""
+
+    stalled: bool = False
+
+
+@dataclass(frozen=True)
+class LeaseClaimed(ReplicaEvent):
+    """The replica holds the pair's key (fencing S2): it may take over, with this token."""
+
+    token: int
+
+
+@dataclass(frozen=True)
+class ClaimFailed(ReplicaEvent):
+    """The key could not be taken: the primary lives, our copy is stale, or nothing fences."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -599,6 +747,19 @@ class Discard(Command):
 
 
 @dataclass(frozen=True)
+class ClaimLease(Command):
+    """Take the pair's key for a takeover from the standby of `session` (fencing S2, S3):
+    revoke the primary's lease first if its death is proven, else wait for it to end. Answered
+    by LeaseClaimed or ClaimFailed."""
+
+    epoch: int
+    primary_token: int
+    session: int
+    proven_dead: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class Failover(Command):
     """Start the standby guest from the last committed consistent epoch."""
 
@@ -609,6 +770,7 @@ class Failover(Command):
 class ReplicaMode(str, Enum):
     WAITING = "waiting"         # no primary yet
     RECEIVING = "receiving"     # a primary streams epochs
+    CLAIMING = "claiming"       # the primary is gone: taking the pair's key before taking over
     ACTIVE = "active"           # failed over: the standby guest runs
 
 
@@ -641,13 +803,25 @@ class ReplicaProtocol:
     last_sent: float = 0.0
     rejected: int = 0
     warned_silent: bool = False
+    primary_token: int = 0                    # the adopted session's fencing token
+    newest_token: int = 0                     # the newest token seen (ours, once active)
+    failover_reason: str = ""
 
     def handle(self, event: ReplicaEvent) -> list[Command]:
         if self.mode is ReplicaMode.ACTIVE:
             if isinstance(event, Hello):      # say why, so that a primary does not wait forever
+                if event.token < self.newest_token:
+                    return [SendRefuse(RefuseReason.SUPERSEDED, f"this node took over with token "
+                                                                f"{self.newest_token}, newer than yours "
+                                                                f"({event.token}): step down")]
                 return [SendRefuse(RefuseReason.BUSY, "this replica has failed over: its guest is the "
                                                       "active one")]
             return []                # after failover the old primary's frames mean nothing
+        if self.mode is ReplicaMode.CLAIMING and not isinstance(event, (LeaseClaimed, ClaimFailed)):
+            if isinstance(event, Hello):
+                return [SendRefuse(RefuseReason.BUSY, "this replica is claiming the pair's key to take "
+                                                      "over; try again in a moment")]
+            return []                # the old session's frames change nothing while the claim runs
         method = getattr(self, f"_on_{type(event).__name__}", None)
         if method is None:
             raise TypeError(f"the replica protocol has no handler for {type(event).__name__}")
@@ -669,6 +843,14 @@ class ReplicaProtocol:
             return [SendRefuse(RefuseReason.NO_COMMON_VERSION, str(exc))]
         if event.layout_problem:                # refused before anything of ours changes
             return [SendRefuse(RefuseReason.LAYOUT_MISMATCH, event.layout_problem)]
+        if event.fencing_problem:
+            return [SendRefuse(RefuseReason.FENCING_MISMATCH, event.fencing_problem)]
+        if event.token < self.newest_token:
+            return [SendRefuse(RefuseReason.SUPERSEDED, f"fencing token {event.token} is older than "
+                                                        f"{self.newest_token}, seen before: another node "
+                                                        f"has been active since")]
+        self.newest_token = event.token
+        self.primary_token = event.token
         commands = self._discard("a new primary session began")
         if self.session is not None and self.session != event.session:
             commands.append(Log(LogLevel.WARNING, "new primary session: the standby is not a consistent "
@@ -696,6 +878,9 @@ class ReplicaProtocol:
             return self._refuse(f"EPOCH_BEGIN {event.epoch} before HELLO")
         if self.open_epoch is not None:
             return self._refuse(f"EPOCH_BEGIN {event.epoch} while epoch {self.open_epoch} is open")
+        if event.token != self.primary_token:
+            return self._refuse(f"EPOCH_BEGIN {event.epoch} carries fencing token {event.token}, but the "
+                                f"session's is {self.primary_token}")
         if self.expect_epoch is not None and event.epoch != self.expect_epoch:
             kind = "replays a committed epoch" if event.epoch < self.expect_epoch else "skips epochs"
             return self._refuse(f"EPOCH_BEGIN {event.epoch} {kind}: expected epoch {self.expect_epoch}")
@@ -772,9 +957,34 @@ class ReplicaProtocol:
             return self._discard("the primary disconnected") + [Log(
                 LogLevel.ERROR, "the primary disconnected before a consistent checkpoint: nothing to fail "
                                 "over to; waiting for a primary")] + self._wait()
-        commands = self._discard("the primary disconnected before the epoch ended")
+        # Proof of death (fencing S3): closed by the primary's side while it was talking to us,
+        # and not while this process stood still (then the order of BYE and close is unknown).
+        silent = event.now - self.last_heard
+        proven = not event.stalled and silent < self.config.primary_timeout / 2
+        return self._claim(f"the primary's connection closed ({silent * 1000:.0f} ms after its last "
+                           f"message{'' if proven else '; no proof of death'})", proven)
+
+    def _claim(self, reason: str, proven_dead: bool) -> list[Command]:
+        commands = self._discard("primary lost before the epoch ended")
+        self.mode = ReplicaMode.CLAIMING
+        self.failover_reason = reason
+        return commands + [Log(LogLevel.ERROR, f"{reason}: claiming the pair's key"),
+                           ClaimLease(self.consistent_epoch, self.primary_token, self.session,
+                                      proven_dead, reason)]
+
+    def _on_LeaseClaimed(self, event: LeaseClaimed) -> list[Command]:
+        if self.mode is not ReplicaMode.CLAIMING:
+            return [Log(LogLevel.WARNING, "a claim succeeded outside a claim: ignored")]
         self.mode = ReplicaMode.ACTIVE
-        return commands + [Failover(self.consistent_epoch, "the primary's connection closed")]
+        self.newest_token = max(self.newest_token, event.token)
+        return [Failover(self.consistent_epoch, f"{self.failover_reason}; took the pair's key "
+                                                f"(token {event.token})")]
+
+    def _on_ClaimFailed(self, event: ClaimFailed) -> list[Command]:
+        if self.mode is not ReplicaMode.CLAIMING:
+            return []
+        self.mode = ReplicaMode.WAITING
+        return [Log(LogLevel.ERROR, f"not taking over: {event.reason}; waiting for a primary")]
 
     def _wait(self) -> list[Command]:
         self.mode = ReplicaMode.WAITING
@@ -798,12 +1008,8 @@ class ReplicaProtocol:
                 self.warned_silent = True               # say it once; a slow sync may still go on
                 return [Log(LogLevel.ERROR, f"primary silent for {silent:.3f} s, but no consistent "
                                             f"checkpoint was committed yet: nothing to fail over to; waiting")]
-            commands += self._discard("primary lost before the epoch ended")
-            self.mode = ReplicaMode.ACTIVE
-            commands.append(Failover(self.consistent_epoch,
-                                     f"primary silent for {silent:.3f} s (timeout "
-                                     f"{self.config.primary_timeout} s)"))
-            return commands
+            return self._claim(f"primary silent for {silent:.3f} s (timeout {self.config.primary_timeout} s)",
+                               False)
         if event.now - self.last_sent >= self.config.heartbeat_interval:
             self.last_sent = event.now
             commands.append(SendHeartbeat())

@@ -173,16 +173,19 @@ HELLO (Hello)
     vcpus           int in [1, 4096]
     page_size       int in [4096, 2^32-1], a power of two
     agent           string, at most 1024 characters
+    token           u64
     and slots: no slot id twice, each non-empty and aligned to page_size, none overlapping another.
 WELCOME (Welcome)
     version         int in [1, 2^16-1]
     last_epoch      u64, or null
+    token           u64
 EPOCH_BEGIN (EpochBegin)
     epoch           u64; equals header epoch
     reason          EpochReason: ring_full | dirty_threshold | interval | output | sync
     pages           u32; equals header count
     batches         u32
     sync            bool; equals header flag SYNC
+    token           u64
 EPOCH_END (EpochEnd)
     epoch           u64; equals header epoch
     digest          16 bytes, as 32 lowercase hex digits
@@ -193,7 +196,7 @@ ACK (Ack)
     epoch           u64; header epoch only, not in the JSON
     apply_ns        u64
 REFUSE (Refuse)
-    reason          RefuseReason: no_common_version | bad_key | layout_mismatch | wrong_session | bad_frame | busy
+    reason          RefuseReason: no_common_version | bad_key | layout_mismatch | wrong_session | bad_frame | busy | superseded | fencing_mismatch
     detail          string, at most 1024 characters (longer is cut when sent)
 
 Rules

@@ -174,6 +174,15 @@ class Machine:
     def paused(self) -> bool:
         return self.runner.paused
 
+    def fence(self, fenced: bool = True) -> None:
+        """Keep every vCPU stopped (True) until fence(False), whatever pause/resume do meanwhile."""
+        self._require_open()
+        self.runner.fence(fenced)
+
+    @property
+    def fenced(self) -> bool:
+        return self.runner.fenced
+
     def harvest(self) -> DirtySet:
         """Collect and reset the dirty log, plus the pages the VMM wrote; only while paused."""
         self._require_open()

@@ -129,6 +129,7 @@ class VcpuRunner:
         self._ports = dict(ports)
         self._cond = threading.Condition()
         self._pause_requested = True
+        self._fenced = False
         self._closing = False
         count = len(self._executors)
         self._parked = [False] * count
@@ -162,19 +163,37 @@ class VcpuRunner:
         """Kick every vCPU out of KVM_RUN; return once all are parked."""
         with self._cond:
             self._pause_requested = True
-            if not self._started:
-                return
-            deadline = time.monotonic() + timeout
-            while not all(self._parked):
-                for i, executor in enumerate(self._executors):
-                    if not self._parked[i]:
-                        executor.kick(self._threads[i].ident)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    stuck = [i for i, parked in enumerate(self._parked) if not parked]
-                    raise StateError(f"vCPUs {stuck} did not stop within {timeout} s of the kick")
-                # Re-kick now and then: a signal is only a nudge, the barrier is the count.
-                self._cond.wait(min(remaining, 0.01))
+            self._park_all(timeout)
+
+    def fence(self, fenced: bool, timeout: float = 10.0) -> None:
+        """Hold every vCPU (or let them go) whatever pause() and resume() do meanwhile: a node
+        that lost the right to serve keeps its guest stopped across checkpoints."""
+        with self._cond:
+            self._fenced = fenced
+            if fenced:
+                self._park_all(timeout)
+            else:
+                self._cond.notify_all()
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
+
+    def _park_all(self, timeout: float) -> None:
+        """(With the lock held.) Kick the vCPUs until every one is parked."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout
+        while not all(self._parked):
+            for i, executor in enumerate(self._executors):
+                if not self._parked[i]:
+                    executor.kick(self._threads[i].ident)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                stuck = [i for i, parked in enumerate(self._parked) if not parked]
+                raise StateError(f"vCPUs {stuck} did not stop within {timeout} s of the kick")
+            # Re-kick now and then: a signal is only a nudge, the barrier is the count.
+            self._cond.wait(min(remaining, 0.01))
 
     def resume(self) -> None:
         """Let every vCPU run again, including those parked at a full ring."""
@@ -209,7 +228,8 @@ class VcpuRunner:
         executor = self._executors[index]
         while True:
             with self._cond:
-                while (self._pause_requested or self._hold[index] is not None) and not self._closing:
+                while (self._pause_requested or self._fenced or self._hold[index] is not None) \
+                        and not self._closing:
                     if not self._parked[index]:
                         self._parked[index] = True
                         self._cond.notify_all()

@@ -19,17 +19,26 @@ def _of(commands, kind):
     return [c for c in commands if isinstance(c, kind)]
 
 
+def run(primary: p.PrimaryProtocol, event) -> list:
+    """Handle `event` as the shell would with etcd answering: a DeclareStandby is confirmed at once."""
+    commands = primary.handle(event)
+    for command in list(commands):
+        if isinstance(command, p.DeclareStandby):
+            commands += primary.handle(p.StandbyDeclared(event.now, command.session))
+    return commands
+
+
 def protected_primary(max_in_flight: int = 2, **config) -> tuple[p.PrimaryProtocol, float]:
     """A primary brought to PROTECTED through the real transitions; returns it and the time."""
     primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=max_in_flight, **config))
     now = 0.0
-    primary.handle(p.Start(now))
-    primary.handle(p.Welcomed(now, 1, 0))
-    (send,) = primary.handle(p.PrecopyReady(now))
-    primary.handle(p.Acked(now, send.epoch))
-    commands = primary.handle(p.SyncRoundsDone(now, send.epoch))
+    run(primary, p.Start(now))
+    run(primary, p.Welcomed(now, 1, 0))
+    (send,) = run(primary, p.PrecopyReady(now))
+    run(primary, p.Acked(now, send.epoch))
+    commands = run(primary, p.SyncRoundsDone(now, send.epoch))
     final = _of(commands, p.TakeSnapshot)[0]
-    primary.handle(p.Acked(now, final.epoch))
+    run(primary, p.Acked(now, final.epoch))
     assert primary.protected
     return primary, now
 
@@ -39,55 +48,55 @@ def protected_primary(max_in_flight: int = 2, **config) -> tuple[p.PrimaryProtoc
 
 def test_start_runs_unprotected_and_connects() -> None:
     primary = p.PrimaryProtocol()
-    commands = primary.handle(p.Start(0.0))
+    commands = run(primary, p.Start(0.0))
     assert _of(commands, p.Connect) == [p.Connect(1)]
     assert p.ReleaseOutputs(None) in commands
     assert any(isinstance(c, p.Log) and "UNPROTECTED" in c.message for c in commands)
     assert primary.mode is p.PrimaryMode.CONNECTING
-    assert _kinds(primary.handle(p.Start(0.0))) == ["Log"]
+    assert _kinds(run(primary, p.Start(0.0))) == ["Log"]
 
 
 def test_sync_then_protected_on_the_final_epochs_ack() -> None:
     primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=3))
-    primary.handle(p.Start(0.0))
+    run(primary, p.Start(0.0))
     # nothing to checkpoint to yet: a full ring is drained (and unprotected, its pages dropped)
-    assert primary.handle(p.Trigger(0.0, p.EpochReason.RING_FULL)) == [p.DrainRings(keep=False)]
-    assert primary.handle(p.Trigger(0.0, p.EpochReason.OUTPUT)) == []
-    commands = primary.handle(p.Welcomed(0.1, 1, 0))
+    assert run(primary, p.Trigger(0.0, p.EpochReason.RING_FULL)) == [p.DrainRings(keep=False)]
+    assert run(primary, p.Trigger(0.0, p.EpochReason.OUTPUT)) == []
+    commands = run(primary, p.Welcomed(0.1, 1, 0))
     assert _of(commands, p.BeginSync) == [p.BeginSync(1)]
-    assert primary.handle(p.PrecopyReady(0.2)) == [p.SendEpoch(1, consistent=False)]
-    assert primary.handle(p.PrecopyReady(0.3)) == [p.SendEpoch(2, consistent=False)]
-    commands = primary.handle(p.SyncRoundsDone(0.4, 2))
+    assert run(primary, p.PrecopyReady(0.2)) == [p.SendEpoch(1, consistent=False)]
+    assert run(primary, p.PrecopyReady(0.3)) == [p.SendEpoch(2, consistent=False)]
+    commands = run(primary, p.SyncRoundsDone(0.4, 2))
     assert commands == [p.TakeSnapshot(3, p.EpochReason.SYNC, final_sync=True), p.SendEpoch(3)]
-    assert _of(primary.handle(p.Acked(0.5, 2)), p.ReleaseOutputs) == []
+    assert _of(run(primary, p.Acked(0.5, 2)), p.ReleaseOutputs) == []
     assert not primary.protected
-    commands = primary.handle(p.Acked(0.6, 3))
+    commands = run(primary, p.Acked(0.6, 3))
     assert primary.protected and p.ReleaseOutputs(3) in commands
 
 
 def test_precopy_and_final_sync_wait_for_a_free_place() -> None:
     primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=1))
-    primary.handle(p.Start(0.0))
-    primary.handle(p.Welcomed(0.0, 1, 0))
-    assert primary.handle(p.PrecopyReady(0.0)) == [p.SendEpoch(1, consistent=False)]
-    assert primary.handle(p.PrecopyReady(0.0)) == []                 # waits for a place
-    assert primary.handle(p.Acked(0.0, 1)) == [p.SendEpoch(2, consistent=False)]
-    assert primary.handle(p.SyncRoundsDone(0.0, 2)) == []
-    assert primary.handle(p.Acked(0.0, 2)) == [p.TakeSnapshot(3, p.EpochReason.SYNC, final_sync=True), p.SendEpoch(3)]
-    assert p.ReleaseOutputs(3) in primary.handle(p.Acked(0.0, 3)) and primary.protected
+    run(primary, p.Start(0.0))
+    run(primary, p.Welcomed(0.0, 1, 0))
+    assert run(primary, p.PrecopyReady(0.0)) == [p.SendEpoch(1, consistent=False)]
+    assert run(primary, p.PrecopyReady(0.0)) == []                 # waits for a place
+    assert run(primary, p.Acked(0.0, 1)) == [p.SendEpoch(2, consistent=False)]
+    assert run(primary, p.SyncRoundsDone(0.0, 2)) == []
+    assert run(primary, p.Acked(0.0, 2)) == [p.TakeSnapshot(3, p.EpochReason.SYNC, final_sync=True), p.SendEpoch(3)]
+    assert p.ReleaseOutputs(3) in run(primary, p.Acked(0.0, 3)) and primary.protected
 
 
 def test_trigger_snapshots_and_backpressure_holds_the_guest() -> None:
     primary, now = protected_primary(max_in_flight=2)
-    first = primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))
+    first = run(primary, p.Trigger(now, p.EpochReason.RING_FULL))
     assert _kinds(first) == ["TakeSnapshot", "SendEpoch"]
     a = first[0].epoch
-    b = primary.handle(p.Trigger(now, p.EpochReason.DIRTY_THRESHOLD))[0].epoch
+    b = run(primary, p.Trigger(now, p.EpochReason.DIRTY_THRESHOLD))[0].epoch
     assert b == a + 1
-    held = primary.handle(p.Trigger(now, p.EpochReason.OUTPUT))
+    held = run(primary, p.Trigger(now, p.EpochReason.OUTPUT))
     assert _kinds(held) == ["HoldGuest"]
-    assert primary.handle(p.Trigger(now, p.EpochReason.RING_FULL)) == []         # one snapshot will cover both
-    commands = primary.handle(p.Acked(now, a))
+    assert run(primary, p.Trigger(now, p.EpochReason.RING_FULL)) == []         # one snapshot will cover both
+    commands = run(primary, p.Acked(now, a))
     assert commands[0] == p.ReleaseOutputs(a)
     assert commands[1:] == [p.TakeSnapshot(b + 1, p.EpochReason.OUTPUT), p.SendEpoch(b + 1)]
     assert primary.in_flight == [b, b + 1]
@@ -95,16 +104,16 @@ def test_trigger_snapshots_and_backpressure_holds_the_guest() -> None:
 
 def test_acks_are_cumulative_and_duplicates_ignored() -> None:
     primary, now = protected_primary(max_in_flight=3)
-    epochs = [primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))[0].epoch for _ in range(3)]
-    commands = primary.handle(p.Acked(now, epochs[1]))
+    epochs = [run(primary, p.Trigger(now, p.EpochReason.RING_FULL))[0].epoch for _ in range(3)]
+    commands = run(primary, p.Acked(now, epochs[1]))
     assert commands == [p.ReleaseOutputs(epochs[1])] and primary.in_flight == [epochs[2]]
-    assert _kinds(primary.handle(p.Acked(now, epochs[0]))) == ["Log"]
+    assert _kinds(run(primary, p.Acked(now, epochs[0]))) == ["Log"]
     assert primary.acked_epoch == epochs[1]
 
 
 def test_ack_for_an_epoch_never_sent_drops_the_replica() -> None:
     primary, now = protected_primary()
-    commands = primary.handle(p.Acked(now, 999))
+    commands = run(primary, p.Acked(now, 999))
     assert isinstance(commands[0], p.DropReplica) and "never sent" in commands[0].reason
     assert p.ReleaseOutputs(None) in commands and not primary.protected
 
@@ -112,13 +121,13 @@ def test_ack_for_an_epoch_never_sent_drops_the_replica() -> None:
 def test_heartbeats_and_replica_timeout_resume_a_held_guest() -> None:
     primary, now = protected_primary(max_in_flight=1, heartbeat_interval=0.1, replica_timeout=1.0,
                                      max_interval=None)
-    primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))
-    assert _kinds(primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))) == ["HoldGuest"]
-    assert primary.handle(p.Tick(now + 0.05)) == []
-    assert primary.handle(p.Tick(now + 0.15)) == [p.SendHeartbeat()]
-    primary.handle(p.HeardFromReplica(now + 0.5))
-    assert not _of(primary.handle(p.Tick(now + 1.4)), p.DropReplica)
-    commands = primary.handle(p.Tick(now + 1.6))
+    run(primary, p.Trigger(now, p.EpochReason.RING_FULL))
+    assert _kinds(run(primary, p.Trigger(now, p.EpochReason.RING_FULL))) == ["HoldGuest"]
+    assert run(primary, p.Tick(now + 0.05)) == []
+    assert run(primary, p.Tick(now + 0.15)) == [p.SendHeartbeat()]
+    run(primary, p.HeardFromReplica(now + 0.5))
+    assert not _of(run(primary, p.Tick(now + 1.4)), p.DropReplica)
+    commands = run(primary, p.Tick(now + 1.6))
     assert _kinds(commands)[:2] == ["DropReplica", "ResumeGuest"]
     assert p.ReleaseOutputs(None) in commands
     assert primary.mode is p.PrimaryMode.CONNECTING and primary.in_flight == []
@@ -126,24 +135,24 @@ def test_heartbeats_and_replica_timeout_resume_a_held_guest() -> None:
 
 def test_reconnect_opens_a_new_session_and_resyncs() -> None:
     primary, now = protected_primary(reconnect_interval=0.5)
-    primary.handle(p.SendFailed(now, "boom"))
-    assert primary.handle(p.Tick(now + 0.1)) == []
-    commands = primary.handle(p.Tick(now + 0.6))
+    run(primary, p.SendFailed(now, "boom"))
+    assert run(primary, p.Tick(now + 0.1)) == []
+    commands = run(primary, p.Tick(now + 0.6))
     assert commands == [p.Connect(2)]
     next_epoch = primary.next_epoch
-    assert _of(primary.handle(p.Welcomed(now + 0.7, 1, 0)), p.BeginSync) == [p.BeginSync(next_epoch)]
+    assert _of(run(primary, p.Welcomed(now + 0.7, 1, 0)), p.BeginSync) == [p.BeginSync(next_epoch)]
 
 
 def test_interval_trigger_comes_from_the_clock() -> None:
     primary, now = protected_primary(max_interval=0.05, heartbeat_interval=10)
-    assert primary.handle(p.Tick(now + 0.01)) == []
-    commands = primary.handle(p.Tick(now + 0.06))
+    assert run(primary, p.Tick(now + 0.01)) == []
+    commands = run(primary, p.Tick(now + 0.06))
     assert commands[0].reason == p.EpochReason.INTERVAL and _kinds(commands) == ["TakeSnapshot", "SendEpoch"]
 
 
 def test_refusal_loses_the_replica() -> None:
     primary, now = protected_primary()
-    commands = primary.handle(p.ReplicaRefused(now, "digest mismatch"))
+    commands = run(primary, p.ReplicaRefused(now, "digest mismatch"))
     assert "digest mismatch" in commands[0].reason
 
 
@@ -154,7 +163,7 @@ def test_refusal_loses_the_replica() -> None:
 def test_primary_invariants_under_random_events(steps) -> None:
     primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=2))
     now = 0.0
-    primary.handle(p.Start(now))
+    run(primary, p.Start(now))
     # The test's own model, from what it sent and saw (never from the protocol's fields):
     sent: list[int] = []                  # every epoch the primary sent, in order
     session_sent: set[int] = set()        # sent since the replica was last dropped
@@ -180,7 +189,7 @@ def test_primary_invariants_under_random_events(steps) -> None:
             event = p.Tick(now)
         if isinstance(event, p.Acked) and event.epoch in session_sent:
             acked_by_test = max(acked_by_test, event.epoch)
-        for command in primary.handle(event):
+        for command in run(primary, event):
             if isinstance(command, p.SendEpoch):
                 assert not sent or command.epoch > sent[-1], "epochs must strictly increase"
                 sent.append(command.epoch)
@@ -200,12 +209,12 @@ def test_primary_invariants_under_random_events(steps) -> None:
 
 def test_a_stopping_primary_starts_nothing_and_never_calls_its_replica_lost() -> None:
     primary, now = protected_primary(max_in_flight=2, replica_timeout=1.0)
-    (_, send) = primary.handle(p.Trigger(now, p.EpochReason.RING_FULL))
-    assert primary.handle(p.Stop(now)) == []
-    assert primary.handle(p.Trigger(now, p.EpochReason.OUTPUT)) == []            # no new epoch
-    assert primary.handle(p.Tick(now + 5.0)) == []                              # silence: not a loss
+    (_, send) = run(primary, p.Trigger(now, p.EpochReason.RING_FULL))
+    assert run(primary, p.Stop(now)) == []
+    assert run(primary, p.Trigger(now, p.EpochReason.OUTPUT)) == []            # no new epoch
+    assert run(primary, p.Tick(now + 5.0)) == []                              # silence: not a loss
     assert primary.mode is p.PrimaryMode.PROTECTED
-    assert p.ReleaseOutputs(send.epoch) in primary.handle(p.Acked(now + 5.0, send.epoch))   # acks count
+    assert p.ReleaseOutputs(send.epoch) in run(primary, p.Acked(now + 5.0, send.epoch))   # acks count
 
 
 # --- replica ------------------------------------------------------------------
@@ -221,6 +230,13 @@ def _epoch(replica: p.ReplicaProtocol, epoch: int, now: float = 0.0, *, pages: i
     commands += replica.handle(p.EpochEnd(now, epoch, pages, 2))
     if verify:
         commands += replica.handle(p.Verified(now, epoch, True))
+    return commands
+
+
+def takeover(replica: p.ReplicaProtocol, commands: list, now: float, token: int = 5) -> list:
+    """What the shell does with a ClaimLease when etcd grants the key: LeaseClaimed."""
+    for command in _of(commands, p.ClaimLease):
+        commands = commands + replica.handle(p.LeaseClaimed(now, token))
     return commands
 
 
@@ -323,6 +339,9 @@ def test_primary_timeout_fails_over_to_the_last_consistent_epoch() -> None:
     assert not _of(replica.handle(p.ReplicaTick(0.9)), p.Failover)
     commands = replica.handle(p.ReplicaTick(1.2))
     assert commands[0] == p.Discard(3, commands[0].reason)
+    (claim,) = _of(commands, p.ClaimLease)
+    assert claim.epoch == 2 and not claim.proven_dead and replica.mode is p.ReplicaMode.CLAIMING
+    commands = takeover(replica, commands, 1.25)
     assert _of(commands, p.Failover)[0].epoch == 2
     assert replica.mode is p.ReplicaMode.ACTIVE
     assert replica.handle(p.EpochBegin(1.3, 3, 1, 1, True)) == []   # the old primary is ignored
@@ -348,7 +367,9 @@ def test_disconnect_fails_over_at_once_or_waits_without_a_checkpoint() -> None:
     replica.handle(p.EpochBegin(0.1, 2, 3, 2, True))
     commands = replica.handle(p.PrimaryDisconnected(0.2))
     assert commands[0] == p.Discard(2, commands[0].reason)
-    assert _of(commands, p.Failover) == [p.Failover(1, "the primary's connection closed")]
+    assert _of(commands, p.ClaimLease)[0].proven_dead          # closed while it was talking: dead
+    (failover,) = _of(takeover(replica, commands, 0.21), p.Failover)
+    assert failover.epoch == 1 and "connection closed" in failover.reason and "token 5" in failover.reason
     assert replica.mode is p.ReplicaMode.ACTIVE
 
 
@@ -389,7 +410,7 @@ class Link:
     failovers: list = field(default_factory=list)
 
     def primary_do(self, event) -> None:
-        for command in self.primary.handle(event):
+        for command in run(self.primary, event):
             if self.dead:
                 return
             self.execute_primary(command)
@@ -429,6 +450,8 @@ class Link:
                     self.dead = True
                     continue
                 self.primary_do(p.Acked(self.now, command.epoch))
+            elif isinstance(command, p.ClaimLease):
+                self.replica_do(p.LeaseClaimed(self.now, 2))
             elif isinstance(command, p.Failover):
                 self.failovers.append(command.epoch)
 
@@ -488,8 +511,117 @@ def test_after_refusing_the_primary_the_replica_never_fails_over_to_its_old_chec
 def test_an_active_replica_refuses_a_new_primary() -> None:
     replica = greeted_replica(primary_timeout=1.0)
     _epoch(replica, 1)
-    replica.handle(p.PrimaryDisconnected(0.1))
+    takeover(replica, replica.handle(p.PrimaryDisconnected(0.1)), 0.1)
     assert replica.mode is p.ReplicaMode.ACTIVE
-    commands = replica.handle(p.Hello(0.2, 99, (1,)))
+    commands = replica.handle(p.Hello(0.2, 99, (1,), token=5))
     assert _kinds(commands) == ["SendRefuse"] and "failed over" in commands[0].detail
     assert commands[0].code is p.RefuseReason.BUSY
+
+
+# --- fencing (checkpointer.fencing: S1 to S4) ----------------------------------------
+
+
+def test_protection_begins_only_once_etcd_names_the_replicas_copy() -> None:
+    primary = p.PrimaryProtocol(p.PrimaryConfig(max_in_flight=3))
+    commands = primary.handle(p.Start(0.0))
+    assert p.DeclareStandby(None) in commands and p.ReleaseOutputs(None) not in commands
+    assert not primary.releases_unacked                   # not before etcd says no copy counts
+    assert primary.handle(p.StandbyDeclared(0.0, None)) == [p.ReleaseOutputs(None)]
+    assert primary.releases_unacked
+    run(primary, p.Welcomed(0.1, 1, 0))
+    (final, _) = run(primary, p.SyncRoundsDone(0.2, 0))
+    commands = primary.handle(p.Acked(0.3, final.epoch))
+    assert commands == [p.DeclareStandby(primary.session)] and not primary.protected
+    assert primary.handle(p.StandbyDeclared(0.3, None)) == []          # a stale answer counts for nothing
+    commands = primary.handle(p.StandbyDeclared(0.4, primary.session))
+    assert primary.protected and p.ReleaseOutputs(final.epoch) in commands
+
+
+def test_a_lost_replica_releases_held_output_only_once_etcd_says_no_copy_counts() -> None:
+    primary, now = protected_primary()
+    run(primary, p.Trigger(now, p.EpochReason.OUTPUT))
+    commands = primary.handle(p.SendFailed(now, "gone"))
+    assert p.DeclareStandby(None) in commands and p.ReleaseOutputs(None) not in commands
+    assert not primary.releases_unacked
+    # etcd refuses (we no longer hold the key): nothing leaves
+    commands = primary.handle(p.StandbyDeclared(now, None, ok=False))
+    assert not _of(commands, p.ReleaseOutputs) and not primary.releases_unacked
+    primary, now = protected_primary()
+    primary.handle(p.SendFailed(now, "gone"))
+    assert primary.handle(p.StandbyDeclared(now, None)) == [p.ReleaseOutputs(None)]
+
+
+def test_a_lost_lease_fences_and_a_renewal_unfences() -> None:
+    primary, now = protected_primary()
+    commands = primary.handle(p.LeaseLost(now, "etcd unreachable"))
+    assert _kinds(commands) == ["FenceGuest", "Log"] and primary.fenced
+    assert primary.handle(p.LeaseLost(now, "again")) == []
+    assert _kinds(primary.handle(p.LeaseRenewed(now))) == ["UnfenceGuest", "Log"] and not primary.fenced
+    assert primary.protected                               # the same lease: the replica's copy still counts
+
+
+def test_a_retaken_key_drops_the_replica_whose_copy_no_longer_counts() -> None:
+    primary, now = protected_primary()
+    primary.handle(p.LeaseLost(now, "expired"))
+    commands = primary.handle(p.LeaseRetaken(now + 3, "took the key again"))
+    assert _kinds(commands)[:2] == ["UnfenceGuest", "DropReplica"]
+    assert p.ReleaseOutputs(None) in commands and primary.releases_unacked  # the acquisition wrote "none"
+
+
+def test_a_superseded_primary_steps_down_and_starts_nothing() -> None:
+    primary, now = protected_primary()
+    commands = primary.handle(p.Superseded(now, "node b holds the key"))
+    assert _of(commands, p.StepDown) == [p.StepDown("node b holds the key")]
+    assert primary.handle(p.Trigger(now, p.EpochReason.OUTPUT)) == []
+
+
+def test_a_close_proves_death_only_after_recent_contact_and_no_stall_of_our_own() -> None:
+    replica = greeted_replica(primary_timeout=1.0)
+    _epoch(replica, 1, now=0.0)
+    assert _of(replica.handle(p.PrimaryDisconnected(0.3)), p.ClaimLease)[0].proven_dead
+    replica = greeted_replica(primary_timeout=1.0)
+    _epoch(replica, 1, now=0.0)
+    assert not _of(replica.handle(p.PrimaryDisconnected(0.6)), p.ClaimLease)[0].proven_dead   # silent first
+    replica = greeted_replica(primary_timeout=1.0)
+    _epoch(replica, 1, now=0.0)
+    assert not _of(replica.handle(p.PrimaryDisconnected(0.1, stalled=True)), p.ClaimLease)[0].proven_dead
+
+
+def test_a_failed_claim_never_takes_over_and_a_claim_turns_primaries_away() -> None:
+    replica = greeted_replica(primary_timeout=1.0)
+    _epoch(replica, 1)
+    replica.handle(p.ReplicaTick(2.0))
+    assert replica.mode is p.ReplicaMode.CLAIMING
+    assert replica.handle(p.EpochBegin(2.0, 2, 1, 1, True)) == []          # the old session changes nothing
+    refused = replica.handle(p.Hello(2.1, 8, (1,)))
+    assert _kinds(refused) == ["SendRefuse"] and refused[0].code is p.RefuseReason.BUSY
+    commands = replica.handle(p.ClaimFailed(2.5, "the primary kept renewing its lease: it is alive"))
+    assert not _of(commands, p.Failover) and replica.mode is p.ReplicaMode.WAITING
+    assert not _of(replica.handle(p.PrimaryDisconnected(2.6)), p.ClaimLease)
+    assert "AdoptSession" in _kinds(replica.handle(p.Hello(2.7, 9, (1,))))
+
+
+def test_tokens_older_than_seen_or_mismatched_fencing_are_refused() -> None:
+    replica = p.ReplicaProtocol()
+    assert _kinds(replica.handle(p.Hello(0.0, 1, (1,), token=7))) == ["AdoptSession", "SendWelcome"]
+    refused = replica.handle(p.Hello(0.1, 2, (1,), token=6))
+    assert refused[0].code is p.RefuseReason.SUPERSEDED and replica.session == 1
+    refused = replica.handle(p.Hello(0.1, 3, (1,), token=8, fencing_problem="this replica fences with etcd"))
+    assert refused[0].code is p.RefuseReason.FENCING_MISMATCH and replica.session == 1
+    commands = replica.handle(p.EpochBegin(0.2, 1, 1, 1, True, token=9))
+    assert "SendRefuse" in _kinds(commands) and "token 9" in commands[-1].message
+    # once active with its own token, an older primary is told to step down
+    replica = p.ReplicaProtocol(p.ReplicaConfig(primary_timeout=1.0))
+    replica.handle(p.Hello(0.0, 1, (1,), token=7))
+    _epoch_with_token(replica, 1, token=7)
+    takeover(replica, replica.handle(p.PrimaryDisconnected(0.1)), 0.1, token=11)
+    refused = replica.handle(p.Hello(0.3, 4, (1,), token=7))
+    assert refused[0].code is p.RefuseReason.SUPERSEDED and "11" in refused[0].detail
+
+
+def _epoch_with_token(replica: p.ReplicaProtocol, epoch: int, token: int) -> None:
+    replica.handle(p.EpochBegin(0.0, epoch, 1, 1, True, token=token))
+    replica.handle(p.EpochPart(0.0, epoch, p.PartKind.PAGES, 1))
+    replica.handle(p.EpochPart(0.0, epoch, p.PartKind.VCPU))
+    replica.handle(p.EpochEnd(0.0, epoch, 1, 1))
+    assert _kinds(replica.handle(p.Verified(0.0, epoch, True))) == ["Commit", "SendAck"]

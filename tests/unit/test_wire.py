@@ -710,12 +710,12 @@ def test_control_json_is_version_1_byte_for_byte() -> None:
     expected = {
         Hello((1,), 5, slots, 2, agent="p"):
             b'{"agent":"p","page_size":4096,"session":5,"slots":[{"guest_phys_addr":0,"size":4096,"slot":0},'
-            b'{"guest_phys_addr":1073741824,"size":8192,"slot":1}],"vcpus":2,"versions":[1]}',
-        Welcome(1, None): b'{"last_epoch":null,"version":1}',
-        Welcome(1, 9): b'{"last_epoch":9,"version":1}',
+            b'{"guest_phys_addr":1073741824,"size":8192,"slot":1}],"token":0,"vcpus":2,"versions":[1]}',
+        Welcome(1, None): b'{"last_epoch":null,"token":0,"version":1}',
+        Welcome(1, 9, 4): b'{"last_epoch":9,"token":4,"version":1}',
         EpochBegin(7, EpochReason.RING_FULL, 10, 1):
-            b'{"batches":1,"epoch":7,"pages":10,"reason":"ring_full","sync":false}',
-        EpochBegin(7, "sync", 10, 1, True): b'{"batches":1,"epoch":7,"pages":10,"reason":"sync","sync":true}',
+            b'{"batches":1,"epoch":7,"pages":10,"reason":"ring_full","sync":false,"token":0}',
+        EpochBegin(7, "sync", 10, 1, True, 3): b'{"batches":1,"epoch":7,"pages":10,"reason":"sync","sync":true,"token":3}',
         EpochEnd(7, bytes(range(16)), 10, 1, 40960):
             b'{"batches":1,"digest":"000102030405060708090a0b0c0d0e0f","epoch":7,"pages":10,"raw_bytes":40960}',
         Ack(7, 123): b'{"apply_ns":123}',
@@ -731,7 +731,7 @@ def test_control_json_is_version_1_byte_for_byte() -> None:
 def test_reasons_are_enums_with_the_version_1_strings() -> None:
     assert [r.value for r in EpochReason] == ["ring_full", "dirty_threshold", "interval", "output", "sync"]
     assert [r.value for r in RefuseReason] == ["no_common_version", "bad_key", "layout_mismatch", "wrong_session",
-                                               "bad_frame", "busy"]
+                                               "bad_frame", "busy", "superseded", "fencing_mismatch"]
     begin = decode_payload(decode_frame(FrameWriter(SESSION).message(EpochBegin(1, "interval", 0, 0))))
     assert begin.reason is EpochReason.INTERVAL and begin.reason == "interval" and f"{begin.reason}" == "interval"
     assert EpochBegin(1, "output", 0, 0).reason is EpochReason.OUTPUT          # normalised when built
