@@ -1,0 +1,1 @@
+"""The protected pair: colo-node and the pair's discovery endpoint."""
