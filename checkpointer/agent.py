@@ -42,6 +42,7 @@ from .codec import CodecError, PageEncoder
 from .config import PrimaryAgentConfig
 from .control import ControlServer
 from .faults import KillPoint
+from .fencing import Fence, LeaseChange, node_name
 from .guest import Guest, build_guest
 from .output import OutputBuffer
 from .pipeline import Pipeline
@@ -57,7 +58,10 @@ log = logging.getLogger("colo.primary")
 SWITCH_INTERVAL = 0.0002
 PRIMARY_COMMANDS = (proto.Connect, proto.BeginSync, proto.HoldGuest, proto.DrainRings, proto.TakeSnapshot,
                     proto.SendEpoch, proto.ReleaseOutputs, proto.ResumeGuest, proto.SendHeartbeat,
-                    proto.DropReplica, proto.Log)
+                    proto.DropReplica, proto.DeclareStandby, proto.FenceGuest, proto.UnfenceGuest,
+                    proto.StepDown, proto.Log)
+LEASE_EVENTS = {LeaseChange.LOST: proto.LeaseLost, LeaseChange.RETAKEN: proto.LeaseRetaken,
+                LeaseChange.SUPERSEDED: proto.Superseded}
 
 
 @dataclass
@@ -73,9 +77,11 @@ class PrimaryAgent:
     """Protect one guest: run it, checkpoint it to the replica, release its outputs on ack."""
 
     def __init__(self, config: PrimaryAgentConfig, *, hooks: Hooks | None = None,
-                 output_sink: Callable[[bytes], None] | None = None, guest: Guest | None = None) -> None:
+                 output_sink: Callable[[bytes], None] | None = None, guest: Guest | None = None,
+                 fence: Fence | None = None) -> None:
         """Protect `guest` if given (a running guest this node already serves, e.g. after a
-        takeover), else a new one built from the config's guest spec."""
+        takeover, with the `fence` that holds its lease), else a new one built from the config's
+        guest spec, under a fence of its own that takes the pair's key at start."""
         self.config = config
         self.hooks = hooks or Hooks()
         self.output_sink = output_sink or (lambda data: log.info("guest output: %r", data))
@@ -105,7 +111,11 @@ class PrimaryAgent:
         self.pipeline = Pipeline(self.encoder, self.pool, self.executor, replication.batch_pages)
         self.sync = InitialSync(self.machine, self.snapshotter, self.pool, replication, self._feed,
                                 lambda: self.protocol.next_epoch)
-        self.output = OutputBuffer()
+        self.fence = fence if fence is not None else Fence(config.fencing, node_name(config.fencing, "primary"))
+        self._fence_taken = fence is not None
+        self.output = OutputBuffer(gate=self.fence.may_serve)
+        self._declaring = asyncio.Lock()          # standby declarations reach etcd in order
+        self.unprotected_since: float | None = time.time()     # wall time protection was last lost
         self.triggers = Triggers(config.triggers, self.protocol, self._feed, self.machine.tracker.fill,
                                  self.output.pending_since)
         self.stats = CheckpointStats()
@@ -140,8 +150,11 @@ class PrimaryAgent:
         # The snapshot drops the GIL at every ioctl and wait; with encoder threads running Python,
         # taking it back costs up to the switch interval (5 ms by default) each time.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        loops = [self._tick_loop, self.triggers.dirty_watch_loop, self._status_loop]
+        loops = [self._tick_loop, self.triggers.dirty_watch_loop, self._status_loop, self._fence_loop]
         try:
+            if not self._fence_taken:
+                await self.fence.take()           # KeyHeld: another node is active; nothing runs
+                self._fence_taken = True
             if self.config.primary.control:
                 self.control = ControlServer(
                     self.context, self.config.primary.control, config=self.config, status=self.status,
@@ -163,6 +176,16 @@ class PrimaryAgent:
 
     async def _start(self) -> None:
         self._feed(proto.Start(time.monotonic()))
+
+    async def _fence_loop(self) -> None:
+        await self.fence.hold(self._lease_changed)
+
+    def _lease_changed(self, change: LeaseChange, reason: str) -> None:
+        now = time.monotonic()
+        if change is LeaseChange.RENEWED:
+            self._feed(proto.LeaseRenewed(now))
+        else:
+            self._feed(LEASE_EVENTS[change](now, reason))
 
     def stop(self) -> None:
         self.runtime.stop()
@@ -195,6 +218,8 @@ class PrimaryAgent:
 
     async def _close(self) -> None:
         self._closed = True
+        self.output.gate = lambda: False          # nothing leaves a node that stopped serving
+        await self.fence.close()
         self._close_socket()
         if self.control is not None:
             self.control.socket.close(linger=0)
@@ -206,6 +231,9 @@ class PrimaryAgent:
     def _feed(self, event: proto.PrimaryEvent) -> None:
         if not self._closed:
             self.runtime.execute(self.protocol.handle(event))
+            if self.protocol.protected == (self.unprotected_since is None):
+                return
+            self.unprotected_since = None if self.protocol.protected else time.time()
 
     def _do_Connect(self, command: proto.Connect) -> None:
         self._close_socket()
@@ -213,17 +241,21 @@ class PrimaryAgent:
         socket = self.context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.IMMEDIATE, 1)
-        set_zmq_heartbeats(socket, replication.heartbeat_ms, replication.timeout_ms)
+        # ZeroMQ must never close the connection before the protocol drops the replica (with a
+        # BYE): a close without BYE is the replica's proof that this process died (fencing S3).
+        set_zmq_heartbeats(socket, replication.heartbeat_ms, 2 * replication.timeout_ms)
         secure_client(socket, self.config.security)
         socket.connect(self.config.replica)
         self.socket = socket
         self.writer = wire.FrameWriter()
         self.guard = wire.FrameGuard(session=self.writer.session, accept=wire.REPLICA_KINDS)
+        self.pipeline.token = self.fence.token
         self.runtime.spawn(self._recv_loop(socket), session=True)
         hello = wire.Hello(versions=list(wire.SUPPORTED_VERSIONS), session=self.writer.session,
                            slots=[wire.SlotLayout(s.spec.slot, s.spec.guest_phys_addr, s.spec.size)
                                   for s in self.machine.memory.slots.values()],
-                           vcpus=self.machine.config.vcpus, page_size=4096, agent="colo-ring primary")
+                           vcpus=self.machine.config.vcpus, page_size=4096, agent="colo-ring primary",
+                           token=self.fence.token)
         writer = self.writer
         self.runtime.spawn(self.pipeline.send_one(self._socket, lambda: writer.message(hello)), session=True)
 
@@ -231,9 +263,18 @@ class PrimaryAgent:
         return self.socket
 
     def _close_socket(self) -> None:
+        """End the session; a BYE first, so that the replica never takes our close for a death."""
         self.runtime.cancel_session()
         if self.socket is not None:
-            self.socket.close(linger=0)
+            linger = 0
+            if self.writer is not None:
+                try:
+                    self.socket.send_multipart(self.writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch),
+                                               copy=False, flags=zmq.NOBLOCK)
+                    linger = 200
+                except zmq.ZMQError:
+                    pass
+            self.socket.close(linger=linger)
             self.socket = None
 
     def _do_DropReplica(self, command: proto.DropReplica) -> None:
@@ -245,7 +286,33 @@ class PrimaryAgent:
         self.sync.drop()
 
     def _do_ReleaseOutputs(self, command: proto.ReleaseOutputs) -> None:
-        self.output.release(command.upto)
+        self.output.release(command.upto)         # (only while the lease is valid: the gate)
+
+    def _do_DeclareStandby(self, command: proto.DeclareStandby) -> None:
+        wire_session = None
+        if command.session is not None:
+            if command.session != self.protocol.session or self.writer is None:
+                return                            # a session already gone: a later declaration follows
+            wire_session = self.writer.session
+        self.runtime.spawn(self._declare(command.session, wire_session))
+
+    async def _declare(self, session: int | None, wire_session: int | None) -> None:
+        async with self._declaring:
+            ok = await self.fence.declare_standby(wire_session)
+        self._feed(proto.StandbyDeclared(time.monotonic(), session, ok))
+
+    def _do_FenceGuest(self, command: proto.FenceGuest) -> None:
+        self.machine.fence(True)
+
+    def _do_UnfenceGuest(self, command: proto.UnfenceGuest) -> None:
+        self.output.flush()                       # what was releasable while fenced, then the guest
+        self.machine.fence(False)
+
+    def _do_StepDown(self, command: proto.StepDown) -> None:
+        self.output.drop_deferred()
+        self.output.gate = lambda: False
+        self.last_error = f"superseded: {command.reason}"
+        self.stop()
 
     def _device_output(self, slot: int, data: bytes, generation: int) -> None:
         """The stream device's replies: held until their epoch is acknowledged."""
@@ -255,7 +322,7 @@ class PrimaryAgent:
     def hold_output(self, send: Callable[[bytes], None], data: bytes) -> None:
         """Output commit for the guest's devices: `data` reaches `send` once its epoch is acked."""
         self.output.hold(self.protocol.next_epoch, send, data)
-        if not self.protocol.checkpointing:
+        if self.protocol.releases_unacked:
             self.output.release(None)             # unprotected: nothing to wait for
         else:
             self.triggers.output_produced()
@@ -336,6 +403,10 @@ class PrimaryAgent:
                 self._feed(proto.ReplicaRefused(now, f"bad frame from the replica: {exc}"))
                 return
             if frame.kind == wire.Kind.WELCOME:
+                if self.fence.superseded_by(message.token):
+                    self._feed(proto.Superseded(now, f"the replica has seen fencing token {message.token}, "
+                                                     f"newer than ours ({self.fence.token})"))
+                    return
                 self._feed(proto.Welcomed(now, message.version, message.last_epoch or 0))
             elif frame.kind == wire.Kind.ACK:
                 if self.hooks.on_ack is not None:
@@ -344,7 +415,10 @@ class PrimaryAgent:
             elif frame.kind == wire.Kind.HEARTBEAT:
                 self._feed(proto.HeardFromReplica(now))
             elif frame.kind == wire.Kind.REFUSE:
-                self._feed(proto.ReplicaRefused(now, f"{message.reason}: {message.detail}"))
+                if message.reason == wire.RefuseReason.SUPERSEDED:
+                    self._feed(proto.Superseded(now, message.detail))
+                else:
+                    self._feed(proto.ReplicaRefused(now, f"{message.reason}: {message.detail}"))
                 return
             elif frame.kind == wire.Kind.BYE:
                 self._feed(proto.ReplicaRefused(now, "the replica said goodbye"))
@@ -385,10 +459,20 @@ class PrimaryAgent:
         summary = self.stats.summary()
         self.guest_progress = sum(self.machine.progress_all()) if not self.machine._closed else 0
         latency = self.output.latency_percentiles()
+        if self.protocol.fenced:
+            protection = "fenced"
+        elif self.protocol.protected:
+            protection = "protected"
+        else:
+            protection = f"unprotected since {time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(self.unprotected_since or time.time()))}"
         return {
             "role": "primary",
             "mode": self.protocol.mode.value,
             "protected": self.protocol.protected,
+            "protection": protection,
+            "unprotected_since": self.unprotected_since,
+            "fencing": self.fence.status(),
+            "token": self.fence.token,
             "epoch": self.protocol.next_epoch - 1,
             "committed_epoch": self.protocol.acked_epoch,
             "in_flight": len(self.protocol.in_flight),

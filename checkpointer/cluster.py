@@ -15,7 +15,8 @@ and is written here once:
 - their status files (each rewritten atomically, about every second) read as dicts;
 - waiting for a state until a deadline, failing as soon as an agent that should be running has
   exited, with the agents' logs in the error;
-- SIGKILL, SIGTERM and the logs.
+- SIGKILL, SIGTERM and the logs;
+- a local one-member etcd (`LocalEtcd`) for the pair's lease, in a folder, on free ports.
 
 This module sits at the agents' level: it starts them by module name and never imports them (nor
 anything from scenarios/), so it can start agents of any backend on any host.
@@ -31,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,72 @@ class Agent:
 
     def running(self) -> bool:
         return self.process.poll() is None
+
+
+class LocalEtcd:
+    """A one-member etcd in `folder` on free loopback ports: the drill's and the tests' own.
+
+    Its raft timing is tightened (10 ms heartbeats, 100 ms elections) so that it is up within a
+    fraction of a second and grants leases down to 1 s; its data stays in the folder, so that a
+    stop and a start (the etcd-down fault) keep the pair's key and leases.
+    """
+
+    def __init__(self, folder: Path, host: str = "127.0.0.1") -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.binary = shutil.which("etcd")
+        self.host = host
+        self.client_port = free_port(host)
+        self.peer_port = free_port(host)
+        self.url = f"http://{host}:{self.client_port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Start it and wait until it answers; returns its client URL."""
+        if self.binary is None:
+            raise ClusterError("etcd is not installed (Debian: apt-get install etcd-server)")
+        peer = f"http://{self.host}:{self.peer_port}"
+        log = open(self.folder / "etcd.log", "ab")
+        self.process = subprocess.Popen(
+            [self.binary, "--name", "colo", "--data-dir", str(self.folder / "data"),
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"colo={peer}", "--heartbeat-interval", "10", "--election-timeout", "100"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.process.poll() is not None:
+                raise ClusterError(f"etcd exited with status {self.process.returncode}",
+                                   (self.folder / "etcd.log").read_text(errors="replace")[-LOG_TAIL:])
+            if time.monotonic() > deadline:
+                raise ClusterError(f"etcd did not answer on {self.url} within {timeout} s")
+            time.sleep(POLL_S)
+        return self.url
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as answer:
+                return b'"true"' in answer.read()
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> LocalEtcd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 class Cluster:

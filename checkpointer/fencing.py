@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -76,9 +77,14 @@ NO_STANDBY = b"none"
 CLAIM_POLL_S = 0.05     # how often a claiming replica looks at the key while it waits for it to go
 
 __all__ = ["PairLease", "Holding", "Holder", "FencingError", "EtcdUnavailable", "parse_endpoints",
-           "Fence", "FenceMode", "LeaseChange", "Claim", "DRIFT", "MARGIN_S"]
+           "Fence", "FenceMode", "LeaseChange", "Claim", "KeyHeld", "node_name", "DRIFT", "MARGIN_S"]
 
 log = logging.getLogger("colo.fencing")
+
+
+def node_name(section: FencingSection, role: str) -> str:
+    """This node's name in etcd: `[fencing] node`, else ROLE@HOSTNAME (unique on one host too)."""
+    return section.node or f"{role}@{socket.gethostname()}"
 
 
 class FencingError(Exception):
@@ -240,7 +246,11 @@ class PairLease:
     async def revoke(self, lease_id: int) -> None:
         """End a lease now: its key goes at once (a dead holder's, once its death is proven)."""
         async def end(client):
-            await client.revoke_lease(lease_id)
+            try:
+                await client.revoke_lease(lease_id)
+            except aetcd.exceptions.ClientError as exc:
+                if "lease not found" not in str(exc):   # gone already (expired, or an earlier try
+                    raise                                # that answered too late): what we wanted
 
         await self._call(end)
         if self.holding is not None and self.holding.lease_id == lease_id:
@@ -282,7 +292,7 @@ class Fence:
         self.node = node
         self.clock = clock
         self.lease = (PairLease(section.etcd, section.key, node, section.ttl_s,
-                                timeout_s=max(0.05, section.renew_ms / 1000), clock=clock)
+                                timeout_s=max(0.25, section.renew_ms / 1000), clock=clock)
                       if self.mode is FenceMode.ETCD else None)
         self.changes: list[tuple[float, str, int]] = []    # (wall time, what, token)
         self.fenced = False

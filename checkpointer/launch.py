@@ -26,6 +26,7 @@ from typing import Any
 from ring.errors import RingError
 
 from .config import AgentConfig, SettingError
+from .fencing import FencingError
 
 __all__ = ["configure_logging", "run_until_signal", "check_listen_addresses", "listen_error",
            "run_agent_cli"]
@@ -96,7 +97,11 @@ def run_agent_cli(prog: str, parse: Callable[[Sequence[str] | None], AgentConfig
     except (RingError, ValueError) as exc:          # ConfigError and SettingError are ValueErrors
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(run_until_signal(agent))
+    try:
+        asyncio.run(run_until_signal(agent))
+    except FencingError as exc:                     # etcd unreachable, or another node is active
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
     if agent.last_error:
         print(f"{prog}: stopped: {agent.last_error}", file=sys.stderr)
         return 1

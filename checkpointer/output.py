@@ -31,7 +31,11 @@ class Held:
 class OutputBuffer:
     """Outputs per epoch, released in production order when their epoch is acknowledged."""
 
-    def __init__(self, window: int = 4096) -> None:
+    def __init__(self, window: int = 4096, *, gate: Callable[[], bool] = lambda: True) -> None:
+        """`gate`: whether output may leave this node at all now (fencing: only while the
+        lease is valid); releases asked while it is shut wait for flush()."""
+        self.gate = gate
+        self._deferred: int | None = None     # the epochs released while the gate was shut
         self._held: collections.deque[Held] = collections.deque()
         self.latency_us: collections.deque[float] = collections.deque(maxlen=window)
         self.released_bytes = 0
@@ -46,7 +50,19 @@ class OutputBuffer:
         self.held_bytes += len(data)
 
     def release(self, upto: int | None) -> int:
-        """Deliver every output of epochs <= upto (None: everything); returns bytes delivered."""
+        """Deliver every output of epochs <= upto (None: everything held); returns bytes delivered.
+
+        The gate is checked here, at the moment of release: shut, the release is remembered (as
+        the epoch bound it means now: what is held later is not covered) and nothing leaves.
+        """
+        if not self.gate():
+            bound = upto if upto is not None else (self._held[-1].epoch if self._held else None)
+            if bound is not None:
+                self._deferred = bound if self._deferred is None else max(self._deferred, bound)
+            return 0
+        if self._deferred is not None:
+            upto = None if upto is None else max(upto, self._deferred)
+            self._deferred = None
         now = time.monotonic()
         delivered = 0
         while self._held and (upto is None or self._held[0].epoch <= upto):
@@ -57,6 +73,16 @@ class OutputBuffer:
         self.released_bytes += delivered
         self.held_bytes -= delivered
         return delivered
+
+    def flush(self) -> int:
+        """Deliver what was released while the gate was shut (call when it opens again)."""
+        if self._deferred is None:
+            return 0
+        return self.release(self._deferred)
+
+    def drop_deferred(self) -> None:
+        """Forget releases asked while the gate was shut (this node will never serve them)."""
+        self._deferred = None
 
     def pending_since(self, epoch: int) -> bool:
         """Whether outputs of `epoch` or later wait (the output trigger closes their epoch)."""

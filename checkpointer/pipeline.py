@@ -41,7 +41,7 @@ class EncodedEpoch:
     encoded_bytes: int
 
 
-def encode_epoch(encoder: PageEncoder, snapshot: Snapshot, batch_pages: int) -> EncodedEpoch:
+def encode_epoch(encoder: PageEncoder, snapshot: Snapshot, batch_pages: int, token: int = 0) -> EncodedEpoch:
     """Encode an epoch's pages in batches, digest its content, and lay out its frames.
 
     A consistent epoch (a checkpoint) carries VCPU_STATE and DEVICE_STATE; a pre-copy
@@ -58,7 +58,7 @@ def encode_epoch(encoder: PageEncoder, snapshot: Snapshot, batch_pages: int) -> 
     raw = int(sum(b.raw_bytes for b in batches))
     encoded = int(sum(b.encoded_bytes for b in batches))
     frames: list[tuple] = [(KillPoint.BEGIN, wire.EpochBegin(epoch, snapshot.reason, len(keys), len(batches),
-                                                     not snapshot.consistent))]
+                                                             not snapshot.consistent, token))]
     frames += [(KillPoint.PAGES, wire.Kind.PAGES, len(batch.keys), batch.payload) for batch in batches]
     if snapshot.consistent:
         frames.append((KillPoint.VCPU, wire.Kind.VCPU_STATE, len(snapshot.vcpus), vcpu_bytes))
@@ -72,6 +72,7 @@ class Pipeline:
 
     def __init__(self, encoder: PageEncoder, pool: StagingPool, executor: ThreadPoolExecutor,
                  batch_pages: int) -> None:
+        self.token = 0                  # the fencing token every EPOCH_BEGIN carries (the session's)
         self.encoder = encoder
         self.pool = pool
         self.executor = executor
@@ -83,11 +84,12 @@ class Pipeline:
         """Encode `snapshot`; its staging buffer goes back to the pool once the encode is done."""
         if len(snapshot.keys) <= INLINE_ENCODE_PAGES:
             try:
-                return encode_epoch(self.encoder, snapshot, self.batch_pages)
+                return encode_epoch(self.encoder, snapshot, self.batch_pages, self.token)
             finally:
                 self.pool.release(snapshot.buffer)
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, encode_epoch, self.encoder, snapshot, self.batch_pages)
+        future = loop.run_in_executor(self.executor, encode_epoch, self.encoder, snapshot, self.batch_pages,
+                                      self.token)
         self._encoding.add(future)
         future.add_done_callback(self._encoding.discard)
         future.add_done_callback(lambda _, buffer=snapshot.buffer: self.pool.release(buffer))

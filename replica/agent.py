@@ -29,7 +29,9 @@ import zmq.asyncio
 from checkpointer import protocol as proto
 from checkpointer import wire
 from checkpointer.config import ReplicaAgentConfig
+from checkpointer.fencing import Fence, FenceMode, LeaseChange, node_name
 from checkpointer.guest import Guest
+from checkpointer.output import OutputBuffer
 from checkpointer.runtime import Rolling, Runtime, set_zmq_heartbeats
 from checkpointer.security import secure_server
 from ring.errors import RingError
@@ -45,7 +47,7 @@ STATUS_HORIZON = 5.0            # seconds of commits the status figures cover
 DISCONNECT_GRACE = 0.02          # seconds between a closed connection and the failover decision
 REPLICA_COMMANDS = (proto.AdoptSession, proto.SendWelcome, proto.SendRefuse, proto.OpenStaging,
                     proto.StagePart, proto.Verify, proto.Commit, proto.SendAck, proto.Discard,
-                    proto.SendHeartbeat, proto.Failover, proto.Log)
+                    proto.SendHeartbeat, proto.ClaimLease, proto.Failover, proto.Log)
 PART_KINDS = {wire.Kind.PAGES: proto.PartKind.PAGES, wire.Kind.VCPU_STATE: proto.PartKind.VCPU,
               wire.Kind.DEVICE_STATE: proto.PartKind.DEVICE}
 
@@ -109,6 +111,16 @@ class ReplicaAgent:
         self._connections: set[int] = set()      # open connections' fds (socket monitor)
         self.monitor: zmq.asyncio.Socket | None = None
         self._closed = False
+        self.fence = Fence(config.fencing, node_name(config.fencing, "replica"))
+        if self.fence.mode is FenceMode.OFF:
+            log.warning("NO FENCING (--no-fencing): this replica takes over on silence alone; a frozen or "
+                        "cut-off primary that comes back makes TWO ACTIVE NODES: SPLIT BRAIN")
+        elif self.fence.mode is FenceMode.MANUAL:
+            log.warning("no etcd (--etcd): this replica will not take over by itself when the primary is "
+                        "lost")
+        self.active_output = OutputBuffer(gate=self.fence.may_serve)   # the active guest's replies
+        self._last_tick = time.monotonic()
+        self._stalled_at = float("-inf")        # when this process last stood still (fencing S3)
 
     @property
     def last_error(self) -> str | None:
@@ -161,9 +173,11 @@ class ReplicaAgent:
         if self.authenticator is not None:
             self.authenticator.stop()
             self.authenticator = None
+        self.active_output.gate = lambda: False
         if self.active is not None:
             self.active.close()
             self.active = None
+        await self.fence.close()
         if self.standby is not None:
             self.standby.close()
             self.standby = None
@@ -182,10 +196,19 @@ class ReplicaAgent:
                 self._connections.discard(event["value"])
                 if not self._connections:
                     # What the primary sent before it went (a BYE, an epoch's end) must be handled
-                    # first: the receive loop gets it from ZeroMQ within this grace period.
+                    # first: the receive loop takes it from ZeroMQ's queue meanwhile.
                     await asyncio.sleep(DISCONNECT_GRACE)
+                    deadline = time.monotonic() + 1.0
+                    while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+                        await asyncio.sleep(0.001)
                     if not self._connections:
-                        self._feed(proto.PrimaryDisconnected(time.monotonic()))
+                        now = time.monotonic()
+                        self._feed(proto.PrimaryDisconnected(now, self._stalled(now)))
+
+    def _stalled(self, now: float) -> bool:
+        """Whether this process stood still lately (then a close proves nothing: fencing S3)."""
+        timeout = self.protocol.config.primary_timeout
+        return now - self._last_tick > timeout / 4 or now - self._stalled_at < timeout
 
     async def _recv_loop(self) -> None:
         while True:
@@ -213,7 +236,8 @@ class ReplicaAgent:
                 self.last_primary_message = now      # (takeover is measured from the last one)
             if frame.kind == wire.Kind.HELLO:
                 self._feed(proto.Hello(now, message.session, tuple(message.versions),
-                                       self._prepare_standby(message)))
+                                       self._prepare_standby(message), message.token,
+                                       self._fencing_problem(message.token)))
             elif identity == self.peer:
                 self._on_frame(frame, message, now)
         finally:
@@ -230,10 +254,21 @@ class ReplicaAgent:
             return f"this replica cannot hold the primary's memory layout: {exc}"
         return ""
 
+    def _fencing_problem(self, token: int) -> str:
+        """Both sides must fence alike: a takeover needs the primary's lease in the same etcd."""
+        if self.fence.mode is FenceMode.ETCD and not token:
+            return ("this replica fences with etcd (--etcd) but the primary does not: give both the "
+                    "same --etcd")
+        if self.fence.mode is not FenceMode.ETCD and token:
+            return (f"the primary fences with etcd (token {token}) but this replica has no --etcd: give "
+                    f"both the same --etcd")
+        return ""
+
     def _on_frame(self, frame: wire.Frame, message, now: float) -> None:
         kind = frame.kind
         if kind == wire.Kind.EPOCH_BEGIN:
-            self._feed(proto.EpochBegin(now, message.epoch, message.pages, message.batches, not message.sync))
+            self._feed(proto.EpochBegin(now, message.epoch, message.pages, message.batches, not message.sync,
+                                        message.token))
         elif kind in PART_KINDS:
             self._feed(proto.EpochPart(now, frame.epoch, PART_KINDS[kind], frame.count))
         elif kind == wire.Kind.EPOCH_END:
@@ -270,7 +305,7 @@ class ReplicaAgent:
         self._ends.clear()
 
     def _do_SendWelcome(self, command: proto.SendWelcome) -> None:
-        welcome = wire.Welcome(command.version, command.committed_epoch or None)
+        welcome = wire.Welcome(command.version, command.committed_epoch or None, self.protocol.newest_token)
         self._send(self.peer, self.writer, lambda: self.writer.message(welcome))
 
     def _do_SendRefuse(self, command: proto.SendRefuse) -> None:
@@ -350,12 +385,24 @@ class ReplicaAgent:
             self._send(self.peer, writer,
                        lambda: writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.committed_epoch))
 
+    def _do_ClaimLease(self, command: proto.ClaimLease) -> None:
+        self.runtime.spawn(self._claim(command))
+
+    async def _claim(self, command: proto.ClaimLease) -> None:
+        claim = await self.fence.claim(command.primary_token, command.session, command.proven_dead)
+        if claim.won:
+            self._feed(proto.LeaseClaimed(time.monotonic(), claim.token))
+        else:
+            self._feed(proto.ClaimFailed(time.monotonic(), claim.reason))
+
     def _do_Failover(self, command: proto.Failover) -> None:
         log.error("FAILOVER: %s; starting the standby guest from epoch %d", command.reason, command.epoch)
         self._failover_started = time.monotonic()
         loop = asyncio.get_running_loop()
         self.active = restore_standby(self.standby, service_host=self.config.service.host,
                                       service_port=self.config.service.takeover_port)
+        self.active.route_output(self._active_output)
+        self.runtime.spawn(self.fence.hold(self._lease_changed))
         machine = self.active.machine
         machine.set_event_sink(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
         machine.start()                           # the vCPUs at once; the service port in _serve
@@ -369,6 +416,29 @@ class ReplicaAgent:
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
         log.error("the service is back on port %d (takeover %.1f ms after the primary's last message)",
                   self.active.device.port, self.takeover_ms)
+
+    def _active_output(self, slot: int, data: bytes, generation: int) -> None:
+        """The active guest's replies leave only while this node holds the lease (fencing S1)."""
+        device = self.active.device
+        self.active_output.hold(0, lambda held: device.write_to_client(slot, held, generation), data)
+        self.active_output.release(None)
+
+    def _lease_changed(self, change: LeaseChange, reason: str) -> None:
+        machine = self.machine
+        if change is LeaseChange.LOST:
+            log.error("FENCED: %s; the guest is held and no output leaves", reason)
+            if machine is not None:
+                machine.fence(True)
+        elif change in (LeaseChange.RENEWED, LeaseChange.RETAKEN):
+            log.warning("%s: serving again", reason)
+            self.active_output.flush()
+            if machine is not None:
+                machine.fence(False)
+        else:
+            self.active_output.drop_deferred()
+            self.active_output.gate = lambda: False
+            self.runtime.last_error = f"superseded: {reason}"
+            self.stop()
 
     def _on_guest_event(self, event: Event) -> None:
         if isinstance(event, Progress) and self.takeover_ms is None and self.active.device is None:
@@ -385,8 +455,13 @@ class ReplicaAgent:
     # -- clocks ----------------------------------------------------------------------
     async def _tick_loop(self) -> None:
         config = self.protocol.config
-        await self.runtime.tick_loop(lambda: config.heartbeat_interval / 4,
-                                     lambda now: self._feed(proto.ReplicaTick(now)), lambda: config.primary_timeout)
+        await self.runtime.tick_loop(lambda: config.heartbeat_interval / 4, self._tick, lambda: config.primary_timeout)
+
+    def _tick(self, now: float) -> None:
+        if now - self._last_tick > self.protocol.config.primary_timeout / 4:
+            self._stalled_at = now
+        self._last_tick = now
+        self._feed(proto.ReplicaTick(now))
 
     def guest_progress(self) -> int:
         if self.active is not None:
@@ -409,6 +484,11 @@ class ReplicaAgent:
             "encoded_mb_per_s": self.commit_encoded.throughput() / 1e6,
             "guest_progress": self.guest_progress(),
             "takeover_ms": self.takeover_ms,
+            "fencing": self.fence.status(),
+            "token": self.fence.token,
+            "primary_token": self.protocol.primary_token,
+            "protection": ("fenced" if self.fence.fenced else "unprotected (active, no replica)")
+                          if self.protocol.mode is proto.ReplicaMode.ACTIVE else "standby",
             "rejected_frames": self.rejected_frames,
             "last_error": self.last_error,
         }

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from checkpointer.cluster import Cluster, ClusterError, ensure_keys, free_port
+from checkpointer.cluster import Cluster, ClusterError, LocalEtcd, ensure_keys, free_port
 
 KILL_POINTS = ("random", "transfer", "after-end", "heavy-output", "between")
 
@@ -47,7 +49,9 @@ class Worker:
 
     def run(self, stop: threading.Event, seed: int) -> None:
         rng = random.Random(seed)
-        client = redis.Redis(port=self.port, protocol=2, socket_timeout=10, socket_connect_timeout=5)
+        # One try per request (redis-py retries by default): a retried INCR could count twice.
+        client = redis.Redis(port=self.port, protocol=2, socket_timeout=10, socket_connect_timeout=5,
+                             retry=Retry(NoBackoff(), 0))
         counter = f"w{self.index}:counter"
         try:
             while not stop.is_set():
@@ -109,10 +113,12 @@ class Service:
 
 
 def start_service(folder: Path, keys: Path, kill_at: str, logs: Path, primary_flags: Sequence[str] = (),
-                  with_replica: bool = True) -> Service:
+                  with_replica: bool = True, fencing: Sequence[str] = ()) -> Service:
     """A replica (unless `with_replica` is false: the primary then runs its guest alone) and a drill
-    primary with its kill switch at `kill_at`, running the kvstore guest."""
-    cluster = Cluster(folder, keys=keys, logs=logs, common=["--heartbeat-ms", "50", "--timeout-ms", "500"])
+    primary with its kill switch at `kill_at`, running the kvstore guest; `fencing`: both agents'
+    fencing flags (an etcd and the pair's key)."""
+    cluster = Cluster(folder, keys=keys, logs=logs,
+                      common=["--heartbeat-ms", "50", "--timeout-ms", "500", *fencing])
     service = Service(cluster, free_port(), free_port())
     if with_replica:
         cluster.start_replica(["--service-port", str(service.replica_port)])
@@ -123,14 +129,15 @@ def start_service(folder: Path, keys: Path, kill_at: str, logs: Path, primary_fl
 
 
 def one_run(number: int, point: str, rng: random.Random, keys: Path, workers: int, warmup: float,
-            log_dir: Path, live: bool) -> dict:
-    """One drill run; returns its report."""
+            log_dir: Path, live: bool, etcd: str) -> dict:
+    """One drill run, its pair fenced in `etcd` under a key of its own; returns its report."""
     with tempfile.TemporaryDirectory(prefix="colo-drill-") as tmp:
         run_logs = log_dir / f"run{number}"
         run_logs.mkdir(parents=True, exist_ok=True)
         nth = rng.randrange(20, 60)
         kill_at = "none:0" if point == "random" else f"{point}:{nth}"
-        service = start_service(Path(tmp), keys, kill_at, run_logs)
+        fencing = ["--etcd", etcd, "--etcd-key", f"/colo-drill/{os.getpid()}/run{number}"]
+        service = start_service(Path(tmp), keys, kill_at, run_logs, fencing=fencing)
         cluster = service.cluster
         try:
             cluster.wait("protection", lambda: cluster.status("primary").get("protected"))
@@ -236,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="always this kill point (default: random first, then every kind in turn)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--logs", default=None, help="keep the agents' logs in this folder")
+    parser.add_argument("--etcd", default=None, metavar="URL[,URL...]",
+                        help="the etcd that fences the pair (default: a local one the drill starts)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.workers < 1 or args.warmup < 0:
         parser.error("--runs and --workers must be at least 1, --warmup not negative")
@@ -243,6 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(seed)
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="colo-drill-logs-"))
     keys = ensure_keys(log_dir / "keys")
+    local_etcd = None
+    if args.etcd is None:
+        local_etcd = LocalEtcd(log_dir / "etcd")
+        try:
+            args.etcd = local_etcd.start()
+        except ClusterError as exc:
+            print(f"colo-drill: {exc} (or give --etcd URL)", file=sys.stderr)
+            return 2
+    try:
+        return _runs(args, rng, seed, keys, log_dir)
+    finally:
+        if local_etcd is not None:
+            local_etcd.stop()
+
+
+def _runs(args: argparse.Namespace, rng: random.Random, seed: int, keys: Path, log_dir: Path) -> int:
     per_run = []
     for number in range(args.runs):
         point = args.kill_point or KILL_POINTS[number % len(KILL_POINTS)]
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {number + 1}/{args.runs}: kill point {point}", file=sys.stderr)
         try:
             per_run.append(one_run(number + 1, point, rng, keys, args.workers, args.warmup, log_dir,
-                                   live=not args.json and sys.stderr.isatty()))
+                                   live=not args.json and sys.stderr.isatty(), etcd=args.etcd))
         except RuntimeError as exc:               # a ClusterError, with its one-line reason
             per_run.append({"run": number + 1, "kill_point": point, "takeover_ms": None,
                             "epochs_committed": None, "pause_us_p50": None, "pause_us_p99": None,

@@ -7,12 +7,17 @@ Not a test module: test modules import this, never each other. The harness
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from checkpointer.cluster import Cluster
+from checkpointer.cluster import Cluster, LocalEtcd
 
 HARNESS = "tests.system.agent_harness"
 # Heartbeats often, but a timeout well above what a loaded 2-core machine can stall a process for:
@@ -24,11 +29,46 @@ PRIMARY = ["--workload", "uniform", "--memory-mib", "16", "--vcpus", "2", "--rin
            "--max-interval-ms", "20"]
 
 
+_ETCD: LocalEtcd | None = None
+_KEYS = itertools.count(1)
+
+
+def shared_etcd() -> str | None:
+    """The URL of one etcd for the whole test run (started on first use), or None if etcd is not
+    installed. Each pair gets a key of its own (fencing_flags), so pairs never meet."""
+    global _ETCD
+    if shutil.which("etcd") is None:
+        return None
+    if _ETCD is None:
+        folder = tempfile.mkdtemp(prefix="colo-test-etcd-")
+        _ETCD = LocalEtcd(Path(folder))
+        _ETCD.start()
+        atexit.register(lambda: (_ETCD.stop(), shutil.rmtree(folder, ignore_errors=True)))
+    return _ETCD.url
+
+
+def fencing_flags() -> list[str]:
+    """Both agents of one pair: fenced by the shared etcd under a key of their own; without etcd,
+    --no-fencing (a crash then still fails over, on proof or silence)."""
+    url = shared_etcd()
+    if url is None:
+        return ["--no-fencing"]
+    return ["--etcd", url, "--etcd-key", f"/colo-ring/test/{os.getpid()}-{next(_KEYS)}",
+            "--lease-ttl-s", "2", "--lease-renew-ms", "200"]
+
+
+def fencing_settings(flags: Sequence[str]) -> dict[str, object]:
+    """The [fencing] settings `flags` give, as load_config overrides (for an agent in the test's process)."""
+    from checkpointer.config import flag_overrides, primary_arg_parser
+    overrides, _ = flag_overrides(primary_arg_parser().parse_args(list(flags)))
+    return overrides
+
+
 class Agents(Cluster):
     """A cluster in the test's folder whose agents run under the harness, recording as they go."""
 
-    def __init__(self, tmp: Path) -> None:
-        super().__init__(tmp, common=TIMING)
+    def __init__(self, tmp: Path, fencing: Sequence[str] | None = None) -> None:
+        super().__init__(tmp, common=[*TIMING, *(fencing_flags() if fencing is None else fencing)])
         self.tmp = tmp
 
     def start(self, role: str, harness: Sequence[str] = (), agent: Sequence[str] = ()) -> subprocess.Popen:

@@ -22,7 +22,7 @@ from replica.standby import Standby
 from ring.backend import open_machine
 from ring.machine import MachineConfig
 from ring.workloads import Workload
-from tests.support import TIMING
+from tests.support import TIMING, fencing_flags, fencing_settings
 
 pytestmark = pytest.mark.kvm
 
@@ -47,7 +47,8 @@ def _taken_over_guest() -> tuple[Standby, int]:
 async def test_a_taken_over_guest_is_protected_by_a_new_primary_role(tmp_path) -> None:
     standby, captured = _taken_over_guest()
     assert captured == CAPTURED_WRITES
-    cluster = Cluster(tmp_path, common=TIMING)
+    fencing = fencing_flags()
+    cluster = Cluster(tmp_path, common=[*TIMING, *fencing])
     agent = None
     try:
         cluster.start_replica()
@@ -57,7 +58,7 @@ async def test_a_taken_over_guest_is_protected_by_a_new_primary_role(tmp_path) -
             "primary.replica": cluster.endpoint, "security.keys_dir": str(cluster.keys),
             "security.peer_public_key": str(cluster.keys / "replica.key"), "guest.vcpus": 1,
             "guest.memory_mib": 16, "triggers.max_interval_ms": 20.0,
-            "replication.heartbeat_ms": 20, "replication.timeout_ms": 2000})
+            "replication.heartbeat_ms": 20, "replication.timeout_ms": 2000, **fencing_settings(fencing)})
         agent = PrimaryAgent(config, guest=guest)
         assert agent.machine is guest.machine and sum(agent.machine.progress_all()) == captured   # not rebuilt
         running = asyncio.ensure_future(agent.run())

@@ -311,10 +311,11 @@ def test_default_toml_is_valid_and_documents_the_defaults(tmp_path):
     primary = load_config("primary", path, {})
     replica = load_config("replica", path, {})
     assert primary.replica == "tcp://127.0.0.1:7800" == replica.replica.listen
-    # apart from the example endpoint, the documented values are the defaults
+    assert primary.fencing.etcd == "http://127.0.0.1:2379" == replica.fencing.etcd
+    # apart from the example endpoints, the documented values are the defaults
     defaults_p, defaults_r = load_config("primary", None, {}), load_config("replica", None, {})
-    assert dataclasses.replace(primary, primary=defaults_p.primary) == defaults_p
-    assert replica == defaults_r
+    assert dataclasses.replace(primary, primary=defaults_p.primary, fencing=defaults_p.fencing) == defaults_p
+    assert dataclasses.replace(replica, fencing=defaults_r.fencing) == defaults_r
     # and it documents every key there is
     for section, table in to_dict(primary).items():
         assert set(data[section]) == set(table), section
@@ -425,6 +426,8 @@ def test_help_lists_the_flags():
 def _flag_value(s):
     """A command line giving setting `s` its default (or example) value, and that value."""
     value = s.shown
+    if s.type is bool and s.option.startswith("--no-"):     # a negative flag only sets True
+        return [s.option], True
     if s.type is bool:
         return [s.option if s.default else "--no-" + s.option[2:]], s.default
     return [s.option, str(value)], value

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = ("ring", "checkpointer", "replica", "scenarios")          # each may import only those before it
+ORDER = ("ring", "checkpointer", "replica", "pair", "scenarios")          # each may import only those before it
 # What the replica may take from checkpointer/: the shared stream and the agent runtime, not the
 # primary's internals.
 SHARED = {"checkpointer", "checkpointer.protocol", "checkpointer.wire", "checkpointer.frames",
           "checkpointer.messages", "checkpointer.schema", "checkpointer.codec", "checkpointer.runtime",
           "checkpointer.config", "checkpointer.security", "checkpointer.launch",
-          "checkpointer.guest"}
+          "checkpointer.guest", "checkpointer.fencing", "checkpointer.output"}
 
 
 def _imports(path: Path):
