@@ -87,6 +87,7 @@ class PrimaryAgent:
         self.output_sink = output_sink or (lambda data: log.info("guest output: %r", data))
         if not config.security.insecure:
             client_keys(config.security)           # bad keys fail here, before a guest runs
+        self._handed_over = guest is not None
         self.guest = guest if guest is not None else build_guest(config)
         # The service's replies go through output commit from now on.
         self.guest.route_output(self._device_output)
@@ -128,6 +129,7 @@ class PrimaryAgent:
         self._sending: set[asyncio.Task] = set()          # tasks sending an epoch (finished at a stop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self.status_extra: Callable[[], dict] = dict   # what a node adds (colo-node)
         self.guest_progress = 0
         self.held = 0                            # times backpressure held the guest
 
@@ -176,6 +178,10 @@ class PrimaryAgent:
 
     async def _start(self) -> None:
         self._feed(proto.Start(time.monotonic()))
+        if self._handed_over:
+            # A vCPU of a guest handed over may be parked at a full ring whose event went to the
+            # role before: a drain lets it go on (unprotected, the rings are only emptied).
+            self._feed(proto.Trigger(time.monotonic(), proto.EpochReason.RING_FULL))
 
     async def _fence_loop(self) -> None:
         await self.fence.hold(self._lease_changed)
@@ -269,8 +275,10 @@ class PrimaryAgent:
             linger = 0
             if self.writer is not None:
                 try:
-                    self.socket.send_multipart(self.writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch),
-                                               copy=False, flags=zmq.NOBLOCK)
+                    # the plain (not asyncio) send: it either queues the BYE now or raises Again
+                    zmq.Socket.shadow(self.socket.underlying).send_multipart(
+                        self.writer.frame(wire.Kind.BYE, epoch=self.protocol.next_epoch), copy=False,
+                        flags=zmq.NOBLOCK)
                     linger = 200
                 except zmq.ZMQError:
                     pass
@@ -491,6 +499,7 @@ class PrimaryAgent:
             "rss_mib": rss_mib(),
             "last_error": self.last_error,
             **summary,
+            **self.status_extra(),
         }
 
     def _log_line(self, figures: dict) -> None:

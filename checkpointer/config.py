@@ -85,7 +85,7 @@ __all__ = [
     "ConfigError", "SettingError", "Setting", "setting", "settings", "GuestSection", "ServiceSection",
     "TriggerSection", "ReplicationSection", "SecuritySection", "StatusSection", "PrimarySection",
     "ReplicaSection", "FencingSection", "PrimaryAgentConfig", "ReplicaAgentConfig", "AgentConfig", "load_config",
-    "validate_endpoint", "parse_endpoints", "to_dict", "dump_toml", "default_toml", "add_flags", "add_common_flags",
+    "validate_endpoint", "parse_endpoints", "read_toml", "to_dict", "dump_toml", "default_toml", "add_flags", "add_common_flags",
     "add_primary_flags", "add_replica_flags", "flag_overrides", "primary_arg_parser",
     "replica_arg_parser", "parse_primary_args", "parse_replica_args", "DEFAULT_TOML", "KINDS",
     "BACKENDS", "SECTIONS",
@@ -743,7 +743,8 @@ def _unknown_key(section: str, key: str) -> str:
     return f"unknown key '{section}.{key}'{hint}; the keys of [{section}] are {', '.join(known)}"
 
 
-def _read_file(path: str) -> dict[str, Any]:
+def read_toml(path: str) -> dict[str, Any]:
+    """A TOML file's content; ConfigError naming the file when it cannot be read or parsed."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -810,12 +811,14 @@ def _check_guest(sections: Mapping[str, _Section], origins: Mapping[str, str]) -
 
 def load_config(kind: str, path: str | None = None,
                 overrides: Mapping[str, object] | None = None,
-                flag_names: Mapping[str, str] | None = None) -> AgentConfig:
+                flag_names: Mapping[str, str] | None = None, *,
+                data: Mapping[str, Any] | None = None) -> AgentConfig:
     """Read the configuration of a 'primary' or 'replica' agent: defaults, file, then overrides.
 
     `overrides` maps dotted keys ("triggers.max_interval_ms") to values; `flag_names`
-    optionally maps the same keys to the flags they came from, for error messages.
-    Raises ConfigError (a ValueError) naming the file, section or key that is wrong.
+    optionally maps the same keys to the flags they came from, for error messages. `data`:
+    the file's content already read (colo-node takes its own table out first); `path` then
+    only names it. Raises ConfigError (a ValueError) naming the file, section or key that is wrong.
     """
     if kind not in _AGENTS:
         raise ConfigError(f"unknown agent kind {kind!r}: choose 'primary' or 'replica'")
@@ -824,7 +827,7 @@ def load_config(kind: str, path: str | None = None,
     values: dict[str, dict[str, Any]] = {}
     origins: dict[str, str] = {}
     if path is not None:
-        values = _check_file(_read_file(path), path)
+        values = _check_file(read_toml(path) if data is None else data, path)
         for section, table in values.items():
             for key in table:
                 origins[f"{section}.{key}"] = f"in {path}"

@@ -173,9 +173,10 @@ class PairLease:
     def _valid_until(self, sent: float, ttl: float) -> float:
         return sent + ttl * (1 - DRIFT) - MARGIN_S
 
-    async def acquire(self, standby: int | None = None) -> Holding | None:
+    async def acquire(self, standby: int | None = None, *, first: bool = False) -> Holding | None:
         """Create the key if it is absent (and, given `standby`, if the standby key names that
-        session); None if the transaction failed. The standby key becomes "none" (S2)."""
+        session; `first`: if the pair never ran, i.e. there is no standby key at all); None if the
+        transaction failed. The standby key becomes "none" (S2)."""
         sent = self.clock()
 
         async def take(client):
@@ -184,6 +185,8 @@ class PairLease:
             compare = [t.create(self.key) == 0]
             if standby is not None:
                 compare.append(t.value(self.standby_key) == str(standby).encode())
+            if first:
+                compare.append(t.create(self.standby_key) == 0)
             ok, responses = await client.transaction(
                 compare=compare,
                 success=[t.put(self.key, self.node.encode(), lease=lease),
@@ -339,6 +342,18 @@ class Fence:
                 await asyncio.sleep(CLAIM_POLL_S * 4)
         self._note("active")
         log.info("holding the pair's key %s (token %d)", self.section.key, self.token)
+
+    async def take_fresh(self, force: bool = False) -> bool:
+        """Take the key to boot a fresh guest: only if nobody holds it and the pair never ran (no
+        standby key: a pair that ran keeps its state on the node that was active), or, `force`,
+        whenever nobody holds it (the operator says the state is lost)."""
+        if self.lease is None:
+            return True
+        if await self.lease.acquire(first=not force) is None:
+            return False
+        self._note("active (fresh guest)")
+        log.info("holding the pair's key %s (token %d) for a fresh guest", self.section.key, self.token)
+        return True
 
     async def declare_standby(self, session: int | None) -> bool:
         """S2's standby key; retried while etcd does not answer and the lease may still be valid."""

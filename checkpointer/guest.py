@@ -29,6 +29,11 @@ class Guest:
         self.machine = machine
         self.device = device
         self.spec = spec
+        self._owned: list = []              # what must live as long as the machine (its memory)
+
+    def owns(self, resource) -> None:
+        """Close `resource` with the guest (a taken-over guest runs over the standby's memory)."""
+        self._owned.append(resource)
 
     def route_output(self, output: DeviceOutput | None) -> None:
         """Send the device's replies to `output` (None: straight to the clients)."""
@@ -47,6 +52,9 @@ class Guest:
         if self.device is not None:
             self.device.close()
         self.machine.close()
+        for resource in reversed(self._owned):
+            resource.close()
+        self._owned.clear()
 
 
 def build_guest(config) -> Guest:

@@ -78,8 +78,14 @@ class _Incoming:
 class ReplicaAgent:
     """Receive epochs, keep the standby at the last complete one, take over when the primary dies."""
 
-    def __init__(self, config: ReplicaAgentConfig, *, hooks: ReplicaHooks | None = None) -> None:
+    def __init__(self, config: ReplicaAgentConfig, *, hooks: ReplicaHooks | None = None,
+                 fence: Fence | None = None, track_after_takeover: bool = False) -> None:
+        """`fence`: the node's (colo-node hands it on with the guest after a takeover); else one
+        of its own. `track_after_takeover`: the taken-over guest keeps a dirty ring per vCPU, so
+        that this node can protect it as the primary of the next replica (then hand_over())."""
         self.config = config
+        self.track_after_takeover = track_after_takeover
+        self.took_over = asyncio.Event()          # set once the taken-over guest serves
         self.hooks = hooks or ReplicaHooks()
         replication = config.replication
         self.protocol = proto.ReplicaProtocol(proto.ReplicaConfig(
@@ -111,7 +117,9 @@ class ReplicaAgent:
         self._connections: set[int] = set()      # open connections' fds (socket monitor)
         self.monitor: zmq.asyncio.Socket | None = None
         self._closed = False
-        self.fence = Fence(config.fencing, node_name(config.fencing, "replica"))
+        self.status_extra: Callable[[], dict] = dict   # what a node adds (colo-node)
+        self._own_fence = fence is None
+        self.fence = fence if fence is not None else Fence(config.fencing, node_name(config.fencing, "replica"))
         if self.fence.mode is FenceMode.OFF:
             log.warning("NO FENCING (--no-fencing): this replica takes over on silence alone; a frozen or "
                         "cut-off primary that comes back makes TWO ACTIVE NODES: SPLIT BRAIN")
@@ -119,6 +127,7 @@ class ReplicaAgent:
             log.warning("no etcd (--etcd): this replica will not take over by itself when the primary is "
                         "lost")
         self.active_output = OutputBuffer(gate=self.fence.may_serve)   # the active guest's replies
+        self._holding: asyncio.Task | None = None
         self._last_tick = time.monotonic()
         self._stalled_at = float("-inf")        # when this process last stood still (fencing S3)
 
@@ -173,11 +182,13 @@ class ReplicaAgent:
         if self.authenticator is not None:
             self.authenticator.stop()
             self.authenticator = None
-        self.active_output.gate = lambda: False
         if self.active is not None:
-            self.active.close()
+            self.active_output.gate = lambda: False
+            self.active.close()                   # (with the standby memory it runs over)
             self.active = None
-        await self.fence.close()
+            self.standby = None
+        if self._own_fence:
+            await self.fence.close()
         if self.standby is not None:
             self.standby.close()
             self.standby = None
@@ -400,9 +411,12 @@ class ReplicaAgent:
         self._failover_started = time.monotonic()
         loop = asyncio.get_running_loop()
         self.active = restore_standby(self.standby, service_host=self.config.service.host,
-                                      service_port=self.config.service.takeover_port)
-        self.active.route_output(self._active_output)
-        self.runtime.spawn(self.fence.hold(self._lease_changed))
+                                      service_port=self.config.service.takeover_port,
+                                      track_dirty=self.track_after_takeover)
+        self.active.owns(self.standby)
+        device = self.active.device
+        self.active.route_output(lambda slot, data, generation: self._active_output(device, slot, data, generation))
+        self._holding = self.runtime.spawn(self.fence.hold(self._lease_changed))
         machine = self.active.machine
         machine.set_event_sink(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
         machine.start()                           # the vCPUs at once; the service port in _serve
@@ -414,12 +428,24 @@ class ReplicaAgent:
         await self.active.start(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
         if self.takeover_ms is None:             # the service is back: that is the takeover
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
+        self.took_over.set()
         log.error("the service is back on port %d (takeover %.1f ms after the primary's last message)",
                   self.active.device.port, self.takeover_ms)
 
-    def _active_output(self, slot: int, data: bytes, generation: int) -> None:
+    async def hand_over(self) -> Guest:
+        """Stop this replica role and give its taken-over guest (and the memory and lease it runs
+        on) to whoever protects it next; the fence keeps its lease (renewed again by the next role)."""
+        await self.took_over.wait()
+        guest, self.active = self.active, None
+        self.standby = None                       # the guest owns it now
+        if self._holding is not None:
+            self._holding.cancel()
+        self.active_output.flush()              # (its gate stays: the next role routes the replies anew)
+        self.stop()
+        return guest
+
+    def _active_output(self, device, slot: int, data: bytes, generation: int) -> None:
         """The active guest's replies leave only while this node holds the lease (fencing S1)."""
-        device = self.active.device
         self.active_output.hold(0, lambda held: device.write_to_client(slot, held, generation), data)
         self.active_output.release(None)
 
@@ -446,6 +472,7 @@ class ReplicaAgent:
             log.error("the standby guest is running (takeover %.1f ms after the primary's last "
                       "message; %.1f ms after the failover decision)", self.takeover_ms,
                       (time.monotonic() - self._failover_started) * 1000)
+            self.took_over.set()
         elif isinstance(event, RingSoftFull):
             pass                                  # not tracked after failover
         elif isinstance(event, Fault):
@@ -491,6 +518,7 @@ class ReplicaAgent:
                           if self.protocol.mode is proto.ReplicaMode.ACTIVE else "standby",
             "rejected_frames": self.rejected_frames,
             "last_error": self.last_error,
+            **self.status_extra(),
         }
 
     def _log_line(self, figures: dict) -> None:
