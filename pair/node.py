@@ -51,11 +51,10 @@ from checkpointer.launch import check_listen_addresses, configure_logging
 from replica.agent import ReplicaAgent
 from ring.errors import RingError
 
-from .sentinel import SentinelServer
+from .sentinel import MASTER_NAME, SentinelServer
 
 log = logging.getLogger("colo.node")
 
-MASTER_NAME = "colo"            # the name Sentinel clients ask for (the pair's service)
 DECIDE_POLL_S = 0.2             # how often a node without a role looks at etcd again
 
 
@@ -305,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Node", "NodeConfig", "PairNode", "load_node_config", "main", "MASTER_NAME"]
+__all__ = ["Node", "NodeConfig", "PairNode", "load_node_config", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,7 +42,7 @@ from enum import Enum
 from itertools import count
 from typing import Self
 
-__all__ = ["SentinelServer", "RequestParser", "ProtocolError", "split_inline", "Status", "Error", "Null", "encode",
+__all__ = ["MASTER_NAME", "SentinelServer", "RequestParser", "ProtocolError", "split_inline", "Status", "Error", "Null", "encode",
            "MAX_ARGS", "MAX_REQUEST_BYTES", "MAX_INLINE_BYTES", "MAX_CLIENTS"]
 
 log = logging.getLogger("colo.sentinel")
@@ -50,6 +50,7 @@ log = logging.getLogger("colo.sentinel")
 Address = tuple[str, int]
 Lookup = Callable[[], Awaitable[Address | None] | Address | None]
 
+MASTER_NAME = "colo"            # the name a protected pair's clients ask for (pair.node serves it)
 MAX_ARGS = 1024                 # arguments in one request (a Sentinel request has at most 3)
 MAX_REQUEST_BYTES = 1 << 20     # one argument, and all of one request's arguments together
 MAX_INLINE_BYTES = 64 << 10     # an inline request line, and a `*`/`$` header line (Redis: 64 KiB)
