@@ -99,17 +99,33 @@ class LocalEtcd:
     Its raft timing is tightened (10 ms heartbeats, 100 ms elections) so that it is up within a
     fraction of a second and grants leases down to 1 s; its data stays in the folder, so that a
     stop and a start (the etcd-down fault) keep the pair's key and leases.
+
+    Elsewhere than on this host's loopback (a network namespace of the tests): `prefix` is put
+    before its command (`ip netns exec NS`), `host` is its address there and the ports are given
+    (a namespace's ports are its own; free_port() looks only at this one's). The health probe then
+    runs through the same prefix, where the address is reachable.
     """
 
-    def __init__(self, folder: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, folder: Path, host: str = "127.0.0.1", *, client_port: int | None = None,
+                 peer_port: int | None = None, prefix: Sequence[str] = ()) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.binary = shutil.which("etcd")
         self.host = host
-        self.client_port = free_port(host)
-        self.peer_port = free_port(host)
+        self.prefix = list(prefix)
+        self.client_port = client_port if client_port is not None else free_port(host)
+        self.peer_port = peer_port if peer_port is not None else free_port(host)
         self.url = f"http://{host}:{self.client_port}"
         self.process: subprocess.Popen | None = None
+
+    _HEALTH_PROBE = """if True:
+        import sys, urllib.request
+        try:
+            with urllib.request.urlopen(sys.argv[1] + "/health", timeout=0.5) as answer:
+                sys.exit(0 if b'"true"' in answer.read() else 1)
+        except OSError:
+            sys.exit(1)
+        """
 
     def start(self, timeout: float = 30.0) -> str:
         """Start it and wait until it answers; returns its client URL."""
@@ -118,7 +134,7 @@ class LocalEtcd:
         peer = f"http://{self.host}:{self.peer_port}"
         log = open(self.folder / "etcd.log", "ab")
         self.process = subprocess.Popen(
-            [self.binary, "--name", "colo", "--data-dir", str(self.folder / "data"),
+            [*self.prefix, self.binary, "--name", "colo", "--data-dir", str(self.folder / "data"),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"colo={peer}", "--heartbeat-interval", "10", "--election-timeout", "100"],
@@ -135,6 +151,13 @@ class LocalEtcd:
         return self.url
 
     def healthy(self) -> bool:
+        if self.prefix:
+            try:
+                probe = subprocess.run([*self.prefix, sys.executable, "-I", "-c", self._HEALTH_PROBE, self.url],
+                                       stdin=subprocess.DEVNULL, capture_output=True, timeout=5)
+            except subprocess.TimeoutExpired:
+                return False
+            return probe.returncode == 0
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as answer:
                 return b'"true"' in answer.read()

@@ -151,9 +151,11 @@ class PairLease:
                                             connect_wait_timeout=self.timeout_s)
             try:
                 return await operation(self._client)
-            except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
-                    aetcd.exceptions.InternalError, asyncio.TimeoutError) as exc:
-                problems.append(f"{self.endpoints[0][0]}:{self.endpoints[0][1]}: {type(exc).__name__}")
+            except (aetcd.exceptions.ClientError, asyncio.TimeoutError) as exc:
+                # Unreachable, timed out, or an error of the server's ("context deadline exceeded"
+                # from a busy etcd): this endpoint did not answer; the next one may.
+                problems.append(f"{self.endpoints[0][0]}:{self.endpoints[0][1]}: {type(exc).__name__}"
+                                + (f" ({exc})" if str(exc) else ""))
                 await self._drop_client()
                 self.endpoints.append(self.endpoints.pop(0))          # the next one, round robin
         raise EtcdUnavailable(f"no etcd endpoint answered ({'; '.join(problems)})")
@@ -326,6 +328,17 @@ class Fence:
         if self.lease is not None:
             await self.lease.close()
 
+    async def connect(self) -> str:
+        """Open the channel to etcd now (a takeover must not pay for it), and say who holds the key."""
+        if self.lease is None:
+            return f"no etcd ({self.mode.value})"
+        try:
+            holder = await self.lease.holder()
+        except EtcdUnavailable as exc:
+            return f"etcd does not answer yet ({exc})"
+        return (f"the pair's key {self.section.key} is held by {holder.node!r} (token {holder.token})"
+                if holder is not None else f"nobody holds the pair's key {self.section.key}")
+
     # -- the active node ---------------------------------------------------------------------
     async def take(self) -> None:
         """Become the active node at start: take the key, or raise KeyHeld (another node is active)."""
@@ -464,6 +477,9 @@ class Fence:
                     revoked = True
                     log.warning("the primary's connection closed without BYE: its lease %x is revoked",
                                 holder.lease_id)
+                    if await lease.acquire(standby=session) is not None:     # (the key went with it)
+                        self._note("active")
+                        return Claim(True, self.token, "took the pair's key")
                     continue
                 now = self.clock()
                 if give_up_at is None:

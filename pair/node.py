@@ -9,6 +9,7 @@ The file holds the agents' sections (checkpointer.config: [guest], [service], [f
     replication = "tcp://10.0.0.1:7800"   # where this node's replica role listens
     service = "10.0.0.1:6379"             # where this node serves the clients when active
     sentinel = "10.0.0.1:26379"           # optional: its discovery endpoint (Redis Sentinel)
+    listen = "tcp://10.0.0.1:7800"        # optional: where it binds, if not `replication` (a proxy)
     [nodes.b]
     ...
 
@@ -38,7 +39,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,11 @@ class PairNode:
     """One node of the pair, as [nodes.NAME] describes it."""
 
     name: str
-    replication: str            # tcp://HOST:PORT: where its replica role listens
+    replication: str            # tcp://HOST:PORT: where the peer's primary connects to its replica role
     service_host: str
     service_port: int
     sentinel: tuple[str, int] | None = None
+    listen: str = ""            # where its replica role binds ("": `replication`)
 
     @property
     def service(self) -> tuple[str, int]:
@@ -109,21 +111,22 @@ def _nodes(table: object, path: str) -> dict[str, PairNode]:
                           f"{', '.join(table) or 'none'}")
     nodes = {}
     for name, entry in table.items():
-        known = {"replication", "service", "sentinel"}
+        known = {"replication", "service", "sentinel", "listen"}
         unknown = set(entry) - known
         if unknown:
             raise ConfigError(f"config file {path}: unknown key nodes.{name}.{sorted(unknown)[0]}; the keys of "
-                              f"a node are replication, service, sentinel")
+                              f"a node are replication, service, sentinel, listen")
         for needed in ("replication", "service"):
             if needed not in entry:
                 raise ConfigError(f"config file {path}: nodes.{name}.{needed} is missing")
         try:
             replication = validate_endpoint(entry["replication"], f"nodes.{name}.replication")
+            listen = validate_endpoint(entry["listen"], f"nodes.{name}.listen", bind=True) if "listen" in entry else ""
         except ValueError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
         host, port = _host_port(entry["service"], f"nodes.{name}.service")
         sentinel = _host_port(entry["sentinel"], f"nodes.{name}.sentinel") if "sentinel" in entry else None
-        nodes[name] = PairNode(name, replication, host, port, sentinel)
+        nodes[name] = PairNode(name, replication, host, port, sentinel, listen)
     return nodes
 
 
@@ -147,7 +150,7 @@ def load_node_config(path: str, name: str, overrides: dict[str, object] | None =
         **({"security.peer_public_key": str(keys / f"{peer.name}.key")} if keys is not None else {})},
         flag_names, data=data)
     replica = load_config("replica", path, {
-        **common, **keyed, "replica.listen": me.replication, "service.host": me.service_host,
+        **common, **keyed, "replica.listen": me.listen or me.replication, "service.host": me.service_host,
         "service.takeover_port": me.service_port,
         **({"security.authorized_keys": str(keys / f"{peer.name}.key")} if keys is not None else {})},
         flag_names, data=data)
@@ -160,14 +163,17 @@ def load_node_config(path: str, name: str, overrides: dict[str, object] | None =
 class Node:
     """One node of the pair: its roles in turn, decided by etcd, over one fence."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, primary_hooks=None) -> None:
+        """`primary_hooks`: the primary roles' test hooks (checkpointer.agent.Hooks: the drill's kill switch)."""
         self.config = config
+        self.primary_hooks = primary_hooks
         self.fence = Fence(config.primary.fencing, config.name)
         self.role = "starting"
         self.agent: PrimaryAgent | ReplicaAgent | None = None
         self.roles: list[dict[str, Any]] = []             # each role change: when, which, the token
         self._stopping = False
         self.sentinel: SentinelServer | None = None
+        self.takeover_ms: float | None = None     # the last takeover's, as its replica role measured it
 
     def _become(self, role: str) -> None:
         self.role = role
@@ -180,7 +186,10 @@ class Node:
             self.agent.stop()
 
     def status_extra(self) -> dict:
-        return {"node": self.config.name, "node_role": self.role, "role_changes": self.roles[-50:]}
+        extra = {"node": self.config.name, "node_role": self.role, "role_changes": self.roles[-50:]}
+        if self.role == "primary" and self.takeover_ms is not None:
+            extra["takeover_ms"] = self.takeover_ms      # the primary role's own figure is None
+        return extra
 
     # -- discovery ---------------------------------------------------------------------------
     async def _active_service(self) -> tuple[str, int] | None:
@@ -247,6 +256,7 @@ class Node:
         done, _ = await asyncio.wait({running, handing}, return_when=asyncio.FIRST_COMPLETED)
         if handing in done:
             guest = handing.result()
+            self.takeover_ms = agent.takeover_ms
             await running
             return guest
         handing.cancel()
@@ -255,7 +265,7 @@ class Node:
 
     async def _run_primary(self, guest) -> None:
         self._become("primary")
-        agent = PrimaryAgent(self.config.primary, guest=guest, fence=self.fence)
+        agent = PrimaryAgent(self.config.primary, guest=guest, fence=self.fence, hooks=self.primary_hooks)
         agent.status_extra = self.status_extra
         self.agent = agent
         await agent.run()
@@ -274,7 +284,9 @@ def node_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, make_node: Callable[[NodeConfig], Node] = Node,
+         signals: Mapping[int, Callable[[], None]] | None = None) -> int:
+    """colo-node; `make_node` and `signals` (more handlers on the loop) serve the drill's harness."""
     configure_logging()
     parser = node_arg_parser()
     args = parser.parse_args(argv)
@@ -284,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_node_config(args.config, args.name, overrides, names, fresh=args.fresh)
         check_listen_addresses(config.replica)
-        node = Node(config)
+        node = make_node(config)
     except (RingError, ValueError) as exc:
         print(f"colo-node: {exc}", file=sys.stderr)
         return 2
@@ -294,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.stop)
+        for sig, handler in (signals or {}).items():
+            loop.add_signal_handler(sig, handler)
         await node.run()
 
     try:

@@ -44,7 +44,7 @@ from .standby import Standby, StagingError
 log = logging.getLogger("colo.replica")
 
 STATUS_HORIZON = 5.0            # seconds of commits the status figures cover
-DISCONNECT_GRACE = 0.02          # seconds between a closed connection and the failover decision
+DISCONNECT_GRACE = 0.002         # seconds between a closed connection and the failover decision
 REPLICA_COMMANDS = (proto.AdoptSession, proto.SendWelcome, proto.SendRefuse, proto.OpenStaging,
                     proto.StagePart, proto.Verify, proto.Commit, proto.SendAck, proto.Discard,
                     proto.SendHeartbeat, proto.ClaimLease, proto.Failover, proto.Log)
@@ -163,6 +163,7 @@ class ReplicaAgent:
         if self.socket is None:
             self.bind()
         log.info("replica listening on %s", self.endpoint)
+        log.info("fencing: %s", await self.fence.connect())
         await self.runtime.run([self._recv_loop, self._monitor_loop, self._tick_loop, self._status_loop],
                                self._shutdown)
 

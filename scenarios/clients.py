@@ -67,8 +67,9 @@ class Worker:
     """One client with its own keys, following the active node through the discovery endpoints."""
 
     index: int
-    sentinels: Sequence[tuple[str, int]]
+    sentinels: Sequence[tuple[str, int]] = ()
     timeout_s: float = 5.0
+    fixed: tuple[str, int] | None = None        # always this address (a single unfenced service)
     sent: dict[str, list[bytes]] = field(default_factory=dict)      # key -> values in send order
     acked: dict[str, int] = field(default_factory=dict)             # key -> index of last acked SET
     incr_sent: int = 0
@@ -80,6 +81,8 @@ class Worker:
 
     def active(self) -> tuple[str, int] | None:
         """The active node's service address, as the discovery endpoints say now (None: no answer)."""
+        if self.fixed is not None:
+            return self.fixed
         try:
             return Sentinel(list(self.sentinels), socket_timeout=1.0,
                             retry=Retry(NoBackoff(), 0)).discover_master(MASTER_NAME)
@@ -212,6 +215,7 @@ def load_workers(path: str) -> list[Worker]:
             record["sent"] = {k: [v.encode("latin-1") for v in vs] for k, vs in record["sent"].items()}
             record["acks"] = [Ack(tuple(a["node"]), a["sent"], a["received"]) for a in record["acks"]]
             record["sentinels"] = [tuple(s) for s in record["sentinels"]]
+            record["fixed"] = tuple(record["fixed"]) if record["fixed"] else None
             workers.append(Worker(**record))
     return workers
 

@@ -19,13 +19,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
-from checkpointer.cluster import ClusterError, endpoint, ensure_keys
+from checkpointer.cluster import Cluster, ClusterError, endpoint, ensure_keys, free_port
 
-from .drill import Service, Worker, start_service
+from .clients import Worker
 from .tune_model import PRIOR_PER_PAGE_US, model_report, parse_predict, recommend, toml_snippet
 
 QUICK = {"rings": [1024], "dirty_pages": [64, 256, 768], "intervals_ms": [5.0, 20.0],
@@ -56,8 +58,30 @@ class Control:
         self.context.term()
 
 
+@dataclass
+class Service:
+    """The kvstore under measurement: a replica and a primary as processes (manual: no fencing,
+    no failover), and where the primary serves."""
+
+    cluster: Cluster
+    primary_port: int
+
+
+def start_service(folder: Path, keys: Path, logs: Path, primary_flags: Sequence[str] = (),
+                  with_replica: bool = True) -> Service:
+    """A replica (unless `with_replica` is false: the primary then runs its guest alone) and a
+    primary running the kvstore guest."""
+    cluster = Cluster(folder, keys=keys, logs=logs, common=["--heartbeat-ms", "50", "--timeout-ms", "500"])
+    service = Service(cluster, free_port())
+    if with_replica:
+        cluster.start_replica()
+    cluster.start_primary(["--workload", "kvstore", "--service-port", str(service.primary_port), "--vcpus", "1",
+                           "--memory-mib", "64", "--report-every", "50", *primary_flags])
+    return service
+
+
 def _load(service: Service, workers: int, stop: threading.Event) -> list[Worker]:
-    clients = [Worker(i, service.primary_port) for i in range(workers)]
+    clients = [Worker(i, fixed=("127.0.0.1", service.primary_port)) for i in range(workers)]
     for number, client in enumerate(clients):
         threading.Thread(target=client.run, args=(stop, number), daemon=True).start()
     return clients
@@ -105,7 +129,7 @@ def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=prin
     settings = []
     with tempfile.TemporaryDirectory(prefix="colo-tune-") as tmp:
         # the same load, unprotected (no replica: the primary runs its guest alone)
-        service = start_service(Path(tmp), keys, "none:0", log_dir, primary_flags=guest_flags, with_replica=False)
+        service = start_service(Path(tmp), keys, log_dir, primary_flags=guest_flags, with_replica=False)
         cluster = service.cluster
         stop = threading.Event()
         try:
@@ -121,7 +145,7 @@ def sweep(grid: dict, seconds: float, workers: int, log_dir: Path, progress=prin
         progress(f"unprotected: {baseline:.0f} {'ops' if service_workload else 'writes'}/s")
         for ring in grid["rings"]:
             control_endpoint = endpoint()
-            service = start_service(Path(tmp), keys, "none:0", log_dir,
+            service = start_service(Path(tmp), keys, log_dir,
                                     primary_flags=[*guest_flags, "--ring-entries", str(ring), "--control",
                                                    control_endpoint])
             cluster = service.cluster
