@@ -114,6 +114,9 @@ class PrimaryAgent:
                                 lambda: self.protocol.next_epoch)
         self.fence = fence if fence is not None else Fence(config.fencing, node_name(config.fencing, "primary"))
         self._fence_taken = fence is not None
+        if self.fence.mode.value == "off":
+            log.warning("NO FENCING (--no-fencing): a replica that takes this guest over on silence while this "
+                        "primary still runs makes TWO ACTIVE NODES: SPLIT BRAIN")
         self.output = OutputBuffer(gate=self.fence.may_serve)
         self._declaring = asyncio.Lock()          # standby declarations reach etcd in order
         self.unprotected_since: float | None = time.time()     # wall time protection was last lost

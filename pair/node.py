@@ -104,6 +104,9 @@ def _host_port(value: object, key: str) -> tuple[str, int]:
 
 
 def _nodes(table: object, path: str) -> dict[str, PairNode]:
+    if table is None:
+        raise ConfigError(f"config file {path}: no [nodes] table: name both nodes of the pair ([nodes.a], "
+                          f"[nodes.b], each with replication and service)")
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise ConfigError(f"config file {path}: [nodes] must hold one table per node ([nodes.a], [nodes.b])")
     if len(table) != 2:
