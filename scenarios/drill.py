@@ -264,7 +264,12 @@ def summarize(per_run: list[dict]) -> dict:
             "lost_writes": sum(r["lost_writes"] for r in per_run),
             "dual_active": sum(r["dual_active"] for r in per_run),
             "takeover_ms_p50": _percentile(takeovers, 50), "takeover_ms_p99": _percentile(takeovers, 99),
-            "reprotect_s_p50": _percentile(reprotects, 50), "reprotect_s_p99": _percentile(reprotects, 99)}
+            "reprotect_s_p50": _percentile(reprotects, 50), "reprotect_s_p99": _percentile(reprotects, 99),
+            "takeover_ms_by_fault": {fault: {"p50": _percentile(times, 50), "p99": _percentile(times, 99),
+                                             "strikes": len(times)}
+                                     for fault in FAULTS
+                                     if (times := [t for r in per_run if r["fault"] == fault
+                                                   for t in r.get("takeovers_ms", [])])}}
 
 
 def summary_line(summary: dict) -> str:
@@ -290,13 +295,17 @@ def format_report(report: dict) -> str:
         lines += [f"      {problem}" for problem in r["problems"]]
     if any("*" in r["kill_point"] for r in report["per_run"]):
         lines.append("* the chosen point was not reached within 30 s: the node was killed from outside")
+    for fault, figures in report["summary"]["takeover_ms_by_fault"].items():
+        lines.append(f"takeover after {fault}: p50 {figures['p50']:.0f} ms, p99 {figures['p99']:.0f} ms "
+                     f"({figures['strikes']} strikes)")
     lines.append(summary_line(report["summary"]))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="colo-drill", description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=1, help="runs, each with a fresh pair")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="runs, each with a fresh pair (default 1; with --fault all, one per fault)")
     parser.add_argument("--fault", choices=(*FAULTS, "all"), default="kill",
                         help="what strikes the primary (all: each in turn, run by run)")
     parser.add_argument("--cycles", type=int, default=1,
@@ -311,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd", default=None, metavar="URL[,URL...]",
                         help="the etcd that fences the pair (default: a local one the drill starts)")
     args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = len(FAULTS) if args.fault == "all" else 1
     if args.runs < 1 or args.workers < 1 or args.cycles < 1 or args.warmup < 0:
         parser.error("--runs, --cycles and --workers must be at least 1, --warmup not negative")
     if args.etcd is not None and args.fault in ("etcd-down", "all"):
