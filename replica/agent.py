@@ -197,25 +197,34 @@ class ReplicaAgent:
 
     # -- frames --------------------------------------------------------------------
     async def _monitor_loop(self) -> None:
-        from zmq.utils.monitor import parse_monitor_message
         while True:
-            event = parse_monitor_message(await self.monitor.recv_multipart())
-            # (HANDSHAKE_SUCCEEDED carries no fd, so connections are counted from ACCEPTED: a
-            # refused peer can only close its own connection, never empty the set under a live primary)
-            if event["event"] == zmq.EVENT_ACCEPTED:
-                self._connections.add(event["value"])
-            elif event["event"] == zmq.EVENT_DISCONNECTED and event["value"] in self._connections:
-                self._connections.discard(event["value"])
+            if self._connection_event(await self.monitor.recv_multipart()) and not self._connections:
+                # What the primary sent before it went (a BYE, an epoch's end) must be handled
+                # first: the receive loop takes it from ZeroMQ's queue meanwhile.
+                await asyncio.sleep(DISCONNECT_GRACE)
+                deadline = time.monotonic() + 1.0
+                while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                # A reconnecting primary's new connection may be accepted already (its HELLO even
+                # handled) with the event still queued behind this close: count it first.
+                while await self.monitor.poll(0):
+                    self._connection_event(await self.monitor.recv_multipart())
                 if not self._connections:
-                    # What the primary sent before it went (a BYE, an epoch's end) must be handled
-                    # first: the receive loop takes it from ZeroMQ's queue meanwhile.
-                    await asyncio.sleep(DISCONNECT_GRACE)
-                    deadline = time.monotonic() + 1.0
-                    while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
-                        await asyncio.sleep(0.001)
-                    if not self._connections:
                         now = time.monotonic()
                         self._feed(proto.PrimaryDisconnected(now, self._stalled(now)))
+
+    def _connection_event(self, message: list[bytes]) -> bool:
+        """Count the connections from a socket-monitor event; True if one of ours closed."""
+        from zmq.utils.monitor import parse_monitor_message
+        event = parse_monitor_message(message)
+        # (HANDSHAKE_SUCCEEDED carries no fd, so connections are counted from ACCEPTED: a
+        # refused peer can only close its own connection, never empty the set under a live primary)
+        if event["event"] == zmq.EVENT_ACCEPTED:
+            self._connections.add(event["value"])
+        elif event["event"] == zmq.EVENT_DISCONNECTED and event["value"] in self._connections:
+            self._connections.discard(event["value"])
+            return True
+        return False
 
     def _stalled(self, now: float) -> bool:
         """Whether this process stood still lately (then a close proves nothing: fencing S3)."""

@@ -84,8 +84,10 @@ class Worker:
         if self.fixed is not None:
             return self.fixed
         try:
-            return Sentinel(list(self.sentinels), socket_timeout=1.0,
-                            retry=Retry(NoBackoff(), 0)).discover_master(MASTER_NAME)
+            # (sentinel_kwargs: redis-py's retry for the endpoints themselves, else a silent one
+            # is retried with backoff for tens of seconds)
+            once = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, "retry": Retry(NoBackoff(), 0)}
+            return Sentinel(list(self.sentinels), sentinel_kwargs=once, **once).discover_master(MASTER_NAME)
         except ERRORS:
             return None
 

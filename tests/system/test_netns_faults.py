@@ -417,13 +417,7 @@ def test_cut_between_the_nodes(pair: NetPair) -> None:
     assert not pair.acks_of(acks, "b"), "b answered clients"
 
 
-# The clients' discovery (scenarios/clients.py, Worker.active) gives its no-retry policy to the
-# master connections only: redis-py passes just `sentinel_kwargs` (by default the socket_* options)
-# to the connections to the sentinels, which so keep redis.Redis's default Retry (10 retries with
-# backoff). With a's sentinel silent, each discovery takes ~37 s, and the clients find b only ~48 s
-# after the isolation. Everything else this test asserts passes when it waits that long.
-@pytest.mark.xfail(strict=True, raises=PairError,
-                   reason="product bug: the clients' Sentinel discovery retries a silent sentinel for ~37 s")
+
 def test_isolate_the_primary(pair: NetPair) -> None:
     """Fault 4: a cut off from everything fences itself; b takes over after the lease; a, back,
     steps down to b's replica and b protects the pair."""
