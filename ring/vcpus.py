@@ -134,6 +134,9 @@ class VcpuRunner:
         count = len(self._executors)
         self._parked = [False] * count
         self._hold: list[str | None] = [None] * count
+        # park reasons released while the vCPU was running: its exit for that reason may come
+        # before the release, and must not park it then (a raised limit would be lost)
+        self._released: list[set[str]] = [set() for _ in range(count)]
         self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"vcpu{i}", daemon=True)
                          for i in range(count)]
         self._started = False
@@ -210,6 +213,8 @@ class VcpuRunner:
             if self._hold[index] == reason:
                 self._hold[index] = None
                 self._cond.notify_all()
+            elif not self._parked[index]:
+                self._released[index].add(reason)
 
     def close(self) -> None:
         with self._cond:
@@ -239,6 +244,7 @@ class VcpuRunner:
                     self._cond.notify_all()
                     return
                 self._parked[index] = False
+                self._released[index].clear()
                 executor.allow_run()
             try:
                 event, park = self._handle(index, executor, executor.run())
@@ -246,7 +252,8 @@ class VcpuRunner:
                 event, park = Fault(index, "exception", repr(exc)), "fault"
             if park is not None:
                 with self._cond:
-                    self._hold[index] = park
+                    if park not in self._released[index]:
+                        self._hold[index] = park
             if event is not None:
                 try:
                     self._sink(event)
