@@ -351,8 +351,9 @@ def _runs(args: argparse.Namespace, rng: random.Random, seed: int, log_dir: Path
     bar = tqdm(total=args.runs, desc="drill", file=sys.stderr, disable=args.runs < 2 or not live)
     for number in range(1, args.runs + 1):
         fault = FAULTS[(number - 1) % len(FAULTS)] if args.fault == "all" else args.fault
-        # kill points: random first, then every kind in turn, strike after strike, run after run
-        start = (number - 1) * args.cycles
+        # kill points: random first, then every kind in turn, strike after strike, kill run after kill run
+        kill_runs_before = (number - 1) // len(FAULTS) if args.fault == "all" else number - 1
+        start = kill_runs_before * args.cycles
         points = [args.kill_point] if args.kill_point else \
             [KILL_POINTS[(start + i) % len(KILL_POINTS)] for i in range(args.cycles)]
         point = ",".join(points)
