@@ -108,6 +108,10 @@ class KillSwitch:
         self.checkpoints = 0                 # protected checkpoints seen
         self.target: int | None = None       # the epoch to die in
 
+    def arm(self, at: KillAt | None) -> None:
+        """Aim at `at` from now on: its N counts protected checkpoints from this moment."""
+        self.at, self.checkpoints, self.target = at, 0, None
+
     @classmethod
     def for_agent(cls, at: KillAt | None, agent: Callable[[], PrimaryAgent], **options) -> KillSwitch:
         """A switch reading the protocol's state and the held output of `agent()` (called late:

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -133,6 +135,29 @@ def _nodes(table: object, path: str) -> dict[str, PairNode]:
     return nodes
 
 
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))                 # a TOML basic string (JSON's escapes are TOML's)
+
+
+def pair_file(sections: Mapping[str, Mapping[str, object]], nodes: Sequence[PairNode]) -> str:
+    """A pair file: the agents' `sections` and the [nodes] table of `nodes` (what load_node_config reads)."""
+    lines = []
+    for section, table in sections.items():
+        lines += [f"[{section}]", *(f"{key} = {_toml(value)}" for key, value in table.items())]
+    for node in nodes:
+        lines += [f"[nodes.{node.name}]", f"replication = {_toml(node.replication)}",
+                  f"service = {_toml(f'{node.service_host}:{node.service_port}')}"]
+        if node.sentinel is not None:
+            lines.append(f"sentinel = {_toml(f'{node.sentinel[0]}:{node.sentinel[1]}')}")
+        if node.listen:
+            lines.append(f"listen = {_toml(node.listen)}")
+    return "\n".join(lines) + "\n"
+
+
 def load_node_config(path: str, name: str, overrides: dict[str, object] | None = None,
                      flag_names: dict[str, str] | None = None, fresh: bool = False) -> NodeConfig:
     """colo-node NAME's configuration from the pair's file (and flags); ConfigError naming what is wrong."""
@@ -216,10 +241,10 @@ class Node:
             await self.sentinel.start()
         try:
             while not self._stopping:
-                guest = await self._decide()
+                role = await self._decide()
                 if self._stopping:
                     break
-                if guest == "replica":
+                if role == "replica":
                     handed = await self._run_replica()
                     if handed is None:
                         continue
@@ -305,7 +330,6 @@ def main(argv: Sequence[str] | None = None, *, make_node: Callable[[NodeConfig],
         return 2
 
     async def run() -> None:
-        import signal
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.stop)
@@ -321,7 +345,7 @@ def main(argv: Sequence[str] | None = None, *, make_node: Callable[[NodeConfig],
     return 0
 
 
-__all__ = ["Node", "NodeConfig", "PairNode", "load_node_config", "main"]
+__all__ = ["Node", "NodeConfig", "PairNode", "load_node_config", "pair_file", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ from typing import Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from checkpointer import protocol as proto
 from checkpointer import wire
@@ -215,7 +216,6 @@ class ReplicaAgent:
 
     def _connection_event(self, message: list[bytes]) -> bool:
         """Count the connections from a socket-monitor event; True if one of ours closed."""
-        from zmq.utils.monitor import parse_monitor_message
         event = parse_monitor_message(message)
         # (HANDSHAKE_SUCCEEDED carries no fd, so connections are counted from ACCEPTED: a
         # refused peer can only close its own connection, never empty the set under a live primary)

@@ -290,8 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for thread in threads:
         thread.start()
     print("clients running", flush=True)
-    while not stop.wait(0.5):
-        pass
+    stop.wait()
     for thread in threads:
         thread.join(30)
     save_workers(workers, args.out)

@@ -27,6 +27,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,12 +38,15 @@ from pathlib import Path
 from checkpointer.cluster import Cluster, ClusterError, LocalEtcd, free_port
 from checkpointer.security import generate_keys
 
+from pair.node import PairNode, pair_file
+
 from .clients import Eras, Worker, dual_active, one_try
 from .linkproxy import LinkProxy
 
 FAULTS = ("kill", "freeze", "partition", "slow", "etcd-down")
 KILL_POINTS = ("random", "transfer", "after-end", "heavy-output", "between")
 NODES = ("a", "b")
+GUEST = {"workload": "kvstore", "vcpus": 1, "memory_mib": 64, "report_every": 50}   # the drills' guest
 TTL_S = 1                        # the pair's lease (etcd grants whole seconds)
 RENEW_MS = 100
 HEARTBEAT_MS = 20
@@ -63,18 +67,17 @@ class Pair:
         self.services = {name: free_port() for name in NODES}
         self.sentinels = {name: ("127.0.0.1", free_port()) for name in NODES}
         self.proxies: dict[str, LinkProxy] = {}
-        lines = ["[guest]", 'workload = "kvstore"', "vcpus = 1", "memory_mib = 64", "report_every = 50",
-                 "[replication]", f"heartbeat_ms = {HEARTBEAT_MS}", f"timeout_ms = {TIMEOUT_MS}",
-                 "[security]", f'keys_dir = "{keys}"',
-                 "[fencing]", f'etcd = "{etcd}"', f'key = "{key}"', f"ttl_s = {TTL_S}", f"renew_ms = {RENEW_MS}"]
+        nodes = []
         for name in NODES:
             listen, advertised = free_port(), free_port()
             self.proxies[name] = LinkProxy(("127.0.0.1", advertised), ("127.0.0.1", listen)).start()
-            lines += [f"[nodes.{name}]", f'replication = "tcp://127.0.0.1:{advertised}"',
-                      f'listen = "tcp://127.0.0.1:{listen}"', f'service = "127.0.0.1:{self.services[name]}"',
-                      f'sentinel = "127.0.0.1:{self.sentinels[name][1]}"']
+            nodes.append(PairNode(name, f"tcp://127.0.0.1:{advertised}", "127.0.0.1", self.services[name],
+                                  self.sentinels[name], listen=f"tcp://127.0.0.1:{listen}"))
         self.file = folder / "pair.toml"
-        self.file.write_text("\n".join(lines) + "\n")
+        self.file.write_text(pair_file({
+            "guest": GUEST, "replication": {"heartbeat_ms": HEARTBEAT_MS, "timeout_ms": TIMEOUT_MS},
+            "security": {"keys_dir": str(keys)},
+            "fencing": {"etcd": etcd, "key": key, "ttl_s": TTL_S, "renew_ms": RENEW_MS}}, nodes))
 
     @property
     def addresses(self) -> dict[tuple[str, int], str]:
@@ -145,7 +148,7 @@ def strike(pair: Pair, fault: str, point: str, rng: random.Random, etcd: LocalEt
             process.send_signal(signal.SIGUSR2)     # arm its kill switch (SIGUSR1 kicks vCPUs)
             try:
                 process.wait(30)
-            except Exception:                       # the point was not reached: killed from outside
+            except subprocess.TimeoutExpired:       # the point was not reached: killed from outside
                 struck = f"{point}*"
             pair.cluster.kill(primary)
         pair.wait(f"{other} to take over", lambda: pair.status(other).get("node_role") == "primary")

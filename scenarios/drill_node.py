@@ -36,11 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     def arm() -> None:
         text = Path(args.kill_file).read_text().strip()
         try:
-            switch.at = parse_kill_at(text, DRILL_POINTS)
+            switch.arm(parse_kill_at(text, DRILL_POINTS))
         except ValueError as exc:
             log.error("kill file %s: %s", args.kill_file, exc)
             return
-        switch.checkpoints, switch.target = 0, None
         log.warning("kill switch armed: %s", text)
 
     def make(config) -> Node:

@@ -31,7 +31,9 @@ import pytest
 
 from checkpointer.cluster import LocalEtcd
 from checkpointer.security import generate_keys
+from pair.node import PairNode, pair_file
 from scenarios.clients import Ack, Eras, load_workers
+from scenarios.drill import GUEST
 from tests import netns
 from tests.netns import Network
 
@@ -69,18 +71,14 @@ class NetPair:
             generate_keys(keys, name)
         self.etcd = LocalEtcd(folder / "etcd", self.ip["w"], client_port=ETCD_CLIENT_PORT,
                               peer_port=ETCD_PEER_PORT, prefix=network.command("w", []))
-        lines = ["[guest]", 'workload = "kvstore"', "vcpus = 1", "memory_mib = 64", "report_every = 50",
-                 "[replication]", "heartbeat_ms = 20", f"timeout_ms = {int(TIMEOUT_S * 1000)}",
-                 "[security]", f'keys_dir = "{keys}"',
-                 "[status]", "log_interval_s = 0.2",            # the status file every 0.2 s too
-                 "[fencing]", f'etcd = "{self.etcd.url}"', 'key = "/colo-ring/netns"', f"ttl_s = {TTL_S}",
-                 "renew_ms = 100"]
-        for name in NODES:
-            lines += [f"[nodes.{name}]", f'replication = "tcp://{self.ip[name]}:{REPLICATION_PORT}"',
-                      f'service = "{self.ip[name]}:{SERVICE_PORT}"',
-                      f'sentinel = "{self.ip[name]}:{SENTINEL_PORT}"']
         self.file = folder / "pair.toml"
-        self.file.write_text("\n".join(lines) + "\n")
+        self.file.write_text(pair_file({
+            "guest": GUEST, "replication": {"heartbeat_ms": 20, "timeout_ms": int(TIMEOUT_S * 1000)},
+            "security": {"keys_dir": str(keys)},
+            "status": {"log_interval_s": 0.2},                      # the status file every 0.2 s too
+            "fencing": {"etcd": self.etcd.url, "key": "/colo-ring/netns", "ttl_s": TTL_S, "renew_ms": 100}},
+            [PairNode(name, f"tcp://{self.ip[name]}:{REPLICATION_PORT}", self.ip[name], SERVICE_PORT,
+                      (self.ip[name], SENTINEL_PORT)) for name in NODES]))
         self.service = {name: (self.ip[name], SERVICE_PORT) for name in NODES}
         self.processes: dict[str, subprocess.Popen] = {}
         self.expected_exit: set[str] = set()

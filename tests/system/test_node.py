@@ -17,6 +17,8 @@ from redis.sentinel import Sentinel
 
 from checkpointer.cluster import Cluster, LocalEtcd, endpoint, free_port
 from checkpointer.security import generate_keys
+from pair.node import PairNode, pair_file
+from scenarios.drill import GUEST
 
 pytestmark = [pytest.mark.kvm,
               pytest.mark.skipif(shutil.which("etcd") is None,
@@ -34,17 +36,12 @@ class Pair:
             generate_keys(keys, name)
         self.sentinels = {name: ("127.0.0.1", free_port()) for name in NODES}
         self.services = {name: free_port() for name in NODES}
-        lines = ["[guest]", 'workload = "kvstore"', "vcpus = 1", "memory_mib = 64", "report_every = 50",
-                 "[replication]", "heartbeat_ms = 20", "timeout_ms = 1000",
-                 "[security]", f'keys_dir = "{keys}"',
-                 "[fencing]", f'etcd = "{etcd.url}"', 'key = "/colo-ring/node-test"', "ttl_s = 1",
-                 "renew_ms = 100"]
-        for name in NODES:
-            lines += [f"[nodes.{name}]", f'replication = "{endpoint()}"',
-                      f'service = "127.0.0.1:{self.services[name]}"',
-                      f'sentinel = "127.0.0.1:{self.sentinels[name][1]}"']
         self.file = folder / "pair.toml"
-        self.file.write_text("\n".join(lines) + "\n")
+        self.file.write_text(pair_file({
+            "guest": GUEST, "replication": {"heartbeat_ms": 20, "timeout_ms": 1000},
+            "security": {"keys_dir": str(keys)},
+            "fencing": {"etcd": etcd.url, "key": "/colo-ring/node-test", "ttl_s": 1, "renew_ms": 100}},
+            [PairNode(name, endpoint(), "127.0.0.1", self.services[name], self.sentinels[name]) for name in NODES]))
         self.acked: dict[str, bytes] = {}
         self.counter = 0
 

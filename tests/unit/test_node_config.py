@@ -60,3 +60,12 @@ def test_an_unknown_name_and_a_missing_file_exit_2_with_one_line(tmp_path, capsy
     assert "--name 'z': the nodes in" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "none.toml"), "--name", "a"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_pair_file_written_is_the_pair_file_read(tmp_path) -> None:
+    from pair.node import PairNode, pair_file
+    nodes = [PairNode("a", "tcp://127.0.0.1:7801", "127.0.0.1", 6381, ("127.0.0.1", 26381), "tcp://127.0.0.1:7901"),
+             PairNode("b", "tcp://127.0.0.1:7802", "127.0.0.1", 6382)]
+    text = pair_file({"guest": {"workload": "kvstore", "vcpus": 1}, "fencing": {"etcd": "http://h:2379"}}, nodes)
+    config = load_node_config(write(tmp_path, text), "a")
+    assert list(config.nodes.values()) == nodes and config.primary.guest.vcpus == 1
