@@ -7,7 +7,9 @@ Keys, under the pair's key K (``[fencing] key``):
 - ``K``: the active node's name, put under its lease (a TTL, renewed by the holder). Its create
   revision is the **fencing token**: unique, and larger for every new holder.
 - ``K/standby``: the replica session whose standby holds every write the active node ever
-  acknowledged ("none" when no replica does). Not leased: it outlives a dead holder.
+  acknowledged ("none" when no replica does). Not leased: it outlives a dead holder. Every
+  acquisition of K writes it in the same transaction, so its mod revision also says whether anyone
+  took K since a node's own last write of it (S5).
 
 Facts about etcd the rules rest on: a key put with a lease disappears when the lease expires or is
 revoked; a transaction is atomic, so ``create_revision(K) == 0`` (K absent) lets exactly one of two
@@ -54,7 +56,11 @@ or K held by the other node with a larger revision) knows it was superseded and 
 guest paused. Nobody else can become active either (creating K needs etcd). The service stops and
 nothing is lost: the price of never running two active nodes. When etcd answers again within the
 lease (extended by the election), the holder renews and goes on; if its lease ended, it takes K
-again if nobody else did (its guest is the newest state: nobody served since).
+again only if nobody else took it meanwhile: the retake's transaction needs K absent **and** the mod
+revision of ``K/standby`` still that of this node's own last write of it (any other acquisition
+rewrites it). Then its guest is the newest state: nobody served since. Otherwise another node was
+active after it (took K and lost it again, say to an etcd that stalled past its TTL), and this
+node's guest misses that node's writes: it steps down, even with K absent.
 """
 
 from __future__ import annotations
@@ -138,6 +144,7 @@ class PairLease:
         self.timeout_s = timeout_s
         self.clock = clock
         self.holding: Holding | None = None
+        self.standby_revision = 0       # the revision of our last write of the standby key (S5)
         self._client: aetcd.Client | None = None
 
     # -- etcd ------------------------------------------------------------------------------
@@ -175,11 +182,15 @@ class PairLease:
     def _valid_until(self, sent: float, ttl: float) -> float:
         return sent + ttl * (1 - DRIFT) - MARGIN_S
 
-    async def acquire(self, standby: int | None = None, *, first: bool = False) -> Holding | None:
+    async def acquire(self, standby: int | None = None, *, first: bool = False,
+                      retake: bool = False) -> Holding | None:
         """Create the key if it is absent (and, given `standby`, if the standby key names that
-        session; `first`: if the pair never ran, i.e. there is no standby key at all); None if the
-        transaction failed. The standby key becomes "none" (S2)."""
+        session; `first`: if the pair never ran, i.e. there is no standby key at all; `retake`: if
+        nobody wrote the standby key since we last did, i.e. nobody took the key since we held it);
+        None if the transaction failed. The standby key becomes "none" (S2)."""
         sent = self.clock()
+        if retake and self.standby_revision == 0:
+            return None                         # we never wrote it: we cannot know who did since
 
         async def take(client):
             lease = await client.lease(max(1, round(self.ttl_s)))
@@ -189,6 +200,8 @@ class PairLease:
                 compare.append(t.value(self.standby_key) == str(standby).encode())
             if first:
                 compare.append(t.create(self.standby_key) == 0)
+            if retake:
+                compare.append(t.mod(self.standby_key) == self.standby_revision)
             ok, responses = await client.transaction(
                 compare=compare,
                 success=[t.put(self.key, self.node.encode(), lease=lease),
@@ -196,8 +209,9 @@ class PairLease:
             if not ok:
                 await client.revoke_lease(lease.id)
                 return None
-            return Holding(responses[0].response_put.header.revision, lease.id,
-                           self._valid_until(sent, lease.ttl))
+            revision = responses[0].response_put.header.revision      # one revision per transaction
+            self.standby_revision = revision
+            return Holding(revision, lease.id, self._valid_until(sent, lease.ttl))
 
         self.holding = await self._call(take)
         return self.holding
@@ -232,8 +246,10 @@ class PairLease:
 
         async def write(client):
             t = client.transactions
-            ok, _ = await client.transaction(compare=[t.create(self.key) == holding.token],
-                                             success=[t.put(self.standby_key, value)], failure=[])
+            ok, responses = await client.transaction(compare=[t.create(self.key) == holding.token],
+                                                     success=[t.put(self.standby_key, value)], failure=[])
+            if ok:
+                self.standby_revision = responses[0].response_put.header.revision
             return ok
 
         return await self._call(write)
@@ -410,7 +426,7 @@ class Fence:
                             changed(LeaseChange.RENEWED, "the lease was renewed")
                         continue
                     self._lost(changed, "the lease expired or was revoked")
-                if await lease.acquire() is not None:
+                if await lease.acquire(retake=True) is not None:
                     self.fenced = False
                     self.problem = ""
                     self._note("retaken")
@@ -418,7 +434,12 @@ class Fence:
                                                  f"else had")
                     continue
                 holder = await lease.holder()
-                if holder is not None and holder.node != self.node:
+                if holder is None:
+                    self._note("superseded")
+                    changed(LeaseChange.SUPERSEDED, "another node took the pair's key since we held it "
+                                                    "(and has lost it again): our guest misses its writes")
+                    return
+                if holder.node != self.node:
                     self._note(f"superseded by {holder.node}")
                     changed(LeaseChange.SUPERSEDED, f"node {holder.node!r} holds the pair's key (token "
                                                     f"{holder.token}): it is the active node now")

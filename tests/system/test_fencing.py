@@ -108,3 +108,29 @@ def test_a_takeover_needs_the_standby_key_to_name_the_replicas_session(etcd) -> 
             await b.close()
 
     asyncio.run(scenario())
+
+
+def test_a_holder_retakes_the_key_only_if_nobody_took_it_since(etcd) -> None:
+    """Fencing S5: a node whose lease ended takes the key again only if no other node held it
+    meanwhile, even when that node's lease has ended too (an etcd that stalled past both TTLs)."""
+    async def scenario() -> None:
+        a, b = PairLease(etcd, "/colo/retake", "a", 5), PairLease(etcd, "/colo/retake", "b", 5)
+        try:
+            assert await b.acquire(retake=True) is None               # b never held it: no retake
+            await a.acquire()
+            assert await a.declare_standby(7)
+            await a.revoke(a.holding.lease_id)                        # a's lease ends; nobody took K
+            assert (retaken := await a.acquire(retake=True)) is not None
+            assert await a.declare_standby(7)                         # (its replica synced again)
+            await b.revoke(retaken.lease_id)                          # a is gone: b takes over
+            assert await b.acquire(standby=7) is not None
+            await b.revoke(b.holding.lease_id)                        # and b's lease ends too
+            assert await b.holder() is None
+            assert await a.acquire(retake=True) is None               # a's guest misses b's writes
+            assert await a.holder() is None
+            assert await b.acquire(retake=True) is not None           # b's guest is the newest
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
