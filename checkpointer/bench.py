@@ -1,6 +1,7 @@
 """Benchmark of the protected guest: pause, rate and bandwidth against floors measured in the same run.
 
-    python -m checkpointer.bench [--quick] [--json] [--seconds S]
+    python -m checkpointer.bench [--quick] [--json] [--seconds S] [--sections points,rate,service]
+                                 [--requests N] [--clients C] [--logs DIR]
 
 For each dirty-set size (64, 256, 1024, 4032 pages per epoch) a primary agent
 runs the `uniform` workload protected by a replica in another process (over
@@ -16,8 +17,10 @@ A guest's first write to a page after a reset costs a write fault (about
 and is reported apart (`first_write_us`, measured here) so that the pause
 measures our code. Then a guest that dirties at most 8 pages per epoch runs
 with the interval trigger as short as the agent allows, for the highest
-sustained checkpoint rate. Medians of one run on a shared, noisy machine:
-compare ratios.
+sustained checkpoint rate (the `rate` section). Then the `service` section
+(checkpointer.bench_service): redis-benchmark against a real redis-server, the
+kvstore guest unprotected and the kvstore guest protected, in the same run.
+Medians of one run on a shared, noisy machine: compare ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ring.backend import kvm_status, open_machine
 from ring.machine import MachineConfig
 from ring.workloads import Workload
 
+from . import bench_service
 from .agent import PrimaryAgent
 from .cluster import Cluster
 from .config import load_config
@@ -43,6 +47,7 @@ from .snapshot import StagingPool, gather
 
 log = logging.getLogger("colo.bench")
 SIZES = (64, 256, 1024, 4032)
+SECTIONS = ("points", "rate", "service")
 MEMORY_MIB = 64
 
 
@@ -128,15 +133,20 @@ def _floor(pages: int, rounds: int) -> tuple[float, float]:
     return float(np.median(times)) / 1000, float(np.median(first_write)) / 1000
 
 
-def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, logs: Path | None = None) -> dict:
-    """The benchmark; the replica's log goes to `logs` (a folder) if given, else with the run."""
+def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, logs: Path | None = None,
+        sections=("points", "rate")) -> dict:
+    """The `points` and `rate` sections (those of `sections`); the replica's log goes to `logs` (a
+    folder) if given, else with the run."""
     logging.getLogger("colo").setLevel(logging.WARNING)
     logging.getLogger("ring").setLevel(logging.WARNING)
     points = []
+    report: dict = {}
+    if not {"points", "rate"} & set(sections):
+        return report
     with Cluster(logs=logs, common=["--heartbeat-ms", "50", "--timeout-ms", "2000"]) as cluster:
         cluster.start_replica()
         first_write_us = []
-        for pages in sizes:
+        for pages in (sizes if "points" in sections else ()):
             print(f"  {pages} pages per epoch...", file=sys.stderr)
             working_set = (MEMORY_MIB << 20) // 4096
             overrides = {"guest.ring_entries": _ring_for(pages), "triggers.max_interval_ms": 0.0,
@@ -163,57 +173,99 @@ def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, logs: Pa
                 "slowdown": unprotected / result["rate"] if result["rate"] else float("inf"),
                 "pause_parts_us_p50": result["status"].get("pause_parts_us_p50", {}),
             })
-        print("  at most 8 pages per epoch, shortest interval...", file=sys.stderr)
-        fast = asyncio.run(_protected_run(_primary_config(cluster, {
-            "guest.working_set_pages": 8, "guest.ring_entries": 256, "triggers.max_interval_ms": 0.05,
-            "triggers.ring_full": True, "replication.max_in_flight": 4}), rate_seconds or seconds))
-    return {"points": points, "max_checkpoints_per_s": fast["epochs"] / fast["seconds"],
-            "max_rate_pause_us_p50": fast["pause_us_p50"], "max_rate_dirty_pages_p50": fast["dirty_p50"],
-            "first_write_us": float(np.median(first_write_us)) if first_write_us else 0.0}
+        if "points" in sections:
+            report["points"] = points
+        if "rate" in sections:
+            print("  at most 8 pages per epoch, shortest interval...", file=sys.stderr)
+            fast = asyncio.run(_protected_run(_primary_config(cluster, {
+                "guest.working_set_pages": 8, "guest.ring_entries": 256, "triggers.max_interval_ms": 0.05,
+                "triggers.ring_full": True, "replication.max_in_flight": 4}), rate_seconds or seconds))
+            report.update({"max_checkpoints_per_s": fast["epochs"] / fast["seconds"],
+                           "max_rate_pause_us_p50": fast["pause_us_p50"],
+                           "max_rate_dirty_pages_p50": fast["dirty_p50"]})
+    if "points" in sections:
+        report["first_write_us"] = float(np.median(first_write_us)) if first_write_us else 0.0
+    return report
 
 
 def format_table(result: dict) -> str:
-    lines = ["checkpointer: protected uniform guest (1 vCPU, 64 MiB), replica in another process over "
-             "loopback TCP with CURVE",
-             f"{'pages':>6} {'ckpt/s':>8} {'pause p50':>10} {'p99':>9} {'floor':>8} {'ratio':>6} "
-             f"{'raw MB/s':>9} {'enc MB/s':>9} {'compr':>6} {'slowdown':>9}"]
-    for p in result["points"]:
+    """The table of the sections `result` holds (points, rate, service)."""
+    lines = []
+    if "points" in result or "max_checkpoints_per_s" in result:
+        lines.append("checkpointer: protected uniform guest (1 vCPU, 64 MiB), replica in another process over "
+                     "loopback TCP with CURVE")
+    if "points" in result:
+        lines.append(f"{'pages':>6} {'ckpt/s':>8} {'pause p50':>10} {'p99':>9} {'floor':>8} {'ratio':>6} "
+                     f"{'raw MB/s':>9} {'enc MB/s':>9} {'compr':>6} {'slowdown':>9}")
+    for p in result.get("points", ()):
         lines.append(f"{p['dirty_pages']:>6} {p['checkpoints_per_s']:>8.0f} {p['pause_us_p50']:>8.0f}us "
                      f"{p['pause_us_p99']:>7.0f}us {p['floor_us']:>6.0f}us {p['pause_over_floor']:>6.2f} "
                      f"{p['raw_mb_per_s']:>9.1f} {p['encoded_mb_per_s']:>9.2f} {p['compression_ratio']:>6.1f} "
                      f"{p['slowdown']:>8.2f}x")
-    lines += [
-        f"highest sustained rate with <= 8 dirty pages per epoch: {result['max_checkpoints_per_s']:.0f} "
-        f"checkpoints/s (pause p50 {result['max_rate_pause_us_p50']:.0f} us)",
-        f"a guest's first write to a page after a reset costs {result['first_write_us']:.1f} us here "
-        "(the machine's write fault; inside the slowdown, not the pause)",
-        "floor: ring harvest + KVM_RESET_DIRTY_RINGS + np.take gather of the same number of pages, "
-        "without the agent; ratio = pause p50 / floor",
-        "one run on a shared, nested, noisy 2-core machine (guest, agent and replica share it): compare ratios",
-    ]
+    if "max_checkpoints_per_s" in result:
+        lines.append(f"highest sustained rate with <= 8 dirty pages per epoch: {result['max_checkpoints_per_s']:.0f} "
+                     f"checkpoints/s (pause p50 {result['max_rate_pause_us_p50']:.0f} us)")
+    if "points" in result:
+        lines += [
+            f"a guest's first write to a page after a reset costs {result['first_write_us']:.1f} us here "
+            "(the machine's write fault; inside the slowdown, not the pause)",
+            "floor: ring harvest + KVM_RESET_DIRTY_RINGS + np.take gather of the same number of pages, "
+            "without the agent; ratio = pause p50 / floor",
+        ]
+    if "service" in result:
+        lines.append(bench_service.format_service(result["service"]))
+    lines.append("one run on a shared, nested, noisy 2-core machine (guest, agent and replica share it): "
+                 "compare ratios")
     return "\n".join(lines)
+
+
+def parse_sections(text: str) -> tuple[str, ...]:
+    """--sections: names from SECTIONS, comma-separated, in the order given."""
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [part for part in chosen if part not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(SECTIONS)} (comma-separated), "
+                                         f"not {text!r}")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m checkpointer.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
-    parser.add_argument("--quick", action="store_true", help="short runs (under 30 s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs (about 15 s for points and rate, 15 s for the service)")
     parser.add_argument("--seconds", type=float, default=None, help="protected time per point")
+    parser.add_argument("--sections", type=parse_sections, default=SECTIONS, metavar="LIST",
+                        help=f"the sections to run, comma-separated (default: {','.join(SECTIONS)})")
+    parser.add_argument("--requests", type=int, default=None, metavar="N",
+                        help=f"service: redis-benchmark -n, requests per test (default "
+                             f"{bench_service.DEFAULT_REQUESTS}; --quick: {bench_service.QUICK_REQUESTS})")
+    parser.add_argument("--clients", type=int, default=bench_service.DEFAULT_CLIENTS, metavar="C",
+                        help=f"service: redis-benchmark -c, connections (default {bench_service.DEFAULT_CLIENTS})")
+    parser.add_argument("--logs", default=None, metavar="DIR",
+                        help="keep the agents' logs (and etcd's, redis-server's) in DIR")
     args = parser.parse_args(argv)
+    if (args.requests is not None and args.requests < 1) or args.clients < 1:
+        parser.error("--requests and --clients must be at least 1")
     usable, reason = kvm_status()
     if not usable:
         print(f"checkpointer.bench: needs KVM: {reason}", file=sys.stderr)
         return 2
     seconds = args.seconds or (1.0 if args.quick else 4.0)
     started = time.monotonic()
-    result = run(seconds, rate_seconds=seconds)
+    logs = Path(args.logs) if args.logs else None
+    result = run(seconds, rate_seconds=seconds, sections=args.sections, logs=logs / "checkpoints" if logs else None)
+    if "service" in args.sections:
+        requests = args.requests or (bench_service.QUICK_REQUESTS if args.quick else bench_service.DEFAULT_REQUESTS)
+        result["service"] = bench_service.run_service(requests, args.clients, logs / "service" if logs else None)
     result["wall_s"] = time.monotonic() - started
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(format_table(result))
         print(f"wall time {result['wall_s']:.1f} s")
-    return 0
+    failed = [name for name, row in result.get("service", {}).get("servers", {}).items() if "error" in row]
+    return 1 if failed else 0               # (a server skipped, not installed, is no failure)
 
 
 if __name__ == "__main__":

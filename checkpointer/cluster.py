@@ -57,6 +57,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM a process that still runs and wait for it; SIGKILL it after `timeout` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def endpoint(host: str = "127.0.0.1") -> str:
     """A ZeroMQ TCP endpoint on a free port."""
     return f"tcp://{host}:{free_port(host)}"
@@ -165,13 +177,7 @@ class LocalEtcd:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.process = None
 
     def __enter__(self) -> LocalEtcd:
