@@ -487,6 +487,7 @@ class PrimaryAgent:
             "epoch": self.protocol.next_epoch - 1,
             "committed_epoch": self.protocol.acked_epoch,
             "in_flight": len(self.protocol.in_flight),
+            "sync": self.sync.status(),
             "guest_progress": self.guest_progress,
             "takeover_ms": None,
             "epochs": self.stats.epochs,

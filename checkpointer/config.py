@@ -79,6 +79,7 @@ from ring import abi
 from ring.dirty import validate_ring_entries
 from ring.errors import ConfigError, RingSizeError
 from ring.guest import layout
+from ring.stream import DEFAULT_SLOTS, MAX_SLOTS
 from ring.guest.spec import GuestSpec, find_guest, guest_names
 
 __all__ = [
@@ -446,6 +447,9 @@ class ServiceSection(_Section):
     table_entries: int = setting(65536, "the kvstore's hash table buckets, a power of two",
                                  roles=("primary",))
     request_max: int = setting(65536, "the kvstore's largest request, in bytes", roles=("primary",))
+    max_clients: int = setting(DEFAULT_SLOTS, "clients at once; one more is refused as Redis does",
+                               low=1, high=MAX_SLOTS,
+                               flag="--max-clients", roles=("primary",))
 
     def guest_params(self, spec: GuestSpec) -> dict[str, int]:
         """The parameters `spec` takes, from this section (the spec's defaults for the rest)."""
@@ -496,6 +500,9 @@ class ReplicationSection(_Section):
     precopy_done_pages: int = setting(1024, "pre-copy ends when a round dirties fewer pages",
                                       low=0)
     precopy_epoch_pages: int = setting(8192, "pages per pre-copy epoch", low=1)
+    auto_converge: bool = setting(True, "slow the guest down while a sync does not converge")
+    throttle_max: float = setting(0.99, "the largest share of time auto-converge holds the guest",
+                                  low=0.0, high=0.99)
     encode_threads: int = setting(2, "threads that encode pages", low=1, high=256)
 
     def _validate(self) -> None:
@@ -800,7 +807,8 @@ def _check_guest(sections: Mapping[str, _Section], origins: Mapping[str, str]) -
     service = service if isinstance(service, ServiceSection) else ServiceSection()
     spec = guest.spec()
     try:
-        spec.check(guest.memory_mib, service.guest_params(spec), backend=guest.backend)
+        spec.check(guest.memory_mib, service.guest_params(spec), backend=guest.backend,
+                   max_clients=service.max_clients)
     except ConfigError as exc:
         detail = str(exc) if spec.name in str(exc) else f"{spec.name}: {exc}"
         involved = ["guest.memory_mib", "guest.backend", *(f"service.{n}" for n in spec.param_names)]

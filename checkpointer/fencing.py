@@ -81,6 +81,8 @@ DRIFT = 0.01            # clock-rate drift bound against the etcd leader (see S1
 MARGIN_S = 0.05         # release-time margin (see S1)
 NO_STANDBY = b"none"
 CLAIM_POLL_S = 0.05     # how often a claiming replica looks at the key while it waits for it to go
+EXPIRY_SLACK_S = 1.0    # etcd revokes expired leases on a 500 ms tick, through a raft round: a dead
+                        # holder's key may outlive its TTL by that much before it is "alive"
 
 __all__ = ["PairLease", "Holding", "Holder", "FencingError", "EtcdUnavailable", "parse_endpoints",
            "Fence", "FenceMode", "LeaseChange", "Claim", "KeyHeld", "node_name", "DRIFT", "MARGIN_S"]
@@ -504,7 +506,7 @@ class Fence:
                     continue
                 now = self.clock()
                 if give_up_at is None:
-                    give_up_at = now + ttl * (1 + DRIFT) + 2 * self.section.renew_ms / 1000
+                    give_up_at = now + ttl * (1 + DRIFT) + 2 * self.section.renew_ms / 1000 + EXPIRY_SLACK_S
                     log.warning("the primary's lease (token %d) still lives: waiting up to %.1f s for it "
                                 "to expire", holder.token, give_up_at - now)
                 elif now > give_up_at:

@@ -63,7 +63,7 @@ def build_guest(config) -> Guest:
     if not spec.is_service:
         return Guest(open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend),
                      spec=spec)
-    device = StreamDevice(service.host, service.port)
+    device = StreamDevice(service.host, service.port, slots=service.max_clients)
     machine = open_machine(guest.machine_config(), guest.workload_config(), backend=guest.backend,
                            program=str(spec.program), ports=device.ports)
     try:

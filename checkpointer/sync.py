@@ -6,6 +6,16 @@ them), and each round re-copies what the ring says the guest dirtied during
 the previous one. When a round leaves few enough pages (or the rounds run
 out), SyncRoundsDone asks the protocol for the final stop-and-copy, a normal
 consistent checkpoint that also carries what is left over (`take_leftover`).
+
+Auto-converge: a round that leaves more than half of what it copied dirty again
+means the guest dirties memory faster than the link carries it; the sync then
+holds the guest's vCPUs a share of the time (QEMU's cpu-throttle: from 20%,
+then enough for the guest to dirty at most half of the copy rate, and at least
+10 points more each round, up to `throttle_max`), says so in the log and the
+status, and lets it run at full speed again once the final copy is taken. The
+rounds go on until one converges, or `precopy_max_rounds` have run with the
+throttle at its maximum. `status()` gives the progress: the round, pages copied,
+the copy and dirty rates, the throttle and the projected end.
 """
 
 from __future__ import annotations
@@ -28,6 +38,11 @@ from .snapshot import Snapshotter, StagingPool
 
 log = logging.getLogger("colo.primary")
 
+REPORT_EVERY_S = 5.0         # a progress line in the log this often during a long round
+CONVERGES_BELOW = 0.5        # a round converges when it leaves at most this share of what it copied
+THROTTLE_FIRST = 0.2         # auto-converge's first hold share, then + THROTTLE_STEP a round (as QEMU)
+THROTTLE_STEP = 0.1
+
 
 class InitialSync:
     """The shell's half of a sync: gathers pre-copy batches, keeps the pages dirtied meanwhile."""
@@ -43,6 +58,8 @@ class InitialSync:
         self.batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (keys, pages, buffer)
         self.dirty: DirtySet | None = None             # dirtied since the round began
         self.leftover: DirtySet | None = None          # what the final copy must add
+        self.progress: SyncProgress | None = None
+        self.throttle = 0.0                            # auto-converge's share of time the guest is held
 
     def keep(self, dirty: DirtySet) -> None:
         """Pages harvested while syncing (a full ring drained): they must be copied again."""
@@ -57,11 +74,13 @@ class InitialSync:
             self.machine.resume()
 
     def take_leftover(self) -> DirtySet | None:
-        """For the final stop-and-copy: the last round's pages and all dirtied since."""
+        """For the final stop-and-copy: the last round's pages and all dirtied since. The copy is
+        taken in this pause, so the guest may run at full speed again."""
         extra, self.leftover = self.leftover, None
         if self.dirty is not None:
             extra = self.dirty if extra is None else extra.merged(self.dirty)
             self.dirty = None
+        self._unthrottle()
         return extra
 
     def pop_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,12 +91,27 @@ class InitialSync:
         while self.batches:
             self.pool.release(self.batches.pop(0)[2])
         self.dirty = self.leftover = None
+        self._unthrottle()
+        if self.progress is not None:
+            self.progress.state = "dropped"
+
+    def _unthrottle(self) -> None:
+        if self.throttle:
+            self.throttle = 0.0
+            if not self.machine._closed:
+                self.machine.throttle(0.0)
+            log.warning("auto-converge: the guest runs at full speed again")
+
+    def status(self) -> dict | None:
+        """The sync's progress for the agent's status (None before the first sync)."""
+        return self.progress.status(time.monotonic()) if self.progress is not None else None
 
     async def run(self) -> None:
         """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy)."""
         self.drain()                                  # tracking starts now: everything else is resident
         self.dirty = None
         keys = from_pages({slot: memory.resident_pages() for slot, memory in self.machine.memory.slots.items()})
+        self.progress = SyncProgress(len(keys), time.monotonic(), time.time())
         log.info("sync: %d resident pages (%.1f MiB) to copy", len(keys), len(keys) * 4096 / 2**20)
         bar = tqdm(total=len(keys), unit="page", desc="initial sync", file=sys.stderr, leave=False,
                    disable=not sys.stderr.isatty())
@@ -87,12 +121,16 @@ class InitialSync:
             bar.close()
 
     async def _rounds(self, keys: np.ndarray, bar) -> None:
-        settings = self.settings
+        settings, progress = self.settings, self.progress
         pending: DirtySet | None = None
-        for round_number in range(settings.precopy_max_rounds):
-            if round_number:
+        round_number = 0
+        while True:
+            round_number += 1
+            progress.begin_round(round_number, len(keys), time.monotonic())
+            if round_number > 1:
                 bar.total += len(keys)
-                bar.set_description(f"sync round {round_number + 1}")
+                bar.set_description(f"sync round {round_number}")
+            next_report = time.monotonic() + REPORT_EVERY_S
             for start in range(0, len(keys), settings.precopy_epoch_pages):
                 chunk = keys[start:start + settings.precopy_epoch_pages]
                 while self.batches or self.pool.free == 0:
@@ -100,16 +138,111 @@ class InitialSync:
                 pages, buffer = self.snapshotter.read_pages(chunk)
                 self.batches.append((chunk, pages, buffer))
                 self.feed(proto.PrecopyReady(time.monotonic()))
+                progress.copied(len(chunk), time.monotonic())
                 bar.update(len(chunk))
+                if time.monotonic() >= next_report:
+                    next_report = time.monotonic() + REPORT_EVERY_S
+                    log.info("sync: %s", progress.describe(time.monotonic()))
             self.drain()
             pending, self.dirty = self.dirty, None
+            copied = len(keys)
             keys = pending.keys() if pending is not None else np.empty(0, dtype=np.uint64)
-            log.info("sync: round %d left %d dirty pages", round_number + 1, len(keys))
+            progress.end_round(len(keys), time.monotonic())
+            log.info("sync: round %d left %d dirty pages (%s)", round_number, len(keys),
+                     progress.describe(time.monotonic()))
             if len(keys) <= settings.precopy_done_pages:
                 self.leftover = pending
                 break
-        else:                                         # rounds ran out: the final copy takes the rest
-            self.leftover = pending if pending is not None else DirtySet(to_pages(keys))
+            if len(keys) > copied * CONVERGES_BELOW and settings.auto_converge \
+                    and self.throttle < settings.throttle_max:
+                self._slow_down(progress)
+            elif round_number >= settings.precopy_max_rounds and (
+                    not settings.auto_converge or self.throttle >= settings.throttle_max):
+                # rounds ran out: the final copy takes the rest
+                self.leftover = pending if pending is not None else DirtySet(to_pages(keys))
+                log.warning("sync: pre-copy did not converge in %d rounds%s: the final stop-and-copy takes "
+                            "%d pages", round_number, f" (guest throttled {self.throttle:.0%})"
+                            if self.throttle else "", len(keys))
+                break
+        progress.state = "final copy"
         while self.batches:
             await asyncio.sleep(0.001)
         self.feed(proto.SyncRoundsDone(time.monotonic(), self.next_epoch() - 1))
+
+    def _slow_down(self, progress: "SyncProgress") -> None:
+        """Auto-converge: hold the guest a larger share of the time, enough (if the rates hold)
+        for it to dirty at most half of what the sync copies in the same time."""
+        settings = self.settings
+        copy_rate, dirty_rate = progress.copy_rate, progress.dirty_rate
+        wanted = 1 - CONVERGES_BELOW * copy_rate / dirty_rate if dirty_rate > 0 else 0.0
+        step = THROTTLE_FIRST if not self.throttle else self.throttle + THROTTLE_STEP
+        self.throttle = round(min(settings.throttle_max, max(step, wanted)), 3)
+        self.machine.throttle(self.throttle)
+        progress.throttle = self.throttle
+        log.warning("auto-converge: the guest dirtied %.0f pages/s while the sync copied %.0f pages/s: "
+                    "holding its vCPUs %.0f%% of the time until the final copy", dirty_rate, copy_rate,
+                    self.throttle * 100)
+
+
+class SyncProgress:
+    """How far a sync is, how fast it copies, how fast the guest dirties, and when it should end."""
+
+    def __init__(self, resident_pages: int, now: float, wall: float) -> None:
+        self.resident_pages = resident_pages
+        self.started, self.started_wall = now, wall
+        self.state = "pre-copy"
+        self.round = 0
+        self.round_pages = 0
+        self.round_copied = 0
+        self.round_started = now
+        self.copied_pages = 0
+        self.copy_rate = 0.0           # pages/s, this round (the last one's before it copied much)
+        self.dirty_rate = 0.0          # pages/s the guest dirtied during the last round
+        self.left_ratio: float | None = None     # the last round's pages dirtied / pages copied
+        self.throttle = 0.0
+
+    def begin_round(self, number: int, pages: int, now: float) -> None:
+        self.round, self.round_pages, self.round_copied, self.round_started = number, pages, 0, now
+
+    def copied(self, pages: int, now: float) -> None:
+        self.round_copied += pages
+        self.copied_pages += pages
+        elapsed = now - self.round_started
+        if elapsed > 0.05 or not self.copy_rate:
+            self.copy_rate = self.round_copied / max(elapsed, 1e-6)
+
+    def end_round(self, left: int, now: float) -> None:
+        elapsed = max(now - self.round_started, 1e-6)
+        if self.round_pages:
+            self.copy_rate = self.round_pages / elapsed
+            self.left_ratio = left / self.round_pages
+        self.dirty_rate = left / elapsed
+
+    def eta_s(self, now: float) -> float | None:
+        """Seconds to the final copy if the rates hold: the rest of this round, then rounds that
+        shrink by the last round's ratio; None while the sync does not converge."""
+        if not self.copy_rate:
+            return None
+        remaining = self.round_pages - self.round_copied
+        ratio = self.left_ratio
+        if ratio is None:                          # round 1: later rounds are not known yet
+            return remaining / self.copy_rate
+        if ratio >= 0.9:
+            return None
+        return (remaining + self.round_pages * ratio / (1 - ratio)) / self.copy_rate
+
+    def describe(self, now: float) -> str:
+        eta = self.eta_s(now)
+        share = self.round_copied / self.round_pages if self.round_pages else 1.0
+        return (f"round {self.round} {share:.0%} of {self.round_pages} pages, {self.copy_rate * 4096 / 2**20:.0f} "
+                f"MiB/s, guest dirtying {self.dirty_rate:.0f} pages/s"
+                + (f", throttled {self.throttle:.0%}" if self.throttle else "")
+                + (f", about {eta:.1f} s to go" if eta is not None else ", not converging yet"))
+
+    def status(self, now: float) -> dict:
+        eta = self.eta_s(now) if self.state == "pre-copy" else None
+        return {"state": self.state, "started_at": self.started_wall, "elapsed_s": round(now - self.started, 3),
+                "resident_pages": self.resident_pages, "round": self.round, "round_pages": self.round_pages,
+                "round_copied": self.round_copied, "copied_pages": self.copied_pages,
+                "copy_rate_pages_s": round(self.copy_rate), "dirty_rate_pages_s": round(self.dirty_rate),
+                "throttle": self.throttle, "eta_s": round(eta, 2) if eta is not None else None}

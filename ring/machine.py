@@ -183,6 +183,15 @@ class Machine:
     def fenced(self) -> bool:
         return self.runner.fenced
 
+    def throttle(self, fraction: float) -> None:
+        """Hold the vCPUs `fraction` of the time (auto-converge during a sync; 0: off)."""
+        self._require_open()
+        self.runner.throttle(fraction)
+
+    @property
+    def throttled(self) -> float:
+        return self.runner.throttled
+
     def harvest(self) -> DirtySet:
         """Collect and reset the dirty log, plus the pages the VMM wrote; only while paused."""
         self._require_open()

@@ -119,6 +119,9 @@ def install_kick_handler() -> None:
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
+THROTTLE_PERIOD_S = 0.02
+
+
 class VcpuRunner:
     """Threads that run executors, with a pause barrier and park reasons."""
 
@@ -140,6 +143,10 @@ class VcpuRunner:
         self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"vcpu{i}", daemon=True)
                          for i in range(count)]
         self._started = False
+        # auto-converge: hold every vCPU this share of each THROTTLE_PERIOD_S (0: never)
+        self._throttle = 0.0
+        self._throttled = False
+        self._throttle_thread: threading.Thread | None = None
 
     # -- control -------------------------------------------------------------
     def start(self) -> None:
@@ -181,6 +188,50 @@ class VcpuRunner:
     @property
     def fenced(self) -> bool:
         return self._fenced
+
+    def throttle(self, fraction: float) -> None:
+        """Hold every vCPU `fraction` of each THROTTLE_PERIOD_S (0 <= fraction < 1; 0: off), to slow
+        down a guest that dirties memory faster than a sync can copy it (auto-converge: QEMU's
+        cpu-throttle). Approximate: a kick that lands just before a vCPU enters KVM_RUN is lost,
+        and that vCPU runs on until the next period."""
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"a throttle is a share of time in [0, 1), not {fraction}")
+        with self._cond:
+            self._throttle = fraction
+            if fraction and self._throttle_thread is None and self._started and not self._closing:
+                self._throttle_thread = threading.Thread(target=self._throttle_loop, name="vcpu-throttle",
+                                                         daemon=True)
+                self._throttle_thread.start()
+            self._cond.notify_all()
+
+    @property
+    def throttled(self) -> float:
+        return self._throttle
+
+    def _throttle_loop(self) -> None:
+        with self._cond:
+            while not self._closing:
+                if not self._throttle:
+                    self._throttled = False
+                    self._cond.notify_all()
+                    self._cond.wait()
+                    continue
+                self._wait_out(THROTTLE_PERIOD_S * (1 - self._throttle))       # run
+                if not self._throttle or self._closing:
+                    continue
+                self._throttled = True
+                for i, executor in enumerate(self._executors):
+                    if not self._parked[i]:
+                        executor.kick(self._threads[i].ident)
+                self._wait_out(THROTTLE_PERIOD_S * self._throttle)             # held
+                self._throttled = False
+                self._cond.notify_all()
+
+    def _wait_out(self, seconds: float) -> None:
+        """(With the lock held.) Wait `seconds`, through the notifications of parks and releases."""
+        deadline = time.monotonic() + seconds
+        while not self._closing and (remaining := deadline - time.monotonic()) > 0:
+            self._cond.wait(remaining)
 
     def _park_all(self, timeout: float) -> None:
         """(With the lock held.) Kick the vCPUs until every one is parked."""
@@ -233,8 +284,8 @@ class VcpuRunner:
         executor = self._executors[index]
         while True:
             with self._cond:
-                while (self._pause_requested or self._fenced or self._hold[index] is not None) \
-                        and not self._closing:
+                while (self._pause_requested or self._fenced or self._throttled
+                       or self._hold[index] is not None) and not self._closing:
                     if not self._parked[index]:
                         self._parked[index] = True
                         self._cond.notify_all()

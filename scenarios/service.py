@@ -33,7 +33,7 @@ from ring.guest import layout
 from ring.guest.spec import STREAM_DEVICE, GuestParam, GuestSpec
 from ring.machine import Machine, MachineConfig, MachineState
 from ring.memory import GuestMemory
-from ring.stream import STREAM_SLOTS, StreamDevice
+from ring.stream import DEFAULT_SLOTS, Geometry, StreamDevice
 from ring.vcpus import Done, Event, Fault, Output, Progress, install_kick_handler
 from ring.workloads import Workload
 
@@ -45,34 +45,40 @@ PARAM_TABLE_ENTRIES = 0          # index into params["reserved"]
 PARAM_REQUEST_MAX = 1
 
 _PAGE = 4096
+CONN_BYTES = 168                 # sizeof(struct conn) in kvstore.c (a static assertion there)
+SMALL_BUF = 4096                 # each connection's own input and output buffers (kvstore.c)
 
 
 def _round(value: int) -> int:
     return -(-value // _PAGE) * _PAGE
 
 
-def data_bytes_needed(table_entries: int, request_max: int) -> int:
-    """The data region the kvstore lays out before its arena (the same sums as kvstore.c's setup())."""
-    per_slot = _round(request_max + 64) + _round(2 * (request_max + 1024))
+def data_bytes_needed(table_entries: int, request_max: int, max_clients: int = DEFAULT_SLOTS) -> int:
+    """The data region the stream device takes, and the kvstore lays out before its arena (the same
+    sums as kvstore.c's setup()), plus the arena's first MiB."""
+    connections = _round(max_clients * CONN_BYTES) + 2 * _round(max_clients * 4) + max_clients * 2 * SMALL_BUF
     argv = _round((request_max // 2 + 16) * 16)
-    return STREAM_SLOTS * per_slot + argv + _round(table_entries * 8) + (1 << 20)
+    return (Geometry.region_bytes(max_clients) + connections + argv + _round(table_entries * 8)
+            + (1 << 20))
 
 
-def check_service_params(memory_mib: int, table_entries: int, request_max: int) -> None:
+def check_service_params(memory_mib: int, table_entries: int, request_max: int,
+                         max_clients: int = DEFAULT_SLOTS) -> None:
     if memory_mib < 64:
         raise ConfigError(f"the kvstore guest needs at least 64 MiB of guest memory, got {memory_mib} MiB")
     if not 16 <= table_entries <= 1 << 26 or table_entries & (table_entries - 1):
         raise ConfigError(f"table_entries must be a power of two between 16 and 2^26, got {table_entries}")
     if not 1024 <= request_max <= 1 << 20:
         raise ConfigError(f"request_max must be between 1 KiB and 1 MiB, got {request_max}")
-    needed = data_bytes_needed(table_entries, request_max)
+    needed = data_bytes_needed(table_entries, request_max, max_clients)
     if needed > memory_mib << 20:
-        raise ConfigError(f"{memory_mib} MiB cannot hold the kvstore's buffers and a table of {table_entries} "
-                          f"buckets ({needed >> 20} MiB needed before the arena)")
+        raise ConfigError(f"{memory_mib} MiB cannot hold the stream device and the kvstore's buffers for "
+                          f"{max_clients} clients and a table of {table_entries} buckets ({-(-needed >> 20)} MiB "
+                          f"needed before the arena): raise memory_mib or lower max_clients")
 
 
-def _check_spec_params(memory_mib: int, params) -> None:
-    check_service_params(memory_mib, params["table_entries"], params["request_max"])
+def _check_spec_params(memory_mib: int, params, max_clients: int) -> None:
+    check_service_params(memory_mib, params["table_entries"], params["request_max"], max_clients or DEFAULT_SLOTS)
 
 
 #: The kvstore as the agents see it (registered under the `colo_ring.guests` entry point group).
@@ -98,12 +104,13 @@ class Service:
                  table_entries: int = DEFAULT_TABLE_ENTRIES, request_max: int = DEFAULT_REQUEST_MAX,
                  report_every: int = 1000, ring_entries: int = 4096, track_dirty: bool = True,
                  output=None, restore: MachineState | None = None, restore_device: bytes = b"",
-                 on_event: Callable[[Event], None] | None = None, idle_interval: float = 0.05) -> None:
+                 on_event: Callable[[Event], None] | None = None, idle_interval: float = 0.05,
+                 max_clients: int = DEFAULT_SLOTS) -> None:
         if backend != "kvm":
             raise ConfigError(f"the kvstore service runs C in a real guest: backend must be 'kvm', got {backend!r}")
         if restore is not None and restore.memory:
             memory_mib = restore.memory[layout.DATA_SLOT].size >> 20
-        check_service_params(memory_mib, table_entries, request_max)
+        check_service_params(memory_mib, table_entries, request_max, max_clients)
         self.host = host
         self.port = port
         self.memory_mib = memory_mib
@@ -115,7 +122,7 @@ class Service:
         self.restore_state = restore
         self.restore_device = restore_device      # the checkpoint's DEVICE_STATE, checked at restore
         self.on_event = on_event
-        self.device = StreamDevice(host, port, output=output, idle_interval=idle_interval)
+        self.device = StreamDevice(host, port, output=output, idle_interval=idle_interval, slots=max_clients)
         self.machine: Machine | None = None
         self._memory: GuestMemory | None = None
         self.progress = 0                       # commands executed (the last progress report)

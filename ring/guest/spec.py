@@ -50,7 +50,7 @@ class GuestSpec:
     params: tuple[GuestParam, ...] = ()
     min_memory_mib: int = 2
     backends: tuple[str, ...] = ("kvm", "sim")
-    validate: Callable[[int, Mapping[str, int]], None] | None = None   # raises ConfigError
+    validate: Callable[[int, Mapping[str, int], int], None] | None = None   # (MiB, params, clients): raises ConfigError
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -77,8 +77,10 @@ class GuestSpec:
             raise ConfigError(f"guest {self.name!r} takes {takes}, not {', '.join(unknown)}")
         return {p.name: int(params.get(p.name, p.default)) for p in self.params}
 
-    def check(self, memory_mib: int, params: Mapping[str, int] | None = None, backend: str = "kvm") -> None:
-        """Refuse, naming the problem, a memory size, parameters or backend this guest cannot run with."""
+    def check(self, memory_mib: int, params: Mapping[str, int] | None = None, backend: str = "kvm",
+              max_clients: int = 0) -> None:
+        """Refuse, naming the problem, a memory size, parameters, client limit (a service's: the
+        stream device's slots) or backend this guest cannot run with."""
         if backend not in self.backends:
             raise ConfigError(f"the {self.name} guest runs on the {' or '.join(self.backends)} backend "
                               f"only, not {backend!r}")
@@ -87,7 +89,7 @@ class GuestSpec:
                               f"memory, got {memory_mib} MiB")
         values = self.resolve(params)
         if self.validate is not None:
-            self.validate(memory_mib, values)
+            self.validate(memory_mib, values, max_clients)
 
     def write_params(self, machine, params: Mapping[str, int] | None = None) -> None:
         """Put the parameters into the guest's parameter block (a VMM write, noted for checkpoints)."""

@@ -1,10 +1,13 @@
 /* kvstore: a key-value store guest that speaks the Redis protocol (RESP2, and RESP3 after HELLO 3)
  * over the paravirtual stream device (ring/guest/programs/stream.h, ring/stream.py).
  *
- * One vCPU polls every connection slot of the device: it acknowledges opens and
+ * One vCPU serves the connection slots the device names in its queue, and the
+ * ones that still had work on the previous pass (never a poll of every slot: the
+ * device has as many slots as its client limit): it acknowledges opens and
  * closes, copies RX bytes into the slot's linear input buffer, parses complete
  * requests, executes them, and appends the replies to the slot's output buffer,
- * which it pushes into the TX ring (ringing the doorbell once per pass). With
+ * which it pushes into the TX ring; it names the slots whose indices it changed
+ * in the device's to_host queue and rings the doorbell once per pass. With
  * nothing to do it OUTs the idle port and the VMM parks the vCPU until there is.
  * It has no clock and no randomness: its state is a function of the bytes it
  * received, so a replica restored from a checkpoint continues correctly.
@@ -33,10 +36,17 @@
  * header ends the skipping and is parsed as a new request). Either way the
  * connection stays usable.
  *
- * Data region (slot 1), in this order: per slot an input buffer (request max + 64)
- * and an output buffer (2 * (request max + 1 KiB)); the argument vector; the
- * buckets; then the arena of entries. Entries are blocks of power-of-two size
- * classes with a free list per class (a value that grows moves to a bigger block).
+ * Data region (slot 1, below the device's region at its top), in this order: the
+ * connection table; per slot a small input and a small output buffer (SMALL_BUF
+ * each); the argument vector; the buckets; then the arena. The arena holds
+ * entries and the larger buffers of the connections that need them (an input
+ * buffer grows up to request max + 64 for a large request, an output buffer up to
+ * 2 * (request max + 1 KiB) for large replies; both go back at the connection's
+ * close). Blocks are of power-of-two size classes with a free list per class (a
+ * value that grows moves to a bigger block). Every connection can always be
+ * answered: its small output buffer keeps ERR_ROOM bytes free before each
+ * command, enough for any error, and a reply that would need a buffer the arena
+ * cannot give gets "-ERR out of memory".
  */
 #include "runtime.h"
 #include "stream.h"
@@ -48,15 +58,24 @@
 #define MIN_CLASS       5           /* 32-byte blocks */
 #define MAX_CLASS       22          /* 4 MiB blocks */
 #define PAGE            4096UL
+#define SMALL_BUF       4096UL      /* each connection's own input and output buffers */
+#define ERR_ROOM        512UL       /* output room kept before each command: any error or short reply */
 
 enum { E_BAD_TABLE = 2, E_BAD_REQMAX = 3, E_NO_MEMORY = 4 };
 enum { NEED_MORE = 0, PROGRESS = 1 };
 
 struct conn {
-    u8 *in;              /* linear input buffer, in_cap bytes */
+    u8 *in;              /* linear input buffer, in_size bytes (at most in_cap) */
     u64 in_len, in_off;  /* bytes held / bytes already consumed from the front */
-    u8 *out;             /* replies not yet in the TX ring */
+    u8 *out;             /* replies not yet in the TX ring, out_size bytes (at most out_cap) */
     u64 out_len, out_off;
+    u8 *in_small, *out_small;   /* this slot's own SMALL_BUF buffers */
+    u64 in_size, out_size;
+    u32 in_cls, out_cls;        /* the arena class of a grown buffer; 0: the small one */
+    u64 in_grow_failed;         /* the arena could not give a larger input buffer */
+    u64 seen_pass;              /* the pass that last serviced this slot */
+    u64 kept_pass;              /* the pass it is listed for in next_active */
+    u64 tell_pending;           /* its indices changed but to_host had no room */
     u64 skip_bytes;      /* bytes of an oversized request still to drop */
     u64 skip_elems;      /* bulk strings of an oversized request still to drop */
     u64 skip_line;       /* drop up to and including the next '\n' */
@@ -64,6 +83,8 @@ struct conn {
     u64 resp3;
     u64 id;
 };
+
+_Static_assert(sizeof(struct conn) == 168, "scenarios/service.py CONN_BYTES mirrors sizeof(struct conn)");
 
 struct arg { const u8 *p; u64 len; };
 
@@ -77,13 +98,16 @@ struct entry {
 
 static struct params *P;
 static struct vcpu_status *ST;
-static struct conn conns[STREAM_SLOTS];
+static struct conn *conns;
+static u64 nslots, rx_size, tx_size;
+static u32 *active, *next_active;   /* slots to service again on the next pass */
+static u64 active_n, next_n, pass;
 static struct arg *argv;
 static u64 max_args, in_cap, out_cap, reply_max, req_max;
 static struct entry **buckets;
 static u64 table_mask, keys_count, connections;
 static u8 *arena_top, *arena_end;
-static struct entry *free_lists[MAX_CLASS + 1];
+static void *free_lists[MAX_CLASS + 1];
 
 /* --- small helpers ------------------------------------------------------- */
 
@@ -146,7 +170,7 @@ static u64 format_s64(long value, u8 *buf) {         /* returns the length; buf 
 /* --- replies ------------------------------------------------------------- */
 
 static void out_bytes(struct conn *k, const void *p, u64 n) {
-    if (k->out_len + n > out_cap) n = out_cap - k->out_len;   /* never: room is checked per request */
+    if (k->out_len + n > k->out_size) n = k->out_size - k->out_len;   /* never: room is checked per command */
     copy(k->out + k->out_len, p, n);
     k->out_len += n;
 }
@@ -164,6 +188,12 @@ static void reply_bulk(struct conn *k, const u8 *p, u64 n) {
     out_prefixed_int(k, '$', (long)n);
     out_bytes(k, p, n);
     out_crlf(k);
+}
+static int ensure_out(struct conn *k, u64 need);
+/* A bulk reply of any size: the output buffer grows for it, or the client hears why not. */
+static void reply_bulk_checked(struct conn *k, const u8 *p, u64 n) {
+    if (ensure_out(k, n + 32)) reply_bulk(k, p, n);
+    else out_str(k, "-ERR out of memory\r\n");
 }
 static void reply_bulk_str(struct conn *k, const char *s) { u64 n = 0; while (s[n]) n++; reply_bulk(k, (const u8 *)s, n); }
 static void reply_null(struct conn *k) { out_str(k, k->resp3 ? "_\r\n" : "$-1\r\n"); }
@@ -194,25 +224,79 @@ static u32 class_for(u64 bytes) {
     return cls;
 }
 
-static struct entry *alloc_entry(u64 klen, u64 vlen) {
-    u32 cls = class_for(sizeof(struct entry) + klen + vlen);
+static void *alloc_block(u32 cls) {
     if (cls > MAX_CLASS) return 0;
-    struct entry *e = free_lists[cls];
-    if (e) {
-        free_lists[cls] = e->next;
+    void *b = free_lists[cls];
+    if (b) {
+        free_lists[cls] = *(void **)b;
     } else {
         u64 size = 1UL << cls;
         if ((u64)(arena_end - arena_top) < size) return 0;
-        e = (struct entry *)arena_top;
+        b = arena_top;
         arena_top += size;
     }
-    e->cls = cls;
+    return b;
+}
+
+static void free_block(void *b, u32 cls) {
+    *(void **)b = free_lists[cls];
+    free_lists[cls] = b;
+}
+
+static struct entry *alloc_entry(u64 klen, u64 vlen) {
+    u32 cls = class_for(sizeof(struct entry) + klen + vlen);
+    struct entry *e = alloc_block(cls);
+    if (e) e->cls = cls;
     return e;
 }
 
-static void free_entry(struct entry *e) {
-    e->next = free_lists[e->cls];
-    free_lists[e->cls] = e;
+static void free_entry(struct entry *e) { free_block(e, e->cls); }
+
+/* Output room without growing (the front is compacted first). */
+static u64 out_room(struct conn *k) {
+    if (k->out_off) {
+        memmove(k->out, k->out + k->out_off, k->out_len - k->out_off);
+        k->out_len -= k->out_off;
+        k->out_off = 0;
+    }
+    return k->out_size - k->out_len;
+}
+
+/* Make room for `need` more output bytes: compact, then move to a larger block. 0: the arena is full. */
+static int ensure_out(struct conn *k, u64 need) {
+    if (k->out_size - k->out_len >= need) return 1;
+    if (k->out_off) {
+        memmove(k->out, k->out + k->out_off, k->out_len - k->out_off);
+        k->out_len -= k->out_off;
+        k->out_off = 0;
+        if (k->out_size - k->out_len >= need) return 1;
+    }
+    u64 size = k->out_len + need;
+    if (size > out_cap) return 0;                 /* never: pending output stays below reply_max */
+    u32 cls = class_for(size);
+    u8 *bigger = alloc_block(cls);
+    if (!bigger) return 0;
+    copy(bigger, k->out, k->out_len);
+    if (k->out_cls) free_block(k->out, k->out_cls);
+    k->out = bigger;
+    k->out_size = 1UL << cls;
+    k->out_cls = cls;
+    return 1;
+}
+
+/* A larger input buffer for a request that does not fit yet (the front is compacted). 0: no. */
+static int grow_in(struct conn *k) {
+    if (k->in_size >= in_cap || k->in_grow_failed) return 0;
+    u64 size = 2 * k->in_size < in_cap ? 2 * k->in_size : in_cap;
+    u32 cls = class_for(size);
+    u8 *bigger = alloc_block(cls);
+    if (!bigger) { k->in_grow_failed = 1; return 0; }
+    copy(bigger, k->in, k->in_len);
+    if (k->in_cls) free_block(k->in, k->in_cls);
+    k->in = bigger;
+    k->in_size = size;
+    k->in_cls = cls;
+    return 1;
 }
 
 /* Returns the link that points at the key's entry (or at the 0 that ends its chain). */
@@ -352,10 +436,10 @@ static void execute(struct conn *k, struct arg *a, u64 n) {
     struct arg *name = &a[0];
     if (is_cmd(name, "ping")) {
         if (n == 1) out_str(k, "+PONG\r\n");
-        else if (n == 2) reply_bulk(k, a[1].p, a[1].len);
+        else if (n == 2) reply_bulk_checked(k, a[1].p, a[1].len);
         else reply_wrong_args(k, name);
     } else if (is_cmd(name, "echo")) {
-        if (n == 2) reply_bulk(k, a[1].p, a[1].len);
+        if (n == 2) reply_bulk_checked(k, a[1].p, a[1].len);
         else reply_wrong_args(k, name);
     } else if (is_cmd(name, "set")) {
         if (n >= 3) cmd_set(k, a, n);
@@ -363,7 +447,7 @@ static void execute(struct conn *k, struct arg *a, u64 n) {
     } else if (is_cmd(name, "get")) {
         if (n != 2) { reply_wrong_args(k, name); return; }
         struct entry *e = lookup(&a[1]);
-        if (e) reply_bulk(k, e->data + e->klen, e->vlen);
+        if (e) reply_bulk_checked(k, e->data + e->klen, e->vlen);
         else reply_null(k);
     } else if (is_cmd(name, "del")) {
         if (n < 2) { reply_wrong_args(k, name); return; }
@@ -517,7 +601,7 @@ static int parse_inline(struct conn *k, const u8 *buf, u64 len, int full) {
 static int step(struct conn *k) {
     const u8 *buf = k->in + k->in_off;
     u64 len = k->in_len - k->in_off;
-    int full = k->in_len == in_cap && k->in_off == 0;
+    int full = k->in_len == k->in_size && k->in_off == 0 && (k->in_size >= in_cap || k->in_grow_failed);
     if (k->skip_bytes) {
         u64 d = k->skip_bytes < len ? k->skip_bytes : len;
         k->in_off += d;
@@ -552,6 +636,10 @@ static int step(struct conn *k) {
 /* --- the device ------------------------------------------------------------ */
 
 static void reset_conn(struct conn *k) {
+    if (k->in_cls) free_block(k->in, k->in_cls);
+    if (k->out_cls) free_block(k->out, k->out_cls);
+    k->in = k->in_small;   k->in_size = SMALL_BUF;   k->in_cls = 0;   k->in_grow_failed = 0;
+    k->out = k->out_small; k->out_size = SMALL_BUF;  k->out_cls = 0;
     k->in_len = k->in_off = 0;
     k->out_len = k->out_off = 0;
     k->skip_bytes = k->skip_elems = k->skip_line = 0;
@@ -564,11 +652,11 @@ static u64 flush_out(struct stream_ctrl *c, u64 slot, struct conn *k) {
     u64 pending = k->out_len - k->out_off;
     if (!pending) return 0;
     u64 head = c->tx_head, tail = c->tx_tail;
-    u64 space = STREAM_TX_SIZE - (head - tail);
+    u64 space = tx_size - (head - tail);
     u64 n = pending < space ? pending : space;
     if (!n) return 0;
     u8 *ring = stream_tx(slot);
-    u64 at = head % STREAM_TX_SIZE, first = STREAM_TX_SIZE - at;
+    u64 at = head % tx_size, first = tx_size - at;
     if (first > n) first = n;
     copy(ring + at, k->out + k->out_off, first);
     copy(ring, k->out + k->out_off + first, n - first);
@@ -577,7 +665,7 @@ static u64 flush_out(struct stream_ctrl *c, u64 slot, struct conn *k) {
     k->out_off += n;
     if (k->out_off == k->out_len) {
         k->out_off = k->out_len = 0;
-    } else if (k->out_off >= out_cap / 2) {
+    } else if (k->out_off >= k->out_size / 2) {
         memmove(k->out, k->out + k->out_off, k->out_len - k->out_off);
         k->out_len -= k->out_off;
         k->out_off = 0;
@@ -585,8 +673,8 @@ static u64 flush_out(struct stream_ctrl *c, u64 slot, struct conn *k) {
     return n;
 }
 
-/* Service one slot: returns 1 if anything happened; *rang = slot + 1 of the first slot that produced TX. */
-static int service(u64 slot, int *rang) {
+/* Service one slot: returns 1 if anything happened. */
+static int service(u64 slot) {
     struct stream_ctrl *c = stream_ctrl(slot);
     struct conn *k = &conns[slot];
     u64 generation = c->generation;
@@ -600,7 +688,7 @@ static int service(u64 slot, int *rang) {
     }
     if (c->state != 1) return 0;
     int work = 0;
-    if (flush_out(c, slot, k)) { work = 1; if (!*rang) *rang = (int)slot + 1; k->parse_needed = 1; }
+    if (flush_out(c, slot, k)) { work = 1; k->parse_needed = 1; }
     /* RX -> the input buffer (compacted first, so a request always starts at in[0]) */
     if (k->in_off) {
         memmove(k->in, k->in + k->in_off, k->in_len - k->in_off);
@@ -608,12 +696,13 @@ static int service(u64 slot, int *rang) {
         k->in_off = 0;
     }
     u64 head = c->rx_head, tail = c->rx_tail;
-    u64 n = head - tail, room = in_cap - k->in_len;
+    u64 n = head - tail, room = k->in_size - k->in_len;
+    if (n && !room && grow_in(k)) room = k->in_size - k->in_len;
     if (n > room) n = room;
     if (n) {
         c->busy = 1;                      /* before rx_tail: the host reads them in the other order */
         const u8 *ring = stream_rx(slot);
-        u64 at = tail % STREAM_RX_SIZE, first = STREAM_RX_SIZE - at;
+        u64 at = tail % rx_size, first = rx_size - at;
         if (first > n) first = n;
         copy(k->in + k->in_len, ring + at, first);
         copy(k->in + k->in_len + first, ring, n - first);
@@ -623,16 +712,44 @@ static int service(u64 slot, int *rang) {
         k->parse_needed = 1;
         work = 1;
     }
-    while (k->parse_needed && out_cap - k->out_len >= reply_max) {
+    while (k->parse_needed && k->out_len - k->out_off < reply_max && out_room(k) >= ERR_ROOM) {
         if (step(k) == NEED_MORE) {
             k->parse_needed = 0;
             break;
         }
         work = 1;
     }
-    if (flush_out(c, slot, k)) { work = 1; if (!*rang) *rang = (int)slot + 1; }
+    if (flush_out(c, slot, k)) work = 1;
     if (c->busy && k->out_len == 0 && !k->parse_needed && c->rx_tail == c->rx_head) c->busy = 0;
     return work;
+}
+
+/* Service a slot once per pass; tell the host if its indices changed; keep it for the next pass if
+ * it made progress (it may have more). Returns 1 if the host should look (the doorbell). */
+static void keep(u64 slot, struct conn *k) {
+    if (k->kept_pass == pass + 1 || next_n >= nslots) return;
+    k->kept_pass = pass + 1;
+    next_active[next_n++] = (u32)slot;
+}
+
+static int visit(u64 slot) {
+    struct conn *k = &conns[slot];
+    if (k->seen_pass == pass) {                 /* news that came after this pass serviced it */
+        keep(slot, k);
+        return 0;
+    }
+    k->seen_pass = pass;
+    struct stream_ctrl *c = stream_ctrl(slot);
+    u64 gen = c->guest_generation, rx = c->rx_tail, tx = c->tx_head, busy = c->busy;
+    int work = service(slot);
+    int told = 0;
+    if (k->tell_pending || gen != c->guest_generation || rx != c->rx_tail || tx != c->tx_head
+        || busy != c->busy) {
+        told = stream_tell_host(slot);
+        k->tell_pending = !told;
+    }
+    if (work || k->tell_pending) keep(slot, k);
+    return told || k->tell_pending;             /* (no room: the doorbell makes the host look) */
 }
 
 static u64 round_up(u64 v, u64 to) { return (v + to - 1) & ~(to - 1); }
@@ -654,10 +771,18 @@ static void setup(struct params *p) {
     reply_max = reqmax + 1024;
     out_cap = 2 * reply_max;
     max_args = reqmax / 2 + 16;
+    nslots = stream_slots();
+    rx_size = stream_rx_size();
+    tx_size = stream_tx_size();
     u8 *at = (u8 *)p->data_gpa, *end = at + p->data_pages * PAGE;
-    for (u64 s = 0; s < STREAM_SLOTS; s++) {
-        conns[s].in = at;  at += round_up(in_cap, PAGE);
-        conns[s].out = at; at += round_up(out_cap, PAGE);
+    conns = (struct conn *)at; at += round_up(nslots * sizeof(struct conn), PAGE);
+    active = (u32 *)at;        at += round_up(nslots * sizeof(u32), PAGE);
+    next_active = (u32 *)at;   at += round_up(nslots * sizeof(u32), PAGE);
+    for (u64 s = 0; s < nslots; s++) {
+        conns[s].in_small = at;  at += SMALL_BUF;
+        conns[s].out_small = at; at += SMALL_BUF;
+        if (at > end) fail("data region too small for the connection buffers", E_NO_MEMORY);
+        reset_conn(&conns[s]);
     }
     argv = (struct arg *)at;   at += round_up(max_args * sizeof(struct arg), PAGE);
     buckets = (struct entry **)at; at += round_up(table * sizeof(struct entry *), PAGE);
@@ -671,12 +796,20 @@ void guest_main(u64 vcpu, struct params *p) {
     if (vcpu != 0) for (;;) stream_idle();     /* one vCPU serves; others stay parked */
     P = p;
     ST = &p->vcpu[0];
-    setup(p);
     while (!stream_ready()) stream_idle();
+    setup(p);                                  /* after the device: its slots, and the heap it left */
     for (;;) {
-        int work = 0, rang = 0;
-        for (u64 s = 0; s < STREAM_SLOTS; s++) work |= service(s, &rang);
-        if (rang) stream_doorbell((u64)rang - 1);    /* one per pass: the host drains every slot */
-        if (!work) stream_idle();
+        pass++;
+        u32 *todo = active;                    /* the slots that had work on the last pass */
+        u64 todo_n = active_n;
+        next_n = 0;                            /* visit() fills next_active, the other list */
+        int told = 0;
+        for (u64 i = 0; i < todo_n; i++) told |= visit(todo[i]);
+        for (long slot; (slot = stream_next_news()) >= 0; ) told |= visit((u64)slot);
+        active = next_active;
+        active_n = next_n;
+        next_active = todo;
+        if (told) stream_doorbell();           /* one per pass */
+        if (!active_n) stream_idle();
     }
 }

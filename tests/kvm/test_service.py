@@ -72,10 +72,22 @@ def test_service_settings_are_checked() -> None:
         Service(backend="sim")
 
 
-def test_device_region_fits_the_low_slot() -> None:
-    assert stream.STREAM_END <= 0x800000 and stream.STREAM_GPA >= 0x480000
+def test_device_header_fits_the_low_slot_and_its_region_the_data_region() -> None:
+    assert stream.STREAM_GPA + 4096 <= 0x800000 and stream.STREAM_GPA >= 0x480000
     header = (stream.PORT_DOORBELL, stream.PORT_IDLE)
     assert not set(header) & {0x10, 0x11, 0x12, 0x13}
+    data_gpa, data_bytes = 0x40000000, 64 << 20
+    geometry = stream.Geometry.at_top(1024, data_gpa, data_bytes)
+    assert geometry.region_gpa + geometry.region_size == data_gpa + data_bytes
+    assert geometry.region_size == stream.Geometry.region_bytes(1024) >= 1024 * (stream.RX_SIZE + stream.TX_SIZE)
+    assert not geometry._problem(data_gpa, data_bytes)
+    with pytest.raises(ConfigError, match="10000 client slots need 157 MiB .* more than half of the 64 MiB"):
+        stream.Geometry.at_top(10000, data_gpa, data_bytes)
+    with pytest.raises(ConfigError, match="1 to 65536 client slots, not 0"):
+        stream.StreamDevice(slots=0)
+    with pytest.raises(ConfigError, match="cannot hold the stream device and the kvstore's buffers for 4000 "
+                                          "clients .* lower max_clients"):
+        Service(memory_mib=64, max_clients=4000)
 
 
 # --- redis-py ---------------------------------------------------------------------
@@ -171,7 +183,7 @@ def test_concurrent_clients(service) -> None:
         except Exception as exc:                               # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(40)]   # more clients than slots
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(40)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -280,6 +292,77 @@ def test_redis_cli_and_benchmark(service) -> None:
     assert result.returncode == 0, result.stderr
     for test in ("PING_INLINE", "PING_MBULK", "SET", "GET"):
         assert f"{test}: " in result.stdout, result.stdout
+    # 50 connections (the 33rd hung when the device had 32 slots) and 1,000 more than that
+    result = subprocess.run([bench, "-p", port, "-n", "5000", "-c", "50", "-t", "set,get,incr", "-q"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for test in ("SET", "GET", "INCR"):
+        assert f"{test}: " in result.stdout, result.stdout
+
+
+@pytest.mark.kvm
+def test_clients_beyond_the_limit_get_redis_s_error_and_a_freed_slot_is_reused() -> None:
+    with start_service(0, max_clients=8) as svc:
+        held = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(8)]
+        for n, sock in enumerate(held):                           # every one is served
+            sock.sendall(b"INCR admitted\r\n")
+            assert recv_lines(sock, 1) == b":%d\r\n" % (n + 1)
+        with socket.create_connection(("127.0.0.1", svc.port)) as ninth:
+            ninth.settimeout(10)
+            answer = b""
+            while chunk := ninth.recv(100):                       # the error, then the close
+                answer += chunk
+            assert answer == b"-ERR max number of clients reached\r\n"
+        refused = redis.Redis(port=svc.port, socket_timeout=10)
+        with pytest.raises(redis.ConnectionError, match="max number of clients reached"):
+            refused.ping()
+        refused.close()
+        held.pop().close()                                        # a slot comes free once the guest saw the close
+        r = redis.Redis(port=svc.port, socket_timeout=10)
+        assert wait_until(lambda: _ping_or_none(r), what="a client admitted into the freed slot")
+        assert r.incr("admitted") == 9
+        for sock in held:                                         # the others were never disturbed
+            sock.sendall(b"GET admitted\r\n")
+            assert recv_lines(sock, 2) == b"$1\r\n9\r\n"
+            sock.close()
+        r.close()
+        assert svc.device.stats["rejected"] >= 2
+        svc.service.check()
+
+
+def _ping_or_none(r) -> bool:
+    try:
+        return r.ping()
+    except redis.ConnectionError as exc:                          # the slot was still closing
+        assert "max number of clients reached" in str(exc)
+        return False
+
+
+@pytest.mark.kvm
+def test_a_thousand_clients_at_once() -> None:
+    """The default limit (1,024): a thousand connections served together, each its own state.
+    (No dirty logging: their buffers alone are more pages than a dirty ring holds, and no
+    checkpointer harvests here.)"""
+    with start_service(0, track_dirty=False) as service:
+        _a_thousand_clients(service)
+        service.service.check()
+
+
+def _a_thousand_clients(service) -> None:
+    socks = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(1000)]
+    try:
+        for n, sock in enumerate(socks):
+            sock.sendall(b"SET many:%d %d\r\n" % (n, n * 7))
+        for sock in socks:
+            assert recv_lines(sock, 1) == b"+OK\r\n"
+        for n, sock in enumerate(socks):
+            sock.sendall(b"GET many:%d\r\n" % n)
+        for n, sock in enumerate(socks):
+            value = b"%d" % (n * 7)
+            assert recv_lines(sock, 2) == b"$%d\r\n%s\r\n" % (len(value), value)
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 # --- checkpoints ------------------------------------------------------------------------
@@ -292,7 +375,8 @@ def test_device_writes_are_in_the_harvest(service) -> None:
         sock.sendall(b"PING\r\n")
         assert recv_lines(sock, 1) == b"+PONG\r\n"
         me = "%s:%d" % sock.getsockname()
-        slot = next(s for s in json.loads(device.device_state())["slots"] if s["peer"] == me)
+        number = next(slot for slot, _, peer in service.call(device.connections) if peer == me)
+        slot = next(s for s in json.loads(device.device_state())["slots"] if s["slot"] == number)
         with device.lock:
             machine.pause()
             machine.harvest()                                   # start from a clean slate
@@ -303,15 +387,19 @@ def test_device_writes_are_in_the_harvest(service) -> None:
         with device.lock:
             machine.pause()
             try:
-                dirty = set(machine.harvest().slot(0).tolist())
+                harvest = machine.harvest()
+                dirty_low, dirty_data = set(harvest.slot(0).tolist()), set(harvest.slot(1).tolist())
                 after = next(s for s in json.loads(device.device_state())["slots"] if s["slot"] == slot["slot"])
             finally:
                 machine.resume()
-    rx_gpa = stream.SLOTS_GPA + slot["slot"] * stream.SLOT_STRIDE + stream.CTRL_SIZE
+    geometry = device.geometry
+    rx_gpa = geometry.rx_gpa(slot["slot"]) - 0x40000000           # offsets in the data slot (1)
     written = range(after["rx_head"] - len(payload), after["rx_head"])
-    rx_pages = {(rx_gpa + index % stream.RX_SIZE) >> 12 for index in written}
-    ctrl_page = (rx_gpa - stream.CTRL_SIZE) >> 12
-    assert rx_pages | {ctrl_page} <= dirty, (sorted(rx_pages), ctrl_page, sorted(dirty))
+    rx_pages = {(rx_gpa + index % geometry.rx_size) >> 12 for index in written}
+    ctrl_page = (geometry.ctrl_of(slot["slot"]) - 0x40000000) >> 12
+    queue_page = (geometry.queue_gpa - 0x40000000) >> 12             # the news entries the device wrote
+    assert rx_pages | {ctrl_page, queue_page} <= dirty_data, (sorted(rx_pages), ctrl_page, sorted(dirty_data))
+    assert stream.STREAM_GPA >> 12 in dirty_low                       # the queue's head, in the header
 
 
 @pytest.mark.kvm
@@ -341,18 +429,23 @@ def test_restored_service_serves_the_captured_data() -> None:
         r.incr("counter")
         state, device_state = first.checkpoint()
         r.set("after-capture", "lost")                          # not in the checkpoint
-        open_slots = [s["slot"] for s in json.loads(device_state)["slots"] if s["state"] == 1]
+        saved = json.loads(device_state)["slots"]
+        open_slots = [s["slot"] for s in saved if s["state"] == 1]
         assert open_slots, "the checkpoint should show the client's connection open"
-        generations = {s["slot"]: s["generation"] for s in json.loads(device_state)["slots"]}
+        generations = {s["slot"]: s["generation"] for s in saved}
         r.close()
     tampered = json.loads(device_state)
-    tampered["slots"][open_slots[0]]["rx_head"] += 1              # not the memory's checkpoint
+    index = next(i for i, s in enumerate(tampered["slots"]) if s["slot"] == open_slots[0])
+    tampered["slots"][index]["rx_head"] += 1                      # not the memory's checkpoint
     with pytest.raises(stream.StreamError, match=f"slot {open_slots[0]}: rx_head is .* not from the same"):
         start_service(0, restore=state, restore_device=json.dumps(tampered).encode())
+    del tampered["slots"][index]                                  # a slot in use left out
+    with pytest.raises(stream.StreamError, match=f"slot {open_slots[0]} is in use in memory but not in the saved"):
+        start_service(0, restore=state, restore_device=json.dumps(tampered).encode())
     with start_service(0, restore=state, restore_device=device_state) as second:
-        slots = json.loads(second.device.save())["slots"]
         for slot in open_slots:                                 # closed by the new device
-            assert slots[slot]["state"] == 0 and slots[slot]["generation"] == generations[slot] + 1
+            record = second.call(second.device.slot_record, slot)
+            assert record["state"] == 0 and record["generation"] == generations[slot] + 1
         r = redis.Redis(port=second.port, socket_timeout=10)
         assert r.get("kept:0") == b"value 0" and r.get("kept:299") == b"value 299"
         assert r.get("after-capture") is None
