@@ -303,6 +303,7 @@ class PrimaryConfig:
 
 
 UNDECLARED = -1
+MAX_VERIFYING = 64          # ended epochs a replica checks behind the one arriving (a primary keeps fewer in flight)
 
 
 @dataclass
@@ -724,13 +725,10 @@ class StagePart(Command):
 
 @dataclass(frozen=True)
 class Verify(Command):
-    """Check the staged epoch against its END digest; answer with Verified."""
+    """Check the staged epoch against its END digest and, if it matches, commit it into the
+    standby at once (atomically: the staging area is then free for the next epoch, which may
+    already be arriving); answer with Verified. A mismatch commits nothing."""
 
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Commit(Command):
     epoch: int
     consistent: bool
 
@@ -797,7 +795,7 @@ class ReplicaProtocol:
     staged_pages: int = 0
     staged_batches: int = 0
     staged_vcpu: bool = False
-    verifying: int | None = None
+    verifying: list[tuple[int, bool]] = field(default_factory=list)   # (epoch, consistent) ended, in order
     expect_epoch: int | None = None           # None: the first epoch of a session may be any
     last_heard: float = 0.0
     last_sent: float = 0.0
@@ -832,7 +830,7 @@ class ReplicaProtocol:
         if self.open_epoch is not None:
             commands.append(Discard(self.open_epoch, reason))
         self.open_epoch = None
-        self.verifying = None
+        self.verifying = []                     # (their results, if they come, count for nothing)
         return commands
 
     def _on_Hello(self, event: Hello) -> list[Command]:
@@ -878,6 +876,9 @@ class ReplicaProtocol:
             return self._refuse(f"EPOCH_BEGIN {event.epoch} before HELLO")
         if self.open_epoch is not None:
             return self._refuse(f"EPOCH_BEGIN {event.epoch} while epoch {self.open_epoch} is open")
+        if len(self.verifying) >= MAX_VERIFYING:
+            return self._refuse(f"EPOCH_BEGIN {event.epoch} while {len(self.verifying)} ended epochs await "
+                                f"verification: more than any primary keeps in flight")
         if event.token != self.primary_token:
             return self._refuse(f"EPOCH_BEGIN {event.epoch} carries fencing token {event.token}, but the "
                                 f"session's is {self.primary_token}")
@@ -893,8 +894,7 @@ class ReplicaProtocol:
 
     def _on_EpochPart(self, event: EpochPart) -> list[Command]:
         self.last_heard = event.now
-        if self.mode is not ReplicaMode.RECEIVING or event.epoch != self.open_epoch \
-                or self.verifying is not None:
+        if self.mode is not ReplicaMode.RECEIVING or event.epoch != self.open_epoch:
             return self._refuse(f"{event.kind.value} frame for epoch {event.epoch}, but the open epoch is "
                                 f"{self.open_epoch}")
         if event.kind == PartKind.PAGES:
@@ -910,8 +910,7 @@ class ReplicaProtocol:
 
     def _on_EpochEnd(self, event: EpochEnd) -> list[Command]:
         self.last_heard = event.now
-        if self.mode is not ReplicaMode.RECEIVING or event.epoch != self.open_epoch \
-                or self.verifying is not None:
+        if self.mode is not ReplicaMode.RECEIVING or event.epoch != self.open_epoch:
             return self._refuse(f"EPOCH_END {event.epoch}, but the open epoch is {self.open_epoch}")
         announced = (self.expected_pages, self.expected_batches)
         if (event.pages, event.batches) != announced or (self.staged_pages, self.staged_batches) != announced:
@@ -920,24 +919,25 @@ class ReplicaProtocol:
                                 f"{(event.pages, event.batches)}")
         if self.open_consistent and not self.staged_vcpu:
             return self._refuse(f"epoch {event.epoch} announced vCPU state but sent none")
-        self.verifying = event.epoch
-        return [Verify(event.epoch)]
+        self.verifying.append((event.epoch, self.open_consistent))
+        self.open_epoch = None                  # the next epoch may begin while this one is checked
+        self.expect_epoch = event.epoch + 1
+        return [Verify(event.epoch, self.open_consistent)]
 
     def _on_Verified(self, event: Verified) -> list[Command]:
-        if event.epoch != self.verifying:
+        if not self.verifying or event.epoch != self.verifying[0][0]:
             return [Log(LogLevel.WARNING, f"verification result for epoch {event.epoch} nobody asked for")]
         if not event.ok:
-            return self._refuse(f"epoch {event.epoch} failed verification: {event.reason}")
-        self.verifying = None
-        self.open_epoch = None
-        self.committed_epoch = event.epoch
-        self.expect_epoch = event.epoch + 1
-        if self.open_consistent:
+            reason = f"epoch {event.epoch} failed verification: {event.reason}"
+            return [Discard(event.epoch, reason)] + self._refuse(reason)
+        _, consistent = self.verifying.pop(0)
+        self.committed_epoch = event.epoch     # (the shell committed it with the check)
+        if consistent:
             self.consistent_epoch = event.epoch
         elif self.consistent_epoch is not None:
             self.consistent_epoch = None          # a pre-copy round after a checkpoint: not consistent
         self.last_sent = event.now
-        return [Commit(event.epoch, self.open_consistent), SendAck(event.epoch)]
+        return [SendAck(event.epoch)]
 
     def _on_BadFrame(self, event: BadFrame) -> list[Command]:
         # Refused, the primary drops us and releases what it held: the standby is stale from then

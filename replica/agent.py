@@ -10,6 +10,15 @@ knows which peer sent the frame it is handling, so that an answer goes back
 to it. Supervision, dispatch and the status file are the shared agent
 runtime's (checkpointer.runtime); the failover itself is replica.failover.
 
+Everything that touches the standby (open, stage, verify, commit, discard)
+runs in order on one worker thread, the standby lane: decoding and committing
+a large epoch takes tens of milliseconds to seconds, and the loop must go on
+answering heartbeats and receiving frames meanwhile. What must follow a
+standby step runs after it: an ack only once its commit is done, a failover
+only once every commit queued before it is done. A stage that fails in the
+lane is refused at once (BadFrame, posted back to the loop) and its epoch is
+never committed (its verification fails too).
+
 Takeover time is measured from the last message received from the primary to
 the service back (or, without a service, the standby guest's first progress
 report).
@@ -20,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,7 +57,7 @@ log = logging.getLogger("colo.replica")
 STATUS_HORIZON = 5.0            # seconds of commits the status figures cover
 DISCONNECT_GRACE = 0.002         # seconds between a closed connection and the failover decision
 REPLICA_COMMANDS = (proto.AdoptSession, proto.SendWelcome, proto.SendRefuse, proto.OpenStaging,
-                    proto.StagePart, proto.Verify, proto.Commit, proto.SendAck, proto.Discard,
+                    proto.StagePart, proto.Verify, proto.SendAck, proto.Discard,
                     proto.SendHeartbeat, proto.ClaimLease, proto.Failover, proto.Log)
 PART_KINDS = {wire.Kind.PAGES: proto.PartKind.PAGES, wire.Kind.VCPU_STATE: proto.PartKind.VCPU,
               wire.Kind.DEVICE_STATE: proto.PartKind.DEVICE}
@@ -59,6 +69,38 @@ class ReplicaHooks:
 
     on_commit: Callable[[int, Standby], None] | None = None
     hold_ack: Callable[[int], "asyncio.Future | None"] | None = None   # a future delays the ack
+
+
+class StandbyLane:
+    """Standby work in order on one worker thread (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="colo-standby")
+        self._last: asyncio.Future | None = None
+        self.failed: dict[int, str] = {}          # epoch -> why a stage of it failed (lane thread only)
+
+    def run(self, work: Callable[..., object], *args) -> asyncio.Future:
+        """Queue `work(*args)` after everything queued before it (call on the loop)."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+        self._last = future
+        return future
+
+    def then(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the loop once everything queued so far is done."""
+        last = self._last
+        if last is None or last.done():
+            callback()
+        else:
+            last.add_done_callback(lambda _: callback())
+
+    async def idle(self) -> None:
+        """Return once everything queued so far is done (its errors are reported where it ran)."""
+        last = self._last
+        if last is not None and not last.done():
+            await asyncio.wait([last])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)
 
 
 @dataclass
@@ -98,6 +140,7 @@ class ReplicaAgent:
         self.socket: zmq.asyncio.Socket | None = None
         self.authenticator = None
         self.standby: Standby | None = None
+        self.lane = StandbyLane()
         self.guard = wire.FrameGuard(accept=wire.PRIMARY_KINDS)
         self.writer: wire.FrameWriter | None = None
         self.peer: bytes | None = None
@@ -106,13 +149,14 @@ class ReplicaAgent:
         self.takeover_ms: float | None = None
         self.last_primary_message = 0.0
         self._incoming: _Incoming | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ends: dict[int, tuple[bytes, int]] = {}      # epoch -> (END digest, raw bytes)
         self._failover_started = 0.0
         self.commit_pages = Rolling(4096)
         self.commit_raw = Rolling(4096)
         self.commit_encoded = Rolling(4096)
         self.apply_us = Rolling(4096)
-        self._epoch_bytes = [0, 0]
+        self._epoch_encoded = 0
         self.epoch = 0
         self.rejected_frames = 0
         self._connections: set[int] = set()      # open connections' fds (socket monitor)
@@ -163,6 +207,7 @@ class ReplicaAgent:
     async def run(self) -> None:
         if self.socket is None:
             self.bind()
+        self._loop = asyncio.get_running_loop()
         log.info("replica listening on %s", self.endpoint)
         log.info("fencing: %s", await self.fence.connect())
         await self.runtime.run([self._recv_loop, self._monitor_loop, self._tick_loop, self._status_loop],
@@ -176,6 +221,8 @@ class ReplicaAgent:
             return
         self._closed = True
         await self.runtime.cancel_all()
+        await self.lane.idle()
+        self.lane.close()
         if self.socket is not None:
             self.socket.disable_monitor()
             self.monitor.close(linger=0)
@@ -211,8 +258,12 @@ class ReplicaAgent:
                 while await self.monitor.poll(0):
                     self._connection_event(await self.monitor.recv_multipart())
                 if not self._connections:
-                        now = time.monotonic()
-                        self._feed(proto.PrimaryDisconnected(now, self._stalled(now)))
+                    now = time.monotonic()
+                    stalled = self._stalled(now)
+                    # the epochs it ended before it went count: their checks and commits first
+                    await self.lane.idle()
+                    if not self._connections:
+                        self._feed(proto.PrimaryDisconnected(now, stalled))
 
     def _connection_event(self, message: list[bytes]) -> bool:
         """Count the connections from a socket-monitor event; True if one of ours closed."""
@@ -317,7 +368,7 @@ class ReplicaAgent:
 
     def _do_AdoptSession(self, command: proto.AdoptSession) -> None:
         if self.standby is not None:
-            self.standby.close()
+            self.lane.run(self.standby.close)     # after what the lane still does with it
         self.standby, self._incoming.standby = self._incoming.standby, None
         log.info("standby memory: %s", ", ".join(f"slot {s.slot} {s.size >> 20} MiB" for s in self.standby.layout))
         self.peer = self._incoming.identity
@@ -339,66 +390,101 @@ class ReplicaAgent:
         refuse = wire.Refuse(command.code, command.detail[:1000])
         self._send(identity, writer, lambda: writer.message(refuse))
 
-    def _do_OpenStaging(self, command: proto.OpenStaging) -> None:
+    # The standby's steps run in the lane; `standby` is the one of the session that asked.
+    def _post(self, callback: Callable, *args) -> None:
+        """(Lane thread.) Run `callback(*args)` on the loop (not once it is closed: we are stopping)."""
         try:
-            self.standby.open(command.epoch, command.pages)
-        except StagingError as exc:               # e.g. more pages announced than the guest has
-            self.rejected_frames += 1
-            self._feed(proto.BadFrame(time.monotonic(), str(exc)))
-            return
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass
+
+    def _lane_failed(self, epoch: int, problem: str) -> None:
+        """(Lane thread.) A step of `epoch` failed: refuse now, and never commit that epoch."""
+        self.lane.failed[epoch] = problem
+        self._post(self._stage_refused, problem)
+
+    def _stage_refused(self, problem: str) -> None:
+        self.rejected_frames += 1
+        self._feed(proto.BadFrame(time.monotonic(), problem))
+
+    def _do_OpenStaging(self, command: proto.OpenStaging) -> None:
+        def open_epoch(standby: Standby, epoch: int, pages: int) -> None:
+            self.lane.failed.pop(epoch, None)
+            try:
+                standby.open(epoch, pages)
+            except StagingError as exc:           # e.g. more pages announced than the guest has
+                self._lane_failed(epoch, str(exc))
+
+        self.lane.run(open_epoch, self.standby, command.epoch, command.pages)
         self.epoch = command.epoch
-        self._epoch_bytes = [0, 0]
+        self._epoch_encoded = 0
 
     def _do_StagePart(self, command: proto.StagePart) -> None:
-        payload = self._incoming.frame.payload
-        self._epoch_bytes[1] += len(payload)
-        try:
-            if command.kind is proto.PartKind.PAGES:
-                staged = self.standby.stage_pages(payload)
-                if staged != self._incoming.frame.count:
-                    raise StagingError(f"epoch {command.epoch}: a PAGES frame says {self._incoming.frame.count} "
-                                       f"pages but its batch holds {staged}")
-            elif command.kind is proto.PartKind.VCPU:
-                self.standby.stage_vcpus(payload, self._incoming.message)
-            else:
-                self.standby.stage_device(payload)
-        except (StagingError, wire.WireError, ValueError) as exc:
-            self.rejected_frames += 1
-            self._feed(proto.BadFrame(time.monotonic(), str(exc)))
+        frame, message = self._incoming.frame, self._incoming.message
+        self._epoch_encoded += len(frame.payload)
+
+        def stage(standby: Standby, epoch: int) -> None:
+            if epoch in self.lane.failed:
+                return
+            try:
+                if command.kind is proto.PartKind.PAGES:
+                    staged = standby.stage_pages(frame.payload)
+                    if staged != frame.count:
+                        raise StagingError(f"epoch {epoch}: a PAGES frame says {frame.count} pages but its "
+                                           f"batch holds {staged}")
+                elif command.kind is proto.PartKind.VCPU:
+                    standby.stage_vcpus(frame.payload, message)
+                else:
+                    standby.stage_device(frame.payload)
+            except (StagingError, wire.WireError, ValueError) as exc:
+                self._lane_failed(epoch, str(exc))
+
+        self.lane.run(stage, self.standby, command.epoch)
 
     def _do_Verify(self, command: proto.Verify) -> None:
-        digest, self._epoch_bytes[0] = self._ends.pop(command.epoch, (b"", 0))
-        ok, reason = self.standby.verify(digest)
-        self._feed(proto.Verified(time.monotonic(), command.epoch, ok, reason))
+        digest, raw = self._ends.pop(command.epoch, (b"", 0))
+        encoded = self._epoch_encoded
 
-    def _do_Commit(self, command: proto.Commit) -> None:
-        pages = self.standby.commit(command.consistent)
+        def verify_and_commit(standby: Standby, epoch: int, consistent: bool) -> None:
+            problem = self.lane.failed.pop(epoch, None)
+            ok, reason = (False, problem) if problem else standby.verify(digest)
+            if ok:
+                pages = standby.commit(consistent)
+                if self.hooks.on_commit is not None:
+                    self.hooks.on_commit(epoch, standby)  # (before the lane's next step changes it)
+                self._post(self._committed, pages, raw, encoded, standby.last_apply_ns)
+            self._post(self._feed, proto.Verified(time.monotonic(), epoch, ok, reason))
+
+        self.lane.run(verify_and_commit, self.standby, command.epoch, command.consistent)
+
+    def _committed(self, pages: int, raw: int, encoded: int, apply_ns: int) -> None:
         now = time.monotonic()
         self.commit_pages.add(pages, now)
-        self.commit_raw.add(self._epoch_bytes[0], now)
-        self.commit_encoded.add(self._epoch_bytes[1], now)
-        self.apply_us.add(self.standby.last_apply_ns / 1000, now)
-        if self.hooks.on_commit is not None:
-            self.hooks.on_commit(command.epoch, self.standby)
+        self.commit_raw.add(raw, now)
+        self.commit_encoded.add(encoded, now)
+        self.apply_us.add(apply_ns / 1000, now)
 
     def _do_SendAck(self, command: proto.SendAck) -> None:
-        ack = wire.Ack(command.epoch, self.standby.last_apply_ns)
-        peer, writer = self.peer, self.writer
+        peer, writer, standby = self.peer, self.writer, self.standby
 
         def send(*_) -> None:
             if writer is self.writer:             # still the same session
+                ack = wire.Ack(command.epoch, standby.last_apply_ns)
                 self._send(peer, writer, lambda: writer.message(ack))
 
-        held = self.hooks.hold_ack(command.epoch) if self.hooks.hold_ack is not None else None
-        if held is None:
-            send()
-        else:
-            held.add_done_callback(send)
+        def after_commit() -> None:               # (on the loop)
+            held = self.hooks.hold_ack(command.epoch) if self.hooks.hold_ack is not None else None
+            if held is None:
+                send()
+            else:
+                held.add_done_callback(send)
+
+        self.lane.then(after_commit)
 
     def _do_Discard(self, command: proto.Discard) -> None:
         log.warning("epoch %d discarded whole: %s", command.epoch, command.reason)
         if self.standby is not None:
-            self.standby.discard()
+            self.lane.run(self.standby.discard)
 
     def _do_SendHeartbeat(self, command: proto.SendHeartbeat) -> None:
         writer = self.writer
@@ -419,6 +505,13 @@ class ReplicaAgent:
     def _do_Failover(self, command: proto.Failover) -> None:
         log.error("FAILOVER: %s; starting the standby guest from epoch %d", command.reason, command.epoch)
         self._failover_started = time.monotonic()
+        self.runtime.spawn(self._fail_over(command.epoch))
+
+    async def _fail_over(self, decided_epoch: int) -> None:
+        await self.lane.idle()                    # every check and commit queued before the decision
+        if self.standby.committed_epoch != decided_epoch:
+            log.info("the standby committed epoch %d meanwhile (complete and verified): it runs that",
+                     self.standby.committed_epoch)
         loop = asyncio.get_running_loop()
         self.active = restore_standby(self.standby, service_host=self.config.service.host,
                                       service_port=self.config.service.takeover_port,

@@ -265,9 +265,44 @@ def test_a_hello_whose_layout_cannot_be_held_is_refused_and_changes_nothing() ->
 def test_a_complete_epoch_is_verified_committed_and_acked() -> None:
     replica = greeted_replica()
     commands = _epoch(replica, 1)
-    assert _kinds(commands) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "Commit", "SendAck"]
-    assert commands[-2:] == [p.Commit(1, True), p.SendAck(1)]
+    assert _kinds(commands) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "SendAck"]
+    assert commands[-2:] == [p.Verify(1, True), p.SendAck(1)]
     assert replica.committed_epoch == 1 and replica.consistent_epoch == 1
+
+
+def test_the_next_epoch_arrives_while_the_last_one_is_checked_and_acks_keep_their_order() -> None:
+    """A long check and commit (the shell's standby lane) does not hold up the frames behind it."""
+    replica = greeted_replica()
+    first = _epoch(replica, 1, verify=False)
+    assert first[-1] == p.Verify(1, True) and replica.open_epoch is None
+    second = _epoch(replica, 2, verify=False)                 # begins, stages and ends meanwhile
+    assert _kinds(second)[0] == "OpenStaging" and second[-1] == p.Verify(2, True)
+    assert replica.committed_epoch == 0 and replica.consistent_epoch is None
+    assert replica.handle(p.Verified(0.1, 2, True))[0] == p.Log(
+        p.LogLevel.WARNING, "verification result for epoch 2 nobody asked for")     # out of order
+    assert replica.handle(p.Verified(0.1, 1, True)) == [p.SendAck(1)]
+    assert (replica.committed_epoch, replica.consistent_epoch) == (1, 1)
+    assert replica.handle(p.Verified(0.1, 2, True)) == [p.SendAck(2)]
+    assert (replica.committed_epoch, replica.consistent_epoch) == (2, 2)
+
+
+def test_a_failed_check_behind_a_newer_epoch_refuses_the_session() -> None:
+    replica = greeted_replica()
+    _epoch(replica, 1, verify=False)
+    _epoch(replica, 2, verify=False)
+    commands = replica.handle(p.Verified(0.1, 1, False, "digest mismatch"))
+    assert "SendRefuse" in _kinds(commands) and replica.mode is p.ReplicaMode.WAITING
+    assert replica.committed_epoch == 0 and replica.consistent_epoch is None
+    assert replica.handle(p.Verified(0.1, 2, True))[0].level is p.LogLevel.WARNING    # counts for nothing
+    assert replica.committed_epoch == 0
+
+
+def test_too_many_epochs_behind_their_checks_are_refused() -> None:
+    replica = greeted_replica()
+    for epoch in range(1, p.MAX_VERIFYING + 1):
+        _epoch(replica, epoch, verify=False)
+    commands = replica.handle(p.EpochBegin(0.0, p.MAX_VERIFYING + 1, 1, 1, True))
+    assert "SendRefuse" in _kinds(commands)
 
 
 def test_epoch_before_hello_is_refused() -> None:
@@ -354,7 +389,7 @@ def test_no_failover_without_a_consistent_checkpoint() -> None:
     assert not _of(commands, p.Failover) and "nothing to fail over to" in commands[-1].message
     assert replica.handle(p.ReplicaTick(3.0)) == []                  # said once
     # a slow sync goes on: the session is kept
-    assert _kinds(_epoch(replica, 2, now=3.1)) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "Commit", "SendAck"]
+    assert _kinds(_epoch(replica, 2, now=3.1)) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "SendAck"]
 
 
 def test_disconnect_fails_over_at_once_or_waits_without_a_checkpoint() -> None:
@@ -389,7 +424,7 @@ def test_new_session_invalidates_the_old_checkpoint() -> None:
     commands = replica.handle(p.Hello(0.5, 8, (1,)))
     assert _of(commands, p.SendWelcome) == [p.SendWelcome(1, 1)]
     assert replica.consistent_epoch is None
-    assert _kinds(_epoch(replica, 40, now=0.5)) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "Commit", "SendAck"]
+    assert _kinds(_epoch(replica, 40, now=0.5)) == ["OpenStaging", "StagePart", "StagePart", "StagePart", "Verify", "SendAck"]
 
 
 # --- both, linked in memory ------------------------------------------------------
@@ -624,4 +659,4 @@ def _epoch_with_token(replica: p.ReplicaProtocol, epoch: int, token: int) -> Non
     replica.handle(p.EpochPart(0.0, epoch, p.PartKind.PAGES, 1))
     replica.handle(p.EpochPart(0.0, epoch, p.PartKind.VCPU))
     replica.handle(p.EpochEnd(0.0, epoch, 1, 1))
-    assert _kinds(replica.handle(p.Verified(0.0, epoch, True))) == ["Commit", "SendAck"]
+    assert _kinds(replica.handle(p.Verified(0.0, epoch, True))) == ["SendAck"]
