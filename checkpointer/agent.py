@@ -243,6 +243,8 @@ class PrimaryAgent:
             if self.protocol.protected == (self.unprotected_since is None):
                 return
             self.unprotected_since = None if self.protocol.protected else time.time()
+            if self.protocol.protected:
+                self.sync.finished()
 
     def _do_Connect(self, command: proto.Connect) -> None:
         self._close_socket()

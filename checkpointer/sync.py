@@ -102,6 +102,12 @@ class InitialSync:
                 self.machine.throttle(0.0)
             log.warning("auto-converge: the guest runs at full speed again")
 
+    def finished(self) -> None:
+        """The replica committed the final copy: the guest is protected."""
+        if self.progress is not None:
+            self.progress.state = "done"
+            self.progress.finished_at = time.monotonic()
+
     def status(self) -> dict | None:
         """The sync's progress for the agent's status (None before the first sync)."""
         return self.progress.status(time.monotonic()) if self.progress is not None else None
@@ -200,6 +206,7 @@ class SyncProgress:
         self.dirty_rate = 0.0          # pages/s the guest dirtied during the last round
         self.left_ratio: float | None = None     # the last round's pages dirtied / pages copied
         self.throttle = 0.0
+        self.finished_at: float | None = None
 
     def begin_round(self, number: int, pages: int, now: float) -> None:
         self.round, self.round_pages, self.round_copied, self.round_started = number, pages, 0, now
@@ -241,7 +248,8 @@ class SyncProgress:
 
     def status(self, now: float) -> dict:
         eta = self.eta_s(now) if self.state == "pre-copy" else None
-        return {"state": self.state, "started_at": self.started_wall, "elapsed_s": round(now - self.started, 3),
+        end = self.finished_at if self.finished_at is not None else now
+        return {"state": self.state, "started_at": self.started_wall, "elapsed_s": round(end - self.started, 3),
                 "resident_pages": self.resident_pages, "round": self.round, "round_pages": self.round_pages,
                 "round_copied": self.round_copied, "copied_pages": self.copied_pages,
                 "copy_rate_pages_s": round(self.copy_rate), "dirty_rate_pages_s": round(self.dirty_rate),
