@@ -205,6 +205,7 @@ KVM_CAP_XCRS = 56
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_XSAVE2 = 208
+KVM_CAP_SYNC_REGS = 74          # returns the KVM_SYNC_X86_* bits it supports (7 here)
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
 KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225
 
@@ -216,6 +217,13 @@ KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1
 RUN_IMMEDIATE_EXIT = 1     # byte offset of immediate_exit
 RUN_EXIT_REASON = 8        # u32
 RUN_EXIT_UNION = 32        # start of the exit-specific union
+RUN_VALID_REGS = 288       # u64 kvm_valid_regs: what KVM stores into kvm_run.s on every exit
+RUN_DIRTY_REGS = 296       # u64 kvm_dirty_regs: what KVM loads from kvm_run.s on entry (never set here)
+RUN_SYNC_REGS = 304        # struct kvm_sync_regs: kvm_regs, kvm_sregs, kvm_vcpu_events, in that order
+KVM_SYNC_X86_REGS = 1
+KVM_SYNC_X86_SREGS = 2
+KVM_SYNC_X86_EVENTS = 4
+KVM_SYNC_X86_ALL = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
 
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_EXCEPTION = 1

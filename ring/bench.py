@@ -12,8 +12,9 @@ workload with a stride that spreads the N pages over the whole data region,
 so the bitmap is as sparse as in real use. Each round lets the guest write N
 pages, pauses it, and times `Machine.harvest()`:
 
-- ring: harvest every ring (numpy view), mark RESET, KVM_RESET_DIRTY_RINGS,
-  deduplicate into a DirtySet (RingTracker.collect);
+- ring: walk every ring, mark RESET, deduplicate (one native call,
+  ring._native.harvest), then KVM_RESET_DIRTY_RINGS with signals blocked
+  (ring._native.reset_dirty_rings), into a DirtySet (RingTracker.collect);
 - bitmap: KVM_GET_DIRTY_LOG per slot, then find the set bits into the same
   DirtySet (BitmapTracker.collect).
 
@@ -25,8 +26,8 @@ parameter block and stack), one or two a round.
 As DESIGN.md ("Benchmarks") asks, the figures are medians of several rounds
 after a warm-up round (this machine is shared, nested and noisy), and the
 ratio (bitmap / ring) matters more than the absolute times. The times are
-taken around the Python call, so they include Python and numpy overhead, not
-only the ioctls. The guest's own writes (about 28 us for a first write to a
+taken around the Python call, so they include the Python around the native
+calls (and, for the bitmap, numpy's), not only the ioctls. The guest's own writes (about 28 us for a first write to a
 page after a reset on this host) are not timed.
 """
 

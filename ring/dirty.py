@@ -17,21 +17,26 @@ Some facts about the dirty ring (api.rst, virt/kvm/dirty_ring.c):
   with KVM_EXIT_DIRTY_RING_FULL before its next guest instruction, and keeps
   exiting until entries are reset.
 
-The harvest is vectorised: the ring is a numpy structured view; the number of
-consecutive DIRTY entries is found by scanning geometrically growing chunks,
-so a harvest of n entries costs O(n) numpy work, not O(ring size) and never a
-Python loop per entry. The simulated backend hands its own buffer to the same
-DirtyRing class, so both backends share this code.
+The harvest is native (ring/native/core.c, `ring._native.harvest`): one call
+without the GIL walks every ring from its fetch index, marks the entries
+RESET, merges the pages the VMM wrote and returns the sorted unique page keys;
+Python keeps the reset's rules (RingTracker._reset_all) and the errors. The
+numpy harvest (DirtyRing.harvest, DirtySet.from_entries) stays as the
+reference the native one is tested against: the ring is a numpy structured
+view, and the number of consecutive DIRTY entries is found by scanning
+geometrically growing chunks, O(n) numpy work for n entries. The simulated
+backend hands its own buffer to the same DirtyRing class, so both backends
+share this code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from . import abi, pages as pagekeys
+import ring._native as native        # the native core (ring/native/core.c), built by setup.py
 from .errors import ConfigError, HarvestError, PageKeyError, RingSizeError
 
 _DIRTY = np.uint32(abi.KVM_DIRTY_GFN_F_DIRTY)
@@ -59,23 +64,54 @@ def soft_limit(entries: int) -> int:
     return entries - abi.DIRTY_RING_RESERVED_ENTRIES
 
 
-@dataclass
 class DirtySet:
-    """Pages dirtied since the last harvest: per slot, sorted unique page offsets."""
+    """Pages dirtied since the last harvest: per slot, sorted unique page offsets.
 
-    pages: dict[int, np.ndarray] = field(default_factory=dict)
-    entries: int = 0                               # raw entries harvested (before dedup)
-    last_entry: dict[int, tuple[int, int]] = field(default_factory=dict)  # vCPU -> (slot, offset)
+    It holds either the per-slot arrays (`pages`) or the sorted unique page keys
+    (ring.pages) the native harvest returns, and makes the other on first use:
+    the pause only needs the keys, so it never pays for the split.
+    """
+
+    __slots__ = ("_pages", "_keys", "entries", "last_entry")
+
+    def __init__(self, pages: dict[int, np.ndarray] | None = None, entries: int = 0,
+                 last_entry: dict[int, tuple[int, int]] | None = None, *,
+                 keys: np.ndarray | None = None) -> None:
+        self._pages = pages if pages is not None or keys is not None else {}
+        self._keys = keys
+        self.entries = entries                     # raw entries harvested (before dedup)
+        self.last_entry = last_entry if last_entry is not None else {}   # vCPU -> (slot, offset)
+
+    @property
+    def pages(self) -> dict[int, np.ndarray]:
+        if self._pages is None:
+            self._pages = pagekeys.to_pages(self._keys) if len(self._keys) else {}
+        return self._pages
+
+    @pages.setter
+    def pages(self, pages: dict[int, np.ndarray]) -> None:
+        self._pages, self._keys = pages, None
+
+    def __repr__(self) -> str:
+        return f"DirtySet(count={self.count}, entries={self.entries}, slots={sorted(self.pages)})"
 
     @property
     def count(self) -> int:
-        return int(sum(len(offsets) for offsets in self.pages.values()))
+        if self._keys is not None:
+            return len(self._keys)
+        return int(sum(len(offsets) for offsets in self._pages.values()))
 
     def slot(self, slot: int) -> np.ndarray:
         return self.pages.get(slot, np.empty(0, dtype=np.uint64))
 
     def merged(self, other: "DirtySet") -> "DirtySet":
         """The union of two dirty sets (per slot, sorted unique); entries and last entries kept."""
+        if self._keys is not None or other._keys is not None:
+            if not other.count:
+                return DirtySet(entries=self.entries, last_entry=self.last_entry, keys=self.keys())
+            keys = np.frombuffer(native.sort_unique(np.concatenate((self.keys(), other.keys()))),
+                                 dtype=np.uint64)
+            return DirtySet(entries=self.entries, last_entry=self.last_entry, keys=keys)
         pages = dict(self.pages)
         for slot, offsets in other.pages.items():
             pages[slot] = np.union1d(pages[slot], offsets) if slot in pages else offsets
@@ -87,17 +123,20 @@ class DirtySet:
 
     def keys(self) -> np.ndarray:
         """The pages as sorted page keys (ring.pages)."""
-        return pagekeys.from_pages(self.pages)
+        if self._keys is None:
+            self._keys = pagekeys.from_pages(self._pages)
+        return self._keys
 
     @classmethod
     def from_keys(cls, keys: np.ndarray) -> "DirtySet":
         """The dirty set of sorted unique page keys (ring.pages); entries = len(keys)."""
-        return cls(pages=pagekeys.to_pages(keys), entries=len(keys))
+        return cls(entries=len(keys), keys=np.asarray(keys, dtype=np.uint64))
 
     @classmethod
     def from_entries(cls, slots: np.ndarray, offsets: np.ndarray, entries: int | None = None,
                      last_entry: dict[int, tuple[int, int]] | None = None) -> "DirtySet":
-        """Deduplicate (slot, offset) pairs into per-slot sorted arrays, vectorised.
+        """Deduplicate (slot, offset) pairs into per-slot sorted arrays, vectorised (the reference
+        for the native harvest).
 
         Sort plus a neighbour compare: np.unique costs several times more here.
         """
@@ -117,12 +156,26 @@ class DirtySet:
                    last_entry=last_entry or {})
 
 
+def merge_vmm_ranges(dirty: DirtySet, ranges: Sequence[tuple[int, int, int]]) -> DirtySet:
+    """`dirty` plus the pages of (slot, first page, end page) ranges, in numpy (the reference)."""
+    slots = np.concatenate([np.full(end - first, slot, dtype=np.uint32) for slot, first, end in ranges])
+    offsets = np.concatenate([np.arange(first, end, dtype=np.uint64) for _, first, end in ranges])
+    return dirty.merged(DirtySet.from_entries(slots, offsets))
+
+
+def vmm_keys(ranges: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """Sorted unique page keys of (slot, first page, end page) ranges, in one native call."""
+    keys, _, _, _ = native.harvest((), (), abi.DIRTY_RING_MIN_ENTRIES, ranges)
+    return np.frombuffer(keys, dtype=np.uint64)
+
+
 class DirtyRing:
     """One vCPU's ring over a buffer (the KVM mmap, or the simulator's array)."""
 
     def __init__(self, buffer, entries: int, vcpu_index: int) -> None:
         self.entries = validate_ring_entries(entries)
         self.vcpu_index = vcpu_index
+        self.buffer = buffer                       # what the native harvest walks
         self.ring = np.frombuffer(buffer, dtype=abi.DIRTY_GFN_DTYPE, count=entries)
         # Plain strided views of the three fields: much cheaper to slice than the records.
         words = np.frombuffer(buffer, dtype=np.uint32, count=entries * 4).reshape(entries, 4)
@@ -200,7 +253,33 @@ class RingTracker:
         self.resets_cut_short = 0          # collects whose first reset came back short
         self.rearms = 0                    # collects that re-armed the slots afterwards
 
-    def collect(self) -> DirtySet:
+    def collect(self, vmm_ranges: Sequence[tuple[int, int, int]] = ()) -> DirtySet:
+        """Harvest every ring, reset, and return the dirty set with the pages of `vmm_ranges`
+        ((slot, first page, end page), written by the VMM) merged in: one native call for
+        the walk, the RESET marks, the merge and the dedup."""
+        rings = self.rings
+        if not rings:
+            return DirtySet(keys=vmm_keys(vmm_ranges)) if vmm_ranges else DirtySet()
+        entries = rings[0].entries
+        if any(ring.entries != entries for ring in rings):
+            return self.collect_reference(vmm_ranges)
+        keys, counts, last, bad = native.harvest([ring.buffer for ring in rings],
+                                                  [ring.fetch_index for ring in rings], entries, vmm_ranges)
+        for ring, count in zip(rings, counts):
+            ring.fetch_index += count
+        harvested = sum(counts)
+        self._reset_all(harvested)
+        if bad is not None:
+            _, slot, offset = bad
+            try:
+                pagekeys.make(np.array([slot], dtype=np.uint64), np.array([offset], dtype=np.uint64))
+            except PageKeyError as exc:
+                raise HarvestError(f"dirty log entry: {exc}") from exc
+        last_entry = {ring.vcpu_index: entry for ring, entry in zip(rings, last) if entry is not None}
+        return DirtySet(entries=harvested, last_entry=last_entry, keys=np.frombuffer(keys, dtype=np.uint64))
+
+    def collect_reference(self, vmm_ranges: Sequence[tuple[int, int, int]] = ()) -> DirtySet:
+        """collect() in numpy (the reference the native harvest is tested against)."""
         slots, offsets, last = [], [], {}
         for ring in self.rings:
             ring_slots, ring_offsets = ring.harvest()
@@ -211,10 +290,12 @@ class RingTracker:
         harvested = int(sum(len(o) for o in offsets))
         self._reset_all(harvested)
         if not offsets:
-            return DirtySet()
-        if len(offsets) == 1:
-            return DirtySet.from_entries(slots[0], offsets[0], harvested, last)
-        return DirtySet.from_entries(np.concatenate(slots), np.concatenate(offsets), harvested, last)
+            dirty = DirtySet()
+        elif len(offsets) == 1:
+            dirty = DirtySet.from_entries(slots[0], offsets[0], harvested, last)
+        else:
+            dirty = DirtySet.from_entries(np.concatenate(slots), np.concatenate(offsets), harvested, last)
+        return merge_vmm_ranges(dirty, vmm_ranges) if vmm_ranges else dirty
 
     def _reset_all(self, harvested: int) -> None:
         """Reset until `harvested` entries are reset; re-arm if a walk was cut short."""

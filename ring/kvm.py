@@ -37,7 +37,8 @@ kvm_main.c since the 2025 dirty ring fixes; measured on Linux 6.18 here):
   14,600 over 300 harvests. The signal check comes before the end-of-ring
   check, so this can happen even when the count comes out complete.
 - So reset_dirty_rings() blocks every signal it can on the calling thread for
-  the ioctl: blocked signals do not make signal_pending() true, and they are
+  the ioctl (in C, ring/native/core.c, with the GIL released outside the
+  measured window; reset_dirty_rings_python() is the same in ctypes): blocked signals do not make signal_pending() true, and they are
   delivered as soon as the mask is restored. What a mask cannot block (a
   ptrace interrupt from py-spy or gdb, SIGSTOP, the cgroup freezer) stops
   the thread on its way out of the ioctl, which shows as a voluntary context
@@ -65,6 +66,7 @@ from typing import Iterable
 import numpy as np
 
 from . import abi
+import ring._native as native        # the native core (ring/native/core.c), built by setup.py
 from .errors import KvmError, KvmUnavailableError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -306,6 +308,16 @@ class Vm(_Fd):
         """
         if not block_signals:
             return ioctl(self.fd, abi.KVM_RESET_DIRTY_RINGS, 0)
+        try:                          # ring/native/core.c: mask, switch count, ioctl, in C, no GIL
+            reset, stopped = native.reset_dirty_rings(self.fd)
+        except OSError as exc:
+            raise KvmError("KVM_RESET_DIRTY_RINGS", exc.errno or 0) from None
+        if stopped:
+            self.reset_interruptions += 1
+        return reset
+
+    def reset_dirty_rings_python(self) -> int:
+        """reset_dirty_rings() written with ctypes (SignalsBlocked): the reference for the native one."""
         guard = self._signal_guards.get(threading.get_ident())
         if guard is None:
             guard = self._signal_guards[threading.get_ident()] = SignalsBlocked()
@@ -336,6 +348,14 @@ class Vcpu(_Fd):
             raise KvmError("mmap(kvm_run)", exc.errno or 0) from exc
         self._run_address = ctypes.addressof(ctypes.c_char.from_buffer(self.run_map))
         self._msr_requests: dict[tuple[int, ...], tuple] = {}
+        #: KVM_CAP_SYNC_REGS on: every KVM_RUN exit leaves regs, sregs and events in kvm_run.
+        self.sync_regs = False
+        #: kvm_run.s holds the vCPU's current regs, sregs and events: true after a KVM_RUN
+        #: returned, false again after any SET ioctl (the state then differs from the last exit).
+        self.synced = False
+        #: Bumped by every SET ioctl: a capture's cache of state a CPL3 guest cannot change
+        #: (XCRs, debug registers, CPUID, most MSRs) is good while this does not move.
+        self.state_changes = 0
         self.io = abi.RunIo.from_buffer(self.run_map, abi.RUN_EXIT_UNION)
 
     def close(self) -> None:
@@ -377,7 +397,38 @@ class Vcpu(_Fd):
 
     def run(self) -> int:
         """KVM_RUN: returns 0, or -errno (EINTR when kicked) without raising."""
-        return run_ioctl(self.fd)
+        result = run_ioctl(self.fd)
+        if self.sync_regs and (result == 0 or result == -errno.EINTR):
+            self.synced = True          # (KVM stores kvm_run.s on its way out, kicked or not)
+        return result
+
+    def enable_sync_regs(self) -> bool:
+        """Ask KVM to store regs, sregs and events into kvm_run on every exit (KVM_CAP_SYNC_REGS).
+
+        Costs nothing measurable per KVM_RUN here and saves GET_REGS, GET_SREGS and
+        GET_VCPU_EVENTS at a checkpoint. kvm_dirty_regs stays 0: KVM never loads state
+        from kvm_run, so SET ioctls stay the only way in. False if the host lacks it.
+        """
+        supported = self.vm.check_extension(abi.KVM_CAP_SYNC_REGS)
+        if supported & abi.KVM_SYNC_X86_ALL != abi.KVM_SYNC_X86_ALL:
+            return False
+        self.run_map[abi.RUN_VALID_REGS:abi.RUN_VALID_REGS + 8] = abi.KVM_SYNC_X86_ALL.to_bytes(8, "little")
+        self.run_map[abi.RUN_DIRTY_REGS:abi.RUN_DIRTY_REGS + 8] = bytes(8)
+        self.sync_regs = True
+        return True
+
+    def synced_state(self) -> tuple[bytes, bytes, bytes] | None:
+        """(regs, sregs, events) as KVM stored them at the last exit, or None if they may be stale."""
+        if not self.synced:
+            return None
+        base, regs, sregs = abi.RUN_SYNC_REGS, ctypes.sizeof(abi.Regs), ctypes.sizeof(abi.Sregs)
+        run = self.run_map
+        return (run[base:base + regs], run[base + regs:base + regs + sregs],
+                run[base + regs + sregs:base + regs + sregs + abi.VCPU_EVENTS_SIZE])
+
+    def _changed(self) -> None:
+        self.synced = False
+        self.state_changes += 1
 
     def get_regs(self) -> abi.Regs:
         """KVM_GET_REGS."""
@@ -387,6 +438,7 @@ class Vcpu(_Fd):
 
     def set_regs(self, regs: abi.Regs) -> None:
         """KVM_SET_REGS."""
+        self._changed()
         ioctl(self.fd, abi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> abi.Sregs:
@@ -397,6 +449,7 @@ class Vcpu(_Fd):
 
     def set_sregs(self, sregs: abi.Sregs) -> None:
         """KVM_SET_SREGS."""
+        self._changed()
         ioctl(self.fd, abi.KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> abi.Fpu:
@@ -407,6 +460,7 @@ class Vcpu(_Fd):
 
     def set_fpu(self, fpu: abi.Fpu) -> None:
         """KVM_SET_FPU."""
+        self._changed()
         ioctl(self.fd, abi.KVM_SET_FPU, fpu)
 
     def get_xsave(self, size: int = abi.XSAVE_LEGACY_SIZE) -> bytes:
@@ -418,6 +472,7 @@ class Vcpu(_Fd):
 
     def set_xsave(self, data: bytes) -> None:
         """KVM_SET_XSAVE (the kernel reads the whole area, whatever its size)."""
+        self._changed()
         buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         ioctl(self.fd, abi.KVM_SET_XSAVE, buffer)
 
@@ -429,6 +484,7 @@ class Vcpu(_Fd):
 
     def set_xcrs(self, xcrs: abi.Xcrs) -> None:
         """KVM_SET_XCRS."""
+        self._changed()
         ioctl(self.fd, abi.KVM_SET_XCRS, xcrs)
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
@@ -454,6 +510,7 @@ class Vcpu(_Fd):
 
     def set_msrs(self, values: dict[int, int]) -> None:
         """KVM_SET_MSRS; raises if KVM accepted fewer than given."""
+        self._changed()
         msrs = abi.msrs_struct(len(values))()
         msrs.nmsrs = len(values)
         for entry, (index, data) in zip(msrs.entries, values.items()):
@@ -464,6 +521,7 @@ class Vcpu(_Fd):
 
     def set_cpuid2(self, entries: list[abi.CpuidEntry2]) -> None:
         """KVM_SET_CPUID2."""
+        self._changed()
         cpuid = abi.cpuid2_struct(len(entries))()
         cpuid.nent = len(entries)
         for i, entry in enumerate(entries):
@@ -485,6 +543,7 @@ class Vcpu(_Fd):
 
     def set_vcpu_events(self, data: bytes) -> None:
         """KVM_SET_VCPU_EVENTS."""
+        self._changed()
         buffer = (ctypes.c_uint8 * abi.VCPU_EVENTS_SIZE).from_buffer_copy(data)
         ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, buffer)
 
@@ -496,6 +555,7 @@ class Vcpu(_Fd):
 
     def set_debugregs(self, data: bytes) -> None:
         """KVM_SET_DEBUGREGS."""
+        self._changed()
         buffer = (ctypes.c_uint8 * abi.DEBUGREGS_SIZE).from_buffer_copy(data)
         ioctl(self.fd, abi.KVM_SET_DEBUGREGS, buffer)
 

@@ -14,6 +14,7 @@ calls the VM-wide reset and checks its count (RingTracker.collect).
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import queue
 import threading
@@ -24,7 +25,8 @@ from typing import Callable
 import numpy as np
 
 from . import abi
-from .dirty import BitmapTracker, DirtyRing, DirtySet, RingTracker, validate_ring_entries
+import ring._native as native        # the native core (ring/native/core.c), built by setup.py
+from .dirty import BitmapTracker, DirtyRing, DirtySet, RingTracker, validate_ring_entries, vmm_keys
 from .errors import ConfigError, GuestFault, KvmError, KvmUnavailableError, StateError
 from .guest import layout, loader
 from .guest.build import build_program
@@ -197,13 +199,18 @@ class Machine:
         self._require_open()
         if not self.runner.paused:
             raise StateError("harvest() needs every vCPU paused: call pause() first")
-        dirty = self.tracker.collect()
         with self._vmm_lock:
             ranges, self._vmm_dirty = self._vmm_dirty, []
+        try:
+            if isinstance(self.tracker, RingTracker):   # one native call: rings, RESET, VMM pages, dedup
+                return self.tracker.collect(ranges)
+            dirty = self.tracker.collect()
+        except BaseException:
+            with self._vmm_lock:                       # not harvested: keep them for the next harvest
+                self._vmm_dirty[:0] = ranges
+            raise
         if ranges:
-            slots = np.concatenate([np.full(end - first, slot, dtype=np.uint32) for slot, first, end in ranges])
-            offsets = np.concatenate([np.arange(first, end, dtype=np.uint64) for _, first, end in ranges])
-            dirty = dirty.merged(DirtySet.from_entries(slots, offsets))
+            dirty = dirty.merged(DirtySet(keys=vmm_keys(ranges)))
         return dirty
 
     def note_vmm_write(self, gpa: int, length: int) -> None:
@@ -421,6 +428,8 @@ _host_lock = threading.Lock()
 #: MSRs a long-mode guest may use; those KVM does not list are skipped.
 CANDIDATE_MSRS = (0x10, 0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083,
                   0xC0000084, 0xC0000102, 0xC0000103)
+#: Of those, what a CPL3 guest changes without WRMSR: the TSC. The rest need CPL0.
+CPL3_VARYING_MSRS = frozenset({0x10})
 
 
 def _host_facts(kvm: Kvm) -> tuple[list[abi.CpuidEntry2], list[int]]:
@@ -447,7 +456,7 @@ class KvmMachine(Machine):
         self._vm: Vm | None = None
         self._vcpus: list[Vcpu] = []
         self._ring_maps = []
-        self._cpuid_bytes: dict[int, bytes] = {}
+        self._static_state: dict[int, tuple] = {}      # vCPU -> (state_changes, xcrs, debugregs, cpuid, msrs)
         super().__init__(config, workload, memory)
         self.extra_ports.update(ports or {})
         self.track_dirty = track_dirty
@@ -477,6 +486,8 @@ class KvmMachine(Machine):
         cpuid, self._msrs = _host_facts(self._kvm)
         xsave2 = vm.check_extension(abi.KVM_CAP_XSAVE2)
         self._xsave_size = max(xsave2, abi.XSAVE_LEGACY_SIZE)
+        self._xsave_request = abi.KVM_GET_XSAVE2 if self._xsave_size > abi.XSAVE_LEGACY_SIZE else abi.KVM_GET_XSAVE
+        self._varying_msrs = tuple(m for m in self._msrs if m in CPL3_VARYING_MSRS)
         rings = []
         for index in range(config.vcpus):
             vcpu = vm.create_vcpu(index)
@@ -484,6 +495,7 @@ class KvmMachine(Machine):
             vcpu.set_cpuid2(cpuid)
             vcpu.set_sregs(loader.initial_sregs(vcpu.get_sregs()))
             vcpu.set_regs(loader.initial_regs(index))
+            vcpu.enable_sync_regs()
             if tracking and config.dirty_log == "ring":
                 ring_map = vcpu.map_dirty_ring(config.ring_entries * abi.DIRTY_GFN_DTYPE.itemsize)
                 self._ring_maps.append(ring_map)
@@ -528,13 +540,17 @@ class KvmMachine(Machine):
         return list(self._vcpus)
 
     def capture_vcpus(self) -> list[VcpuState]:
+        """Every vCPU's state, with as few ioctls as the vCPU's history allows (see _capture_vcpu)."""
         if self.runner.started and not self.runner.paused:
             raise StateError("capture_vcpus() needs the machine paused")
+        return [self._capture_vcpu(vcpu) for vcpu in self._vcpus]
+
+    def capture_vcpus_full(self) -> list[VcpuState]:
+        """Every vCPU's state read with one GET ioctl per part (the reference for capture_vcpus)."""
+        if self.runner.started and not self.runner.paused:
+            raise StateError("capture_vcpus_full() needs the machine paused")
         states = []
         for vcpu in self._vcpus:
-            cpuid = self._cpuid_bytes.get(vcpu.index)
-            if cpuid is None:              # fixed once the vCPU has run: read it once
-                cpuid = self._cpuid_bytes[vcpu.index] = b"".join(e.to_bytes() for e in vcpu.get_cpuid2())
             states.append(VcpuState(
                 index=vcpu.index,
                 regs=vcpu.get_regs().to_bytes(),
@@ -544,9 +560,47 @@ class KvmMachine(Machine):
                 msrs=vcpu.get_msrs(self._msrs),
                 events=vcpu.get_vcpu_events(),
                 debugregs=vcpu.get_debugregs(),
-                cpuid=cpuid,
+                cpuid=b"".join(e.to_bytes() for e in vcpu.get_cpuid2()),
             ))
         return states
+
+    def _capture_vcpu(self, vcpu: Vcpu) -> VcpuState:
+        """One vCPU's state: two ioctls at a checkpoint instead of seven.
+
+        - regs, sregs and events come from kvm_run (KVM_CAP_SYNC_REGS), valid when the
+          vCPU's last KVM_RUN returned and no SET ioctl came after (Vcpu.synced);
+        - XCRs, debug registers, CPUID and the MSRs but TSC cannot change under a
+          CPL3 guest with no IDT (a fault shuts it down, see ring/guest/loader.py):
+          XSETBV, MOV DR, WRMSR and SWAPGS are CPL0 instructions, and DR6 only moves
+          on a #DB, which this guest cannot survive. They are read once and again
+          after any SET ioctl on the vCPU (Vcpu.state_changes);
+        - the XSAVE area and the TSC change all the time: one native call reads both.
+        """
+        static = self._static_state.get(vcpu.index)
+        if static is None or static[0] != vcpu.state_changes:
+            changes = vcpu.state_changes
+            msrs = vcpu.get_msrs(self._msrs)
+            static = self._static_state[vcpu.index] = (
+                changes, vcpu.get_xcrs().to_bytes(), vcpu.get_debugregs(),
+                b"".join(e.to_bytes() for e in vcpu.get_cpuid2()),
+                {index: value for index, value in msrs.items() if index not in CPL3_VARYING_MSRS})
+        _, xcrs, debugregs, cpuid, fixed_msrs = static
+        synced = vcpu.synced_state()
+        if synced is None:
+            regs, sregs, events = vcpu.get_regs().to_bytes(), vcpu.get_sregs().to_bytes(), vcpu.get_vcpu_events()
+        else:
+            regs, sregs, events = synced
+        try:
+            xsave, values = native.get_state(vcpu.fd, self._xsave_request, self._xsave_size, self._varying_msrs)
+        except OSError as exc:
+            raise KvmError(exc.filename or "KVM_GET_XSAVE", exc.errno or 0) from None
+        except ValueError as exc:
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, str(exc)) from None
+        msrs = dict(fixed_msrs)
+        msrs.update(zip(self._varying_msrs, values))
+        return VcpuState(index=vcpu.index, regs=regs, sregs=sregs, xsave=xsave, xcrs=xcrs,
+                         msrs={index: msrs[index] for index in self._msrs}, events=events,
+                         debugregs=debugregs, cpuid=cpuid)
 
     def restore_vcpus(self, states: list[VcpuState]) -> None:
         if len(states) != len(self._vcpus):

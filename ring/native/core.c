@@ -1,0 +1,591 @@
+/* ring._native: the per-page work of a checkpoint's pause, in C, without the GIL.
+
+   Why it exists: a stop-the-world checkpoint of a small epoch does a few dozen
+   microseconds of real work (walk the rings, reset them, copy the pages), but
+   the same work written as numpy calls costs 15 to 20 calls of 2 to 5 us each
+   on this nested host, cold (see /tmp/profile-report.md, section 3). Here each
+   phase is one call; Python keeps the policy (the reset's retry and re-arm
+   rules in ring/dirty.py RingTracker._reset_all, the errors, the state
+   machine) and this file does only the loops.
+
+   What is hard about it, and where the rules come from (../shared/KVM-NOTES.md,
+   ring/kvm.py's module notes):
+
+   - harvest(): KVM publishes entries in order; userspace walks each ring from
+     its free-running fetch index while flags has DIRTY, reads slot and offset,
+     then writes RESET. No skipping: KVM's reset stops at the first entry
+     without RESET. The flags load is an acquire and the RESET store a release
+     (free on x86, which is TSO; right on anything else).
+   - reset(): KVM_RESET_DIRTY_RINGS checks signal_pending() before every entry
+     and stops early; a stopped walk also leaves a 64-page mask unprotected. So
+     every blockable signal is blocked on this thread around the ioctl, and the
+     thread's voluntary context switches are read just before and just after
+     it: a stop (ptrace, SIGSTOP, the freezer) that a mask cannot hold off shows
+     as a switch, and the caller re-arms. The GIL is released and taken back
+     outside that window, so waiting for the GIL never looks like a stop.
+   - Nothing here allocates per page or touches Python objects without the GIL.
+
+   Page keys are ring/pages.py's: (slot << 40) | offset, slots below 2**16.
+*/
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
+
+#define DIRTY_FLAG 1u
+#define RESET_FLAG 2u
+#define OFFSET_BITS 40
+#define OFFSET_MASK ((1ull << OFFSET_BITS) - 1)
+#define SLOT_LIMIT (1u << 16)
+#define PAGE_SIZE 4096
+#define EINTR_RETRIES 1000
+
+#define KVMIO 0xAE
+#define KVM_RESET_DIRTY_RINGS _IO(KVMIO, 0xc7)
+#define KVM_GET_MSRS _IOWR(KVMIO, 0x88, struct msrs_header)
+#define MAX_CAPTURE_MSRS 64
+
+struct dirty_gfn {          /* struct kvm_dirty_gfn */
+    uint32_t flags;
+    uint32_t slot;
+    uint64_t offset;
+};
+
+struct msrs_header {        /* struct kvm_msrs, without its entries */
+    uint32_t nmsrs;
+    uint32_t pad;
+};
+
+struct msr_entry {          /* struct kvm_msr_entry */
+    uint32_t index;
+    uint32_t reserved;
+    uint64_t data;
+};
+
+/* ---- sorting page keys ------------------------------------------------------------- */
+
+static void insertion_sort(uint64_t *keys, size_t n)
+{
+    for (size_t i = 1; i < n; i++) {
+        uint64_t key = keys[i];
+        size_t j = i;
+        while (j > 0 && keys[j - 1] > key) {
+            keys[j] = keys[j - 1];
+            j--;
+        }
+        keys[j] = key;
+    }
+}
+
+/* LSD radix sort on bytes, skipping the bytes that are the same in every key (a 64 MiB guest's
+   keys differ in about 2 of their 7 bytes). `scratch` holds n keys. Returns where the sorted keys
+   are (keys or scratch). */
+static uint64_t *radix_sort(uint64_t *keys, uint64_t *scratch, size_t n)
+{
+    uint64_t all_or = 0, all_and = ~0ull;
+    for (size_t i = 0; i < n; i++) {
+        all_or |= keys[i];
+        all_and &= keys[i];
+    }
+    uint64_t varying = all_or ^ all_and;
+    uint64_t *src = keys, *dst = scratch;
+    for (int shift = 0; shift < 64; shift += 8) {
+        if (!((varying >> shift) & 0xff))
+            continue;
+        size_t count[256] = {0};
+        for (size_t i = 0; i < n; i++)
+            count[(src[i] >> shift) & 0xff]++;
+        size_t position = 0;
+        for (int b = 0; b < 256; b++) {
+            size_t c = count[b];
+            count[b] = position;
+            position += c;
+        }
+        for (size_t i = 0; i < n; i++)
+            dst[count[(src[i] >> shift) & 0xff]++] = src[i];
+        uint64_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    return src;
+}
+
+/* Sort and deduplicate keys[0:n] into out (which may be keys); returns the unique count. */
+static size_t sort_unique(uint64_t *keys, uint64_t *scratch, size_t n, uint64_t *out)
+{
+    if (n == 0)
+        return 0;
+    uint64_t *sorted = keys;
+    if (n <= 48)
+        insertion_sort(keys, n);
+    else
+        sorted = radix_sort(keys, scratch, n);
+    size_t unique = 0;
+    for (size_t i = 0; i < n; i++)
+        if (unique == 0 || sorted[i] != out[unique - 1])
+            out[unique++] = sorted[i];
+    return unique;
+}
+
+/* ---- harvest ----------------------------------------------------------------------- */
+
+struct vmm_range {
+    uint64_t slot, first, end;
+};
+
+PyDoc_STRVAR(harvest_doc,
+"harvest(rings, fetch, entries, vmm_ranges) -> (keys, counts, last, bad)\n\n"
+"Walk every ring (writable buffers of `entries` kvm_dirty_gfn) from its fetch index while\n"
+"flags has DIRTY, mark each entry RESET, then merge the pages of `vmm_ranges` (a sequence of\n"
+"(slot, first page, end page)) and return the sorted unique page keys as a bytearray of\n"
+"uint64, the entries taken from each ring, each ring's last (slot, offset) or None, and the\n"
+"first entry whose slot or offset is beyond ring.pages' bounds as (ring, slot, offset), or\n"
+"None. Entries beyond the bounds are marked RESET and counted, never keyed.\n"
+"Call only with every vCPU out of KVM_RUN. Releases the GIL for the work.");
+
+static PyObject *native_harvest(PyObject *self, PyObject *args)
+{
+    PyObject *rings_arg, *fetch_arg, *vmm_arg;
+    Py_ssize_t entries;
+    if (!PyArg_ParseTuple(args, "OOnO", &rings_arg, &fetch_arg, &entries, &vmm_arg))
+        return NULL;
+    if (entries <= 0 || (entries & (entries - 1))) {
+        PyErr_Format(PyExc_ValueError, "ring entries must be a power of two, got %zd", entries);
+        return NULL;
+    }
+    PyObject *rings = PySequence_Fast(rings_arg, "rings must be a sequence of buffers");
+    if (!rings)
+        return NULL;
+    PyObject *fetch = PySequence_Fast(fetch_arg, "fetch must be a sequence of ints");
+    PyObject *vmm = fetch ? PySequence_Fast(vmm_arg, "vmm_ranges must be a sequence of (slot, first, end)")
+                          : NULL;
+    Py_ssize_t nrings = PySequence_Fast_GET_SIZE(rings);
+    Py_buffer *views = NULL;
+    uint64_t *starts = NULL, *counts = NULL, *scratch = NULL;
+    uint64_t (*last)[2] = NULL;
+    struct vmm_range *ranges = NULL;
+    PyObject *keys = NULL, *result = NULL;
+    Py_ssize_t got_views = 0, nranges = 0;
+    if (!vmm)
+        goto done;
+    if (PySequence_Fast_GET_SIZE(fetch) != nrings) {
+        PyErr_SetString(PyExc_ValueError, "one fetch index per ring");
+        goto done;
+    }
+    nranges = PySequence_Fast_GET_SIZE(vmm);
+    views = PyMem_Calloc(nrings ? nrings : 1, sizeof(Py_buffer));
+    starts = PyMem_Calloc(nrings ? nrings : 1, sizeof(uint64_t));
+    counts = PyMem_Calloc(nrings ? nrings : 1, sizeof(uint64_t));
+    last = PyMem_Calloc(nrings ? nrings : 1, sizeof(*last));
+    ranges = PyMem_Calloc(nranges ? nranges : 1, sizeof(struct vmm_range));
+    if (!views || !starts || !counts || !last || !ranges) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t capacity = 0;
+    for (Py_ssize_t r = 0; r < nrings; r++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(rings, r), &views[r], PyBUF_WRITABLE) < 0)
+            goto done;
+        got_views++;
+        if (views[r].len < entries * (Py_ssize_t)sizeof(struct dirty_gfn)) {
+            PyErr_Format(PyExc_ValueError, "ring %zd holds %zd bytes, less than %zd entries", r,
+                         views[r].len, entries);
+            goto done;
+        }
+        starts[r] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fetch, r));
+        if (PyErr_Occurred())
+            goto done;
+        capacity += (size_t)entries;
+    }
+    for (Py_ssize_t i = 0; i < nranges; i++) {
+        unsigned long long slot, first, end;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(vmm, i), "KKK;a VMM range is (slot, first, end)",
+                              &slot, &first, &end))
+            goto done;
+        if (slot >= SLOT_LIMIT || end > OFFSET_MASK + 1) {
+            PyErr_Format(PyExc_ValueError, "VMM range (slot %llu, pages %llu to %llu) is beyond ring.pages' "
+                         "bounds", slot, first, end);
+            goto done;
+        }
+        ranges[i] = (struct vmm_range){slot, first, end > first ? end : first};
+        capacity += ranges[i].end - ranges[i].first;
+    }
+    keys = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(capacity * sizeof(uint64_t)));
+    if (!keys)
+        goto done;
+    scratch = PyMem_RawMalloc(capacity ? capacity * sizeof(uint64_t) : 8);
+    if (!scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t *out = (uint64_t *)PyByteArray_AS_STRING(keys);
+    size_t n = 0, unique;
+    long long bad_ring = -1;
+    uint64_t bad_slot = 0, bad_offset = 0;
+    uint64_t mask = (uint64_t)entries - 1;
+
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < nrings; r++) {
+        struct dirty_gfn *ring = views[r].buf;
+        uint64_t taken = 0;
+        while (taken < (uint64_t)entries) {
+            struct dirty_gfn *e = &ring[(starts[r] + taken) & mask];
+            if (!(__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & DIRTY_FLAG))
+                break;
+            uint64_t slot = e->slot, offset = e->offset;
+            __atomic_store_n(&e->flags, RESET_FLAG, __ATOMIC_RELEASE);
+            last[r][0] = slot;
+            last[r][1] = offset;
+            taken++;
+            if (slot >= SLOT_LIMIT || offset > OFFSET_MASK) {
+                if (bad_ring < 0) {
+                    bad_ring = r;
+                    bad_slot = slot;
+                    bad_offset = offset;
+                }
+                continue;
+            }
+            out[n++] = (slot << OFFSET_BITS) | offset;
+        }
+        counts[r] = taken;
+    }
+    for (Py_ssize_t i = 0; i < nranges; i++) {
+        uint64_t base = ranges[i].slot << OFFSET_BITS;
+        for (uint64_t page = ranges[i].first; page < ranges[i].end; page++)
+            out[n++] = base | page;
+    }
+    unique = sort_unique(out, scratch, n, out);
+    Py_END_ALLOW_THREADS
+
+    if (PyByteArray_Resize(keys, (Py_ssize_t)(unique * sizeof(uint64_t))) < 0)
+        goto done;
+    PyObject *count_tuple = PyTuple_New(nrings), *last_tuple = PyTuple_New(nrings);
+    if (!count_tuple || !last_tuple) {
+        Py_XDECREF(count_tuple);
+        Py_XDECREF(last_tuple);
+        goto done;
+    }
+    for (Py_ssize_t r = 0; r < nrings; r++) {
+        PyTuple_SET_ITEM(count_tuple, r, PyLong_FromUnsignedLongLong(counts[r]));
+        if (counts[r])
+            PyTuple_SET_ITEM(last_tuple, r, Py_BuildValue("(KK)", (unsigned long long)last[r][0],
+                                                          (unsigned long long)last[r][1]));
+        else
+            PyTuple_SET_ITEM(last_tuple, r, Py_NewRef(Py_None));
+    }
+    PyObject *bad = bad_ring < 0 ? Py_NewRef(Py_None)
+                                 : Py_BuildValue("(LKK)", bad_ring, (unsigned long long)bad_slot,
+                                                 (unsigned long long)bad_offset);
+    result = Py_BuildValue("(ONNN)", keys, count_tuple, last_tuple, bad);
+
+done:
+    for (Py_ssize_t r = 0; r < got_views; r++)
+        PyBuffer_Release(&views[r]);
+    PyMem_Free(views);
+    PyMem_Free(starts);
+    PyMem_Free(counts);
+    PyMem_Free(last);
+    PyMem_Free(ranges);
+    PyMem_RawFree(scratch);
+    Py_XDECREF(keys);
+    Py_XDECREF(rings);
+    Py_XDECREF(fetch);
+    Py_XDECREF(vmm);
+    return result;
+}
+
+PyDoc_STRVAR(sort_unique_doc,
+"sort_unique(keys) -> bytearray\n\n"
+"The sorted unique values of a buffer of uint64 page keys (the harvest's dedup, on its own).");
+
+static PyObject *native_sort_unique(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    size_t n = (size_t)view.len / sizeof(uint64_t);
+    PyObject *keys = PyByteArray_FromStringAndSize(view.buf, (Py_ssize_t)(n * sizeof(uint64_t)));
+    uint64_t *scratch = keys ? PyMem_RawMalloc(n ? n * sizeof(uint64_t) : 8) : NULL;
+    PyBuffer_Release(&view);
+    if (!scratch) {
+        Py_XDECREF(keys);
+        return keys ? PyErr_NoMemory() : NULL;
+    }
+    uint64_t *out = (uint64_t *)PyByteArray_AS_STRING(keys);
+    size_t unique;
+    Py_BEGIN_ALLOW_THREADS
+    unique = sort_unique(out, scratch, n, out);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(scratch);
+    if (PyByteArray_Resize(keys, (Py_ssize_t)(unique * sizeof(uint64_t))) < 0) {
+        Py_DECREF(keys);
+        return NULL;
+    }
+    return keys;
+}
+
+/* ---- gather ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(gather_doc,
+"gather(keys, slots, out) -> pages\n\n"
+"Copy the pages named by `keys` (a buffer of sorted uint64 page keys) into `out` (a writable\n"
+"buffer of at least len(keys) pages), in key order. `slots` is a sequence of (slot, buffer)\n"
+"pairs, each buffer a slot's memory. Runs of consecutive pages are copied with one memcpy.\n"
+"IndexError for a page beyond its slot, KeyError for a slot not given. Releases the GIL.");
+
+#define MAX_SLOTS 64
+
+static PyObject *native_gather(PyObject *self, PyObject *args)
+{
+    PyObject *keys_arg, *slots_arg, *out_arg;
+    if (!PyArg_ParseTuple(args, "OOO", &keys_arg, &slots_arg, &out_arg))
+        return NULL;
+    Py_buffer keys, out, memory[MAX_SLOTS];
+    uint64_t slot_ids[MAX_SLOTS], slot_pages[MAX_SLOTS];
+    Py_ssize_t nslots = 0, got = 0;
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(keys_arg, &keys, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(out_arg, &out, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&keys);
+        return NULL;
+    }
+    PyObject *slots = PySequence_Fast(slots_arg, "slots must be a sequence of (slot, buffer)");
+    if (!slots)
+        goto done;
+    nslots = PySequence_Fast_GET_SIZE(slots);
+    if (nslots > MAX_SLOTS) {
+        PyErr_Format(PyExc_ValueError, "at most %d slots", MAX_SLOTS);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < nslots; i++) {
+        unsigned long long id;
+        PyObject *buffer;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(slots, i), "KO;a slot is (slot, buffer)", &id, &buffer))
+            goto done;
+        if (PyObject_GetBuffer(buffer, &memory[i], PyBUF_SIMPLE) < 0)
+            goto done;
+        got++;
+        slot_ids[i] = id;
+        slot_pages[i] = (uint64_t)memory[i].len / PAGE_SIZE;
+    }
+    size_t n = (size_t)keys.len / sizeof(uint64_t);
+    if ((size_t)out.len < n * PAGE_SIZE) {
+        PyErr_Format(PyExc_ValueError, "out holds %zd bytes, %zu pages need %zu", out.len, n, n * PAGE_SIZE);
+        goto done;
+    }
+    const uint64_t *k = keys.buf;
+    char *dst = out.buf;
+    int error = 0;
+    uint64_t error_key = 0;
+    Py_BEGIN_ALLOW_THREADS
+    size_t i = 0;
+    while (i < n) {
+        uint64_t slot = k[i] >> OFFSET_BITS, offset = k[i] & OFFSET_MASK;
+        Py_ssize_t s = 0;
+        while (s < nslots && slot_ids[s] != slot)
+            s++;
+        if (s == nslots) {
+            error = 1;
+            error_key = k[i];
+            break;
+        }
+        if (offset >= slot_pages[s]) {
+            error = 2;
+            error_key = k[i];
+            break;
+        }
+        size_t run = 1;               /* consecutive pages of the same slot, one memcpy */
+        while (i + run < n && k[i + run] == k[i] + run && offset + run < slot_pages[s])
+            run++;
+        memcpy(dst + i * PAGE_SIZE, (char *)memory[s].buf + offset * PAGE_SIZE, run * PAGE_SIZE);
+        i += run;
+    }
+    Py_END_ALLOW_THREADS
+    char hex[24];
+    snprintf(hex, sizeof(hex), "%#llx", (unsigned long long)error_key);   /* (PyErr_Format has no %llx) */
+    if (error == 1)
+        PyErr_Format(PyExc_KeyError, "page key %s names slot %llu, which is not given", hex,
+                     (unsigned long long)(error_key >> OFFSET_BITS));
+    else if (error == 2)
+        PyErr_Format(PyExc_IndexError, "page key %s is beyond its slot (offset %llu)", hex,
+                     (unsigned long long)(error_key & OFFSET_MASK));
+    else
+        result = PyLong_FromSize_t(n);
+
+done:
+    for (Py_ssize_t j = 0; j < got; j++)
+        PyBuffer_Release(&memory[j]);
+    Py_XDECREF(slots);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&keys);
+    return result;
+}
+
+/* ---- reset ------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(reset_doc,
+"reset_dirty_rings(vm_fd) -> (reset, stopped)\n\n"
+"KVM_RESET_DIRTY_RINGS with every blockable signal blocked on this thread: the entries\n"
+"reset (short if the walk was cut short) and whether the thread made a voluntary context\n"
+"switch during the ioctl (a stop that no mask holds off: ptrace, SIGSTOP, the freezer).\n"
+"OSError with the errno on failure. Releases the GIL outside the measured window.");
+
+static PyObject *native_reset(PyObject *self, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    sigset_t all, old;
+    sigfillset(&all);
+    struct rusage before, after;
+    int result = -1, err = 0, mask_err;
+    Py_BEGIN_ALLOW_THREADS
+    mask_err = pthread_sigmask(SIG_BLOCK, &all, &old);
+    if (!mask_err) {
+        getrusage(RUSAGE_THREAD, &before);
+        for (int tries = 0; tries < EINTR_RETRIES; tries++) {
+            result = ioctl((int)fd, KVM_RESET_DIRTY_RINGS, 0);
+            err = result < 0 ? errno : 0;
+            if (result >= 0 || err != EINTR)
+                break;
+        }
+        getrusage(RUSAGE_THREAD, &after);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    Py_END_ALLOW_THREADS
+    if (mask_err) {
+        errno = mask_err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (result < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("(iO)", result, after.ru_nvcsw != before.ru_nvcsw ? Py_True : Py_False);
+}
+
+/* ---- vCPU state -------------------------------------------------------------------- */
+
+PyDoc_STRVAR(get_state_doc,
+"get_state(vcpu_fd, xsave_request, xsave_size, msr_indices) -> (xsave, msr_values)\n\n"
+"The two vCPU ioctls a checkpoint cannot avoid, back to back without the GIL: the XSAVE\n"
+"area (`xsave_request` is KVM_GET_XSAVE or KVM_GET_XSAVE2, `xsave_size` its bytes) and\n"
+"KVM_GET_MSRS of `msr_indices` (at most 64). OSError with the errno and the ioctl's name if\n"
+"either fails; ValueError if KVM read fewer MSRs than asked.");
+
+static PyObject *native_get_state(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long xsave_request;
+    Py_ssize_t xsave_size;
+    PyObject *indices_arg;
+    if (!PyArg_ParseTuple(args, "iknO", &fd, &xsave_request, &xsave_size, &indices_arg))
+        return NULL;
+    PyObject *indices = PySequence_Fast(indices_arg, "msr_indices must be a sequence of ints");
+    if (!indices)
+        return NULL;
+    Py_ssize_t nmsrs = PySequence_Fast_GET_SIZE(indices);
+    if (nmsrs > MAX_CAPTURE_MSRS || xsave_size <= 0) {
+        Py_DECREF(indices);
+        PyErr_Format(PyExc_ValueError, "at most %d MSRs and a positive XSAVE size", MAX_CAPTURE_MSRS);
+        return NULL;
+    }
+    struct {
+        struct msrs_header header;
+        struct msr_entry entries[MAX_CAPTURE_MSRS];
+    } msrs;
+    memset(&msrs, 0, sizeof(msrs));
+    msrs.header.nmsrs = (uint32_t)nmsrs;
+    for (Py_ssize_t i = 0; i < nmsrs; i++) {
+        msrs.entries[i].index = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(indices, i));
+        if (PyErr_Occurred()) {
+            Py_DECREF(indices);
+            return NULL;
+        }
+    }
+    Py_DECREF(indices);
+    PyObject *xsave = PyBytes_FromStringAndSize(NULL, xsave_size);   /* filled before anyone sees it */
+    if (!xsave)
+        return NULL;
+    char *area = PyBytes_AS_STRING(xsave);
+    memset(area, 0, (size_t)xsave_size);
+    int failed = 0, err = 0, done_msrs = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int r;
+    for (int tries = 0; tries < EINTR_RETRIES; tries++) {
+        r = ioctl(fd, xsave_request, area);
+        if (r >= 0 || errno != EINTR)
+            break;
+    }
+    if (r < 0) {
+        failed = 1;
+        err = errno;
+    } else if (nmsrs) {
+        for (int tries = 0; tries < EINTR_RETRIES; tries++) {
+            r = ioctl(fd, KVM_GET_MSRS, &msrs);
+            if (r >= 0 || errno != EINTR)
+                break;
+        }
+        if (r < 0) {
+            failed = 2;
+            err = errno;
+        } else {
+            done_msrs = r;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        Py_DECREF(xsave);
+        errno = err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, failed == 1 ? "KVM_GET_XSAVE" : "KVM_GET_MSRS");
+    }
+    if (done_msrs != nmsrs) {
+        Py_DECREF(xsave);
+        PyErr_Format(PyExc_ValueError, "KVM_GET_MSRS read %d of %zd MSRs: MSR 0x%x was refused", done_msrs,
+                     nmsrs, msrs.entries[done_msrs].index);
+        return NULL;
+    }
+    PyObject *values = PyTuple_New(nmsrs);
+    if (!values) {
+        Py_DECREF(xsave);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nmsrs; i++)
+        PyTuple_SET_ITEM(values, i, PyLong_FromUnsignedLongLong(msrs.entries[i].data));
+    return Py_BuildValue("(NN)", xsave, values);
+}
+
+static PyMethodDef methods[] = {
+    {"harvest", native_harvest, METH_VARARGS, harvest_doc},
+    {"sort_unique", native_sort_unique, METH_O, sort_unique_doc},
+    {"gather", native_gather, METH_VARARGS, gather_doc},
+    {"reset_dirty_rings", native_reset, METH_O, reset_doc},
+    {"get_state", native_get_state, METH_VARARGS, get_state_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "ring._native",
+    "The per-page loops of a checkpoint's pause in C, without the GIL (see ring/native/core.c).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && (PyModule_AddIntConstant(m, "PAGE_SIZE", PAGE_SIZE) < 0 ||
+              PyModule_AddIntConstant(m, "OFFSET_BITS", OFFSET_BITS) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
