@@ -44,6 +44,35 @@ THROTTLE_FIRST = 0.2         # auto-converge's first hold share, then + THROTTLE
 THROTTLE_STEP = 0.1
 
 
+class DirtyMarks:
+    """Pages dirtied during a sync round, one flag per page: a full ring's harvest is marked in
+    O(its pages), however often the rings fill. (Merging sorted sets instead cost O(the round) at
+    every fill: with a large guest the loop did nothing else, and the guest waited at full rings.)"""
+
+    def __init__(self, slot_pages: dict[int, int]) -> None:
+        self._flags = {slot: np.zeros(pages, dtype=bool) for slot, pages in slot_pages.items()}
+        self._marked = False
+
+    def add(self, dirty: DirtySet) -> None:
+        for slot, offsets in dirty.pages.items():
+            if len(offsets):
+                self._flags[slot][offsets] = True
+                self._marked = True
+
+    def take(self) -> DirtySet | None:
+        """What was marked (None: nothing), and start again."""
+        if not self._marked:
+            return None
+        pages = {}
+        for slot, flags in self._flags.items():
+            offsets = np.flatnonzero(flags).astype(np.uint64)
+            if len(offsets):
+                pages[slot] = offsets
+                flags[:] = False
+        self._marked = False
+        return DirtySet(pages=pages, entries=sum(len(o) for o in pages.values()))
+
+
 class InitialSync:
     """The shell's half of a sync: gathers pre-copy batches, keeps the pages dirtied meanwhile."""
 
@@ -56,14 +85,14 @@ class InitialSync:
         self.feed = feed
         self.next_epoch = next_epoch
         self.batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (keys, pages, buffer)
-        self.dirty: DirtySet | None = None             # dirtied since the round began
+        self.dirty = DirtyMarks({slot: memory.spec.pages for slot, memory in machine.memory.slots.items()})
         self.leftover: DirtySet | None = None          # what the final copy must add
         self.progress: SyncProgress | None = None
         self.throttle = 0.0                            # auto-converge's share of time the guest is held
 
     def keep(self, dirty: DirtySet) -> None:
         """Pages harvested while syncing (a full ring drained): they must be copied again."""
-        self.dirty = dirty if self.dirty is None else self.dirty.merged(dirty)
+        self.dirty.add(dirty)
 
     def drain(self) -> None:
         """Harvest now (the guest goes on) and keep what it dirtied."""
@@ -77,9 +106,9 @@ class InitialSync:
         """For the final stop-and-copy: the last round's pages and all dirtied since. The copy is
         taken in this pause, so the guest may run at full speed again."""
         extra, self.leftover = self.leftover, None
-        if self.dirty is not None:
-            extra = self.dirty if extra is None else extra.merged(self.dirty)
-            self.dirty = None
+        dirtied = self.dirty.take()
+        if dirtied is not None:
+            extra = dirtied if extra is None else extra.merged(dirtied)
         self._unthrottle()
         return extra
 
@@ -90,7 +119,8 @@ class InitialSync:
         """The replica is gone: give the buffers back, forget the sets."""
         while self.batches:
             self.pool.release(self.batches.pop(0)[2])
-        self.dirty = self.leftover = None
+        self.dirty.take()
+        self.leftover = None
         self._unthrottle()
         if self.progress is not None:
             self.progress.state = "dropped"
@@ -115,7 +145,7 @@ class InitialSync:
     async def run(self) -> None:
         """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy)."""
         self.drain()                                  # tracking starts now: everything else is resident
-        self.dirty = None
+        self.dirty.take()
         keys = from_pages({slot: memory.resident_pages() for slot, memory in self.machine.memory.slots.items()})
         self.progress = SyncProgress(len(keys), time.monotonic(), time.time())
         log.info("sync: %d resident pages (%.1f MiB) to copy", len(keys), len(keys) * 4096 / 2**20)
@@ -150,7 +180,7 @@ class InitialSync:
                     next_report = time.monotonic() + REPORT_EVERY_S
                     log.info("sync: %s", progress.describe(time.monotonic()))
             self.drain()
-            pending, self.dirty = self.dirty, None
+            pending = self.dirty.take()
             copied = len(keys)
             keys = pending.keys() if pending is not None else np.empty(0, dtype=np.uint64)
             progress.end_round(len(keys), time.monotonic())
