@@ -23,7 +23,9 @@
      it: a stop (ptrace, SIGSTOP, the freezer) that a mask cannot hold off shows
      as a switch, and the caller re-arms. The GIL is released and taken back
      outside that window, so waiting for the GIL never looks like a stop.
-   - Nothing here allocates per page or touches Python objects without the GIL.
+   - Nothing here allocates per page or touches Python objects without the GIL. The GIL is
+     released only around long work (see GIL_HARVEST_ENTRIES): inside a pause, taking it back
+     can cost a switch interval.
 
    Page keys are ring/pages.py's: (slot << 40) | offset, slots below 2**16.
 */
@@ -47,6 +49,15 @@
 #define SLOT_LIMIT (1u << 16)
 #define PAGE_SIZE 4096
 #define EINTR_RETRIES 1000
+
+/* The GIL: a call releases it only when its work is long enough to be worth it. Taking the GIL
+   back waits for whichever thread holds it meanwhile, and a thread running Python (an epoch's
+   encoder) gives it up only at its switch interval (5 ms by default): for a pause of a few
+   hundred microseconds, releasing the GIL around 20 us of work costs more than it frees. */
+#define GIL_HARVEST_ENTRIES 32768   /* ring entries to walk plus VMM pages to merge */
+#define GIL_GATHER_PAGES 256        /* 1 MiB of memcpy, about 100 us here */
+#define RELEASE_GIL_IF(condition) PyThreadState *saved_ = (condition) ? PyEval_SaveThread() : NULL
+#define ACQUIRE_GIL() do { if (saved_) PyEval_RestoreThread(saved_); } while (0)
 
 #define KVMIO 0xAE
 #define KVM_RESET_DIRTY_RINGS _IO(KVMIO, 0xc7)
@@ -149,7 +160,8 @@ PyDoc_STRVAR(harvest_doc,
 "uint64, the entries taken from each ring, each ring's last (slot, offset) or None, and the\n"
 "first entry whose slot or offset is beyond ring.pages' bounds as (ring, slot, offset), or\n"
 "None. Entries beyond the bounds are marked RESET and counted, never keyed.\n"
-"Call only with every vCPU out of KVM_RUN. Releases the GIL for the work.");
+"Call only with every vCPU out of KVM_RUN. Releases the GIL for large harvests only (see\n"
+"GIL_HARVEST_ENTRIES).");
 
 static PyObject *native_harvest(PyObject *self, PyObject *args)
 {
@@ -232,7 +244,7 @@ static PyObject *native_harvest(PyObject *self, PyObject *args)
     uint64_t bad_slot = 0, bad_offset = 0;
     uint64_t mask = (uint64_t)entries - 1;
 
-    Py_BEGIN_ALLOW_THREADS
+    RELEASE_GIL_IF(capacity >= GIL_HARVEST_ENTRIES);
     for (Py_ssize_t r = 0; r < nrings; r++) {
         struct dirty_gfn *ring = views[r].buf;
         uint64_t taken = 0;
@@ -263,7 +275,7 @@ static PyObject *native_harvest(PyObject *self, PyObject *args)
             out[n++] = base | page;
     }
     unique = sort_unique(out, scratch, n, out);
-    Py_END_ALLOW_THREADS
+    ACQUIRE_GIL();
 
     if (PyByteArray_Resize(keys, (Py_ssize_t)(unique * sizeof(uint64_t))) < 0)
         goto done;
@@ -321,9 +333,9 @@ static PyObject *native_sort_unique(PyObject *self, PyObject *arg)
     }
     uint64_t *out = (uint64_t *)PyByteArray_AS_STRING(keys);
     size_t unique;
-    Py_BEGIN_ALLOW_THREADS
+    RELEASE_GIL_IF(n >= GIL_HARVEST_ENTRIES);
     unique = sort_unique(out, scratch, n, out);
-    Py_END_ALLOW_THREADS
+    ACQUIRE_GIL();
     PyMem_RawFree(scratch);
     if (PyByteArray_Resize(keys, (Py_ssize_t)(unique * sizeof(uint64_t))) < 0) {
         Py_DECREF(keys);
@@ -339,7 +351,8 @@ PyDoc_STRVAR(gather_doc,
 "Copy the pages named by `keys` (a buffer of sorted uint64 page keys) into `out` (a writable\n"
 "buffer of at least len(keys) pages), in key order. `slots` is a sequence of (slot, buffer)\n"
 "pairs, each buffer a slot's memory. Runs of consecutive pages are copied with one memcpy.\n"
-"IndexError for a page beyond its slot, KeyError for a slot not given. Releases the GIL.");
+"IndexError for a page beyond its slot, KeyError for a slot not given. Releases the GIL from\n"
+"GIL_GATHER_PAGES pages up.");
 
 #define MAX_SLOTS 64
 
@@ -386,7 +399,7 @@ static PyObject *native_gather(PyObject *self, PyObject *args)
     char *dst = out.buf;
     int error = 0;
     uint64_t error_key = 0;
-    Py_BEGIN_ALLOW_THREADS
+    RELEASE_GIL_IF(n >= GIL_GATHER_PAGES);
     size_t i = 0;
     while (i < n) {
         uint64_t slot = k[i] >> OFFSET_BITS, offset = k[i] & OFFSET_MASK;
@@ -409,7 +422,7 @@ static PyObject *native_gather(PyObject *self, PyObject *args)
         memcpy(dst + i * PAGE_SIZE, (char *)memory[s].buf + offset * PAGE_SIZE, run * PAGE_SIZE);
         i += run;
     }
-    Py_END_ALLOW_THREADS
+    ACQUIRE_GIL();
     char hex[24];
     snprintf(hex, sizeof(hex), "%#llx", (unsigned long long)error_key);   /* (PyErr_Format has no %llx) */
     if (error == 1)
@@ -433,27 +446,29 @@ done:
 /* ---- reset ------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(reset_doc,
-"reset_dirty_rings(vm_fd) -> (reset, stopped)\n\n"
+"reset_dirty_rings(vm_fd, release_gil=False) -> (reset, stopped)\n\n"
 "KVM_RESET_DIRTY_RINGS with every blockable signal blocked on this thread: the entries\n"
 "reset (short if the walk was cut short) and whether the thread made a voluntary context\n"
 "switch during the ioctl (a stop that no mask holds off: ptrace, SIGSTOP, the freezer).\n"
-"OSError with the errno on failure. Releases the GIL outside the measured window.");
+"OSError with the errno on failure. With release_gil the GIL is released and taken back outside\n"
+"the measured window, so that waiting for it never looks like a stop; by default it is held\n"
+"(a reset of a small harvest takes a few microseconds).");
 
-static PyObject *native_reset(PyObject *self, PyObject *arg)
+static PyObject *native_reset(PyObject *self, PyObject *args)
 {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
+    int fd, release_gil = 0;
+    if (!PyArg_ParseTuple(args, "i|p", &fd, &release_gil))
         return NULL;
     sigset_t all, old;
     sigfillset(&all);
     struct rusage before, after;
     int result = -1, err = 0, mask_err;
-    Py_BEGIN_ALLOW_THREADS
+    RELEASE_GIL_IF(release_gil);
     mask_err = pthread_sigmask(SIG_BLOCK, &all, &old);
     if (!mask_err) {
         getrusage(RUSAGE_THREAD, &before);
         for (int tries = 0; tries < EINTR_RETRIES; tries++) {
-            result = ioctl((int)fd, KVM_RESET_DIRTY_RINGS, 0);
+            result = ioctl(fd, KVM_RESET_DIRTY_RINGS, 0);
             err = result < 0 ? errno : 0;
             if (result >= 0 || err != EINTR)
                 break;
@@ -461,7 +476,7 @@ static PyObject *native_reset(PyObject *self, PyObject *arg)
         getrusage(RUSAGE_THREAD, &after);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
     }
-    Py_END_ALLOW_THREADS
+    ACQUIRE_GIL();
     if (mask_err) {
         errno = mask_err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -480,7 +495,7 @@ PyDoc_STRVAR(get_state_doc,
 "The two vCPU ioctls a checkpoint cannot avoid, back to back without the GIL: the XSAVE\n"
 "area (`xsave_request` is KVM_GET_XSAVE or KVM_GET_XSAVE2, `xsave_size` its bytes) and\n"
 "KVM_GET_MSRS of `msr_indices` (at most 64). OSError with the errno and the ioctl's name if\n"
-"either fails; ValueError if KVM read fewer MSRs than asked.");
+"either fails; ValueError if KVM read fewer MSRs than asked. Holds the GIL (about 10 us).");
 
 static PyObject *native_get_state(PyObject *self, PyObject *args)
 {
@@ -519,8 +534,7 @@ static PyObject *native_get_state(PyObject *self, PyObject *args)
     char *area = PyBytes_AS_STRING(xsave);
     memset(area, 0, (size_t)xsave_size);
     int failed = 0, err = 0, done_msrs = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int r;
+    int r;                            /* (two ioctls of about 5 us: the GIL stays held) */
     for (int tries = 0; tries < EINTR_RETRIES; tries++) {
         r = ioctl(fd, xsave_request, area);
         if (r >= 0 || errno != EINTR)
@@ -542,7 +556,6 @@ static PyObject *native_get_state(PyObject *self, PyObject *args)
             done_msrs = r;
         }
     }
-    Py_END_ALLOW_THREADS
     if (failed) {
         Py_DECREF(xsave);
         errno = err;
@@ -568,7 +581,7 @@ static PyMethodDef methods[] = {
     {"harvest", native_harvest, METH_VARARGS, harvest_doc},
     {"sort_unique", native_sort_unique, METH_O, sort_unique_doc},
     {"gather", native_gather, METH_VARARGS, gather_doc},
-    {"reset_dirty_rings", native_reset, METH_O, reset_doc},
+    {"reset_dirty_rings", native_reset, METH_VARARGS, reset_doc},
     {"get_state", native_get_state, METH_VARARGS, get_state_doc},
     {NULL, NULL, 0, NULL},
 };
