@@ -420,6 +420,11 @@ class PrimaryAgent:
                     self._feed(proto.Superseded(now, f"the replica has seen fencing token {message.token}, "
                                                      f"newer than ours ({self.fence.token})"))
                     return
+                if message.version not in wire.SUPPORTED_VERSIONS:
+                    self._feed(proto.ReplicaRefused(now, f"the replica chose protocol version {message.version}, "
+                                                         f"which we do not speak"))
+                    return
+                self.writer.version = message.version     # every frame from now on (v2: an epoch a message)
                 self._feed(proto.Welcomed(now, message.version, message.last_epoch or 0))
             elif frame.kind == wire.Kind.ACK:
                 if self.hooks.on_ack is not None:

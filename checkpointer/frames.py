@@ -4,12 +4,16 @@ The spec is the docstring of checkpointer/wire.py, which is also where callers
 import these names from. This module holds what every other part of the wire
 needs and nothing that needs them: the vocabulary (Kind, Flag, the reason
 enums), the error tree, the per-kind header rules (``KIND_RULES``, the kinds
-table of the spec as data), and ``encode_frame``/``decode_frame``.
+table of the spec as data), ``encode_frame``/``decode_frame``, and from
+version 2 ``join_frames``/``decode_message`` (several frames in one message).
 
 What is hard: a frame comes from a peer, so ``decode_frame`` checks in an
 order that never reads what it has not yet bounded (part count, magic, version,
 header length, header checksum, kind, header rules, payload size, payload
-checksum), and payloads are never copied (a PAGES batch is megabytes).
+checksum), and payloads are never copied (a PAGES batch is megabytes). In a
+message of several frames the next frame is found from a header's
+``payload_len``, so that header is checked whole (checksum, size limit) before
+its length is used; one function checks a header for both.
 """
 
 from __future__ import annotations
@@ -17,23 +21,25 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import xxhash
 
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "HANDSHAKE_VERSION", "SUPPORTED_VERSIONS", "HEADER", "HEADER_SIZE", "MAX_PAYLOAD",
     "Kind", "Flag", "EpochReason", "RefuseReason", "KindRule", "KIND_RULES", "PRIMARY_KINDS", "REPLICA_KINDS",
-    "HANDSHAKE_KINDS", "Frame", "encode_frame", "decode_frame", "byte_view", "kind_name", "frame_where",
+    "HANDSHAKE_KINDS", "Frame", "encode_frame", "decode_frame", "join_frames", "decode_message", "INLINE_PAYLOAD",
+    "MESSAGE_VERSION", "byte_view", "kind_name", "frame_where",
     "WireError", "TruncatedFrame", "MalformedFrame", "BadMagic", "UnsupportedVersion", "BadChecksum",
     "UnknownKind", "UnexpectedKind", "OversizedFrame", "MalformedPayload", "ReplayedFrame", "OutOfOrderFrame",
     "WrongSession",
 ]
 
 MAGIC = int.from_bytes(b"CRNG", "little")
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2                # the highest version this side speaks
 HANDSHAKE_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+MESSAGE_VERSION = 2                 # from this version on a message may carry several frames
 
 #: magic, version, kind, session, seq, epoch, count, flags, payload_len, payload_checksum, header_checksum
 HEADER = struct.Struct("<IHHQQQIIQQQ")
@@ -303,31 +309,17 @@ def encode_frame(frame: Frame) -> list:
     return [head + xxhash.xxh3_64_intdigest(head).to_bytes(8, "little"), frame.payload]
 
 
-def decode_frame(parts: Sequence[Any], *, max_payload: int = MAX_PAYLOAD,
-                 supported: Iterable[int] = SUPPORTED_VERSIONS) -> Frame:
-    """Check and decode one received multipart message. Raises only WireError subclasses.
+def _decode_header(header: memoryview, supported: tuple, max_payload: int) -> tuple:
+    """Check one frame's header (not its payload): magic, version, length, checksum, kind, rules, size.
 
-    Order of checks: part count, magic, version, header length, header
-    checksum, kind, header rules, payload size, payload checksum. The payload
-    of the returned Frame is a memoryview over the received part (no copy).
+    Returns (kind, session, seq, epoch, count, flags, payload_len, payload_sum, version).
     """
-    try:
-        n = len(parts)
-    except TypeError:
-        raise MalformedFrame(f"a frame is a sequence of 2 parts, got a {type(parts).__name__}") from None
-    if n < 2:
-        raise TruncatedFrame(f"frame has {n} part(s), expected 2 (header, payload)")
-    if n > 2:
-        raise MalformedFrame(f"frame has {n} parts, expected 2 (header, payload)")
-    header = byte_view(parts[0], "header part")
-    payload = byte_view(parts[1], "payload part")
     size = header.nbytes
     if size < _PREFIX.size:
         raise TruncatedFrame(f"header is {size} bytes, expected {HEADER_SIZE}")
     magic, version = _PREFIX.unpack_from(header)
     if magic != MAGIC:
         raise BadMagic(f"bad magic {bytes(header[:4])!r}, expected b'CRNG': not a colo-ring frame")
-    supported = tuple(supported)
     if version not in supported and version != HANDSHAKE_VERSION:
         raise UnsupportedVersion(f"frame version {version} not supported; supported: {sorted(supported)}")
     if size < HEADER_SIZE:
@@ -351,10 +343,112 @@ def decode_frame(parts: Sequence[Any], *, max_payload: int = MAX_PAYLOAD,
     _check_header_rules(kind, epoch, count, flags, payload_len, where)
     if payload_len > max_payload:
         raise OversizedFrame(f"payload of {where} is {payload_len} bytes, limit {max_payload}")
+    return kind, session, seq, epoch, count, flags, payload_len, payload_sum, version
+
+
+def _with_payload(fields: tuple, payload: memoryview) -> Frame:
+    """The Frame of a checked header and its payload, once the payload's length and checksum match."""
+    kind, session, seq, epoch, count, flags, payload_len, payload_sum, version = fields
     if payload.nbytes < payload_len:
-        raise TruncatedFrame(f"payload of {where} is {payload.nbytes} bytes, header says {payload_len}")
+        raise TruncatedFrame(f"payload of {_Where(kind, epoch, seq)} is {payload.nbytes} bytes, "
+                             f"header says {payload_len}")
     if payload.nbytes > payload_len:
-        raise MalformedFrame(f"payload of {where} is {payload.nbytes} bytes, header says {payload_len}")
+        raise MalformedFrame(f"payload of {_Where(kind, epoch, seq)} is {payload.nbytes} bytes, "
+                             f"header says {payload_len}")
     if xxhash.xxh3_64_intdigest(payload) != payload_sum:
-        raise BadChecksum(f"payload checksum mismatch on {where}")
+        raise BadChecksum(f"payload checksum mismatch on {_Where(kind, epoch, seq)}")
     return Frame(kind, session, seq, epoch, count, flags, payload, version)
+
+
+def decode_frame(parts: Sequence[Any], *, max_payload: int = MAX_PAYLOAD,
+                 supported: Iterable[int] = SUPPORTED_VERSIONS) -> Frame:
+    """Check and decode one received two-part message (one frame). Raises only WireError subclasses.
+
+    Order of checks: part count, magic, version, header length, header
+    checksum, kind, header rules, payload size, payload checksum. The payload
+    of the returned Frame is a memoryview over the received part (no copy).
+    """
+    try:
+        n = len(parts)
+    except TypeError:
+        raise MalformedFrame(f"a frame is a sequence of 2 parts, got a {type(parts).__name__}") from None
+    if n < 2:
+        raise TruncatedFrame(f"frame has {n} part(s), expected 2 (header, payload)")
+    if n > 2:
+        raise MalformedFrame(f"frame has {n} parts, expected 2 (header, payload)")
+    header = byte_view(parts[0], "header part")
+    payload = byte_view(parts[1], "payload part")
+    return _with_payload(_decode_header(header, tuple(supported), max_payload), payload)
+
+
+# --- messages: several frames in one ZeroMQ message (version 2) -----------------------------
+
+
+INLINE_PAYLOAD = 64 << 10           # larger payloads travel as parts of their own, without a copy
+
+
+def join_frames(frames: Iterable[Sequence[Any]], inline_limit: int = INLINE_PAYLOAD) -> list:
+    """The parts of one message carrying `frames` (each the ``[header, payload]`` of encode_frame).
+
+    Headers and payloads below `inline_limit` bytes are joined into one part; a larger
+    payload ends the part after its header and becomes the next part itself (not copied).
+    A frame with an empty payload that would end the message is given an empty part, so
+    that a header ends its part only when the next part is its payload.
+    """
+    parts: list = []
+    joined: list = []
+    frames = list(frames)
+    for index, (header, payload) in enumerate(frames):
+        size = memoryview(payload).nbytes
+        joined.append(header)
+        if size >= inline_limit or (size == 0 and index == len(frames) - 1):
+            parts.append(b"".join(joined))
+            parts.append(payload)
+            joined = []
+        elif size:
+            joined.append(payload)
+    if joined:
+        parts.append(b"".join(joined))
+    return parts
+
+
+def decode_message(parts: Sequence[Any], *, max_payload: int = MAX_PAYLOAD,
+                   supported: Iterable[int] = SUPPORTED_VERSIONS) -> Iterator[Frame]:
+    """The frames of one received message, in order, each checked as decode_frame checks it.
+
+    A generator: the frames before a bad one are yielded first, then its WireError is raised
+    (nothing after it is read). The layout (spec: "A message"): each part holds whole frames
+    back to back, a 64-byte header and then its payload; a header that ends its part has the
+    whole next part as its payload. A two-part frame of version 1 is a message of one frame.
+    """
+    try:
+        n = len(parts)
+    except TypeError:
+        raise MalformedFrame(f"a message is a sequence of parts, got a {type(parts).__name__}") from None
+    if n == 0:
+        raise TruncatedFrame("empty message: no part, no frame")
+    supported = tuple(supported)
+    index = 0
+    while index < n:
+        part = byte_view(parts[index], f"message part {index}")
+        size = part.nbytes
+        if size == 0:
+            raise MalformedFrame(f"message part {index} is empty where a frame header was expected")
+        at = 0
+        while at < size:
+            fields = _decode_header(part[at:at + HEADER_SIZE], supported, max_payload)
+            at += HEADER_SIZE
+            payload_len = fields[6]
+            if at == size:                       # the header ends its part: the next part is its payload
+                if index + 1 >= n:
+                    raise TruncatedFrame(f"payload part of {_Where(fields[0], fields[3], fields[2])} "
+                                         f"is missing (message of {n} part(s))")
+                index += 1
+                yield _with_payload(fields, byte_view(parts[index], f"message part {index}"))
+                break
+            if size - at < payload_len:
+                raise TruncatedFrame(f"payload of {_Where(fields[0], fields[3], fields[2])} is "
+                                     f"{size - at} bytes in its part, header says {payload_len}")
+            yield _with_payload(fields, part[at:at + payload_len])
+            at += payload_len
+        index += 1

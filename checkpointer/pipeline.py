@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import zmq
+
 from ring.vcpu_state import pack_vcpu_states
 
 from . import wire
@@ -102,19 +104,47 @@ class Pipeline:
 
     async def send(self, socket_now: Callable[[], Any], writer: wire.FrameWriter, encoded: EncodedEpoch,
                    on_sent: Callable[[int, int, KillPoint], None] | None = None) -> bool:
-        """Send an epoch's frames in order; False if its socket was replaced meanwhile (a new session)."""
+        """Send an epoch's frames in order; False if its socket was replaced meanwhile (a new session).
+
+        From version 2 the epoch goes as one message (wire.join_frames): ZeroMQ delivers it whole
+        or not at all, so nothing of an epoch reaches the replica before all of it does. The kill
+        points of its frames before the last are then reached when the message is built, just
+        before it leaves (none of it has left: a death there leaves the replica without any of
+        the epoch), the last one's once the message has left. In a version-1 session every frame
+        is a message of its own, and each point is reached once its frame has left.
+        """
         socket = socket_now()
+        if socket is None:
+            return False
+        if writer.version < wire.MESSAGE_VERSION:
+            return await self._send_frames(socket_now, socket, writer, encoded, on_sent)
+        stamped = [self._stamp(writer, encoded.epoch, item) for _, *item in encoded.frames]
+        if on_sent is not None:
+            for (step, *_), parts in zip(encoded.frames[:-1], stamped):
+                on_sent(encoded.epoch, _kind_of(parts), step)
+        await send_now(socket, wire.join_frames(stamped))
+        if on_sent is not None:
+            on_sent(encoded.epoch, _kind_of(stamped[-1]), encoded.frames[-1][0])
+        return True
+
+    @staticmethod
+    def _stamp(writer: wire.FrameWriter, epoch: int, item: list) -> list:
+        """The parts of one frame of an epoch, numbered now."""
+        if len(item) == 1:
+            return writer.message(item[0])
+        kind, count, payload = item
+        return writer.frame(kind, epoch=epoch, count=count, payload=payload)
+
+    async def _send_frames(self, socket_now: Callable[[], Any], socket: Any, writer: wire.FrameWriter,
+                           encoded: EncodedEpoch, on_sent: Callable[[int, int, KillPoint], None] | None) -> bool:
+        """Version 1: each frame a message of its own."""
         for step, *item in encoded.frames:
             if socket is None or socket is not socket_now():
                 return False
-            if len(item) == 1:
-                parts = writer.message(item[0])
-            else:
-                kind, count, payload = item
-                parts = writer.frame(kind, epoch=encoded.epoch, count=count, payload=payload)
-            await socket.send_multipart(parts, copy=False)
+            parts = self._stamp(writer, encoded.epoch, item)
+            await send_now(socket, parts)
             if on_sent is not None:
-                on_sent(encoded.epoch, int.from_bytes(bytes(parts[0][6:8]), "little"), step)
+                on_sent(encoded.epoch, _kind_of(parts), step)
         return True
 
     async def send_one(self, socket_now: Callable[[], Any], build: Callable[[], list]) -> None:
@@ -124,7 +154,30 @@ class Pipeline:
             return
         async with self.lock:
             if socket is socket_now():
-                await socket.send_multipart(build(), copy=False)
+                await send_now(socket, build())
 
 
-__all__ = ["Pipeline", "EncodedEpoch", "encode_epoch", "INLINE_ENCODE_PAGES"]
+def _kind_of(parts: list) -> int:
+    """The kind field of a stamped frame's header."""
+    return int.from_bytes(bytes(parts[0][6:8]), "little")
+
+
+async def send_now(socket: Any, parts: list) -> None:
+    """Send one message: queued at once when ZeroMQ has room (a plain non-blocking send, much
+    cheaper than zmq.asyncio's), else awaited. Every send of the socket goes through here under
+    the pipeline's lock, one after the other, so the two ways never reorder messages.
+
+    ZeroMQ's file descriptor is edge-triggered, and a send behind zmq.asyncio's back may take
+    the edge a pending receive waits for (the replica's acks then sat unread until the
+    timeout dropped it): reading EVENTS through the asyncio socket, as it does after its own
+    operations, hands any pending event back to its receive."""
+    try:
+        plain = getattr(socket, "_shadow_sock", None) or zmq.Socket.shadow(socket.underlying)
+        plain.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        await socket.send_multipart(parts, copy=False)
+    else:
+        socket.get(zmq.EVENTS)
+
+
+__all__ = ["Pipeline", "EncodedEpoch", "encode_epoch", "send_now", "INLINE_ENCODE_PAGES"]

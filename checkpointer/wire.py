@@ -1,4 +1,4 @@
-"""The colo-ring wire format, version 1: frames between a primary and a replica.
+"""The colo-ring wire format, versions 1 and 2: frames between a primary and a replica.
 
 This docstring is the spec. Code that disagrees with it is the bug. The code
 is in three modules, all imported from here: checkpointer/frames.py (the
@@ -91,8 +91,10 @@ digest over what the primary sent covers those.
 A frame
 =======
 
-A frame is a ZeroMQ multipart message of exactly two parts: ``[header,
-payload]``. The header is 64 bytes, little-endian (``HEADER``)::
+A frame is a 64-byte header and its payload. In version 1 a frame is a
+ZeroMQ multipart message of exactly two parts: ``[header, payload]``; in
+version 2 a message carries one or more frames (see "A message" below).
+The header is 64 bytes, little-endian (``HEADER``)::
 
     offset size field             meaning
     ------ ---- ----------------- ---------------------------------------------
@@ -153,6 +155,37 @@ value   kind          direction  epoch             count         flags      payl
 (5) ``ring.vcpu_state.pack_vcpu_states``: the layout is in that module.
 
 HEARTBEAT and BYE carry no payload: a receiver rejects anything else.
+
+A message
+=========
+
+From version 2 (``MESSAGE_VERSION``) a ZeroMQ message carries one or more
+frames, in order; the primary sends each epoch as one message (EPOCH_BEGIN,
+PAGES..., VCPU_STATE, DEVICE_STATE, EPOCH_END), so that an epoch costs one
+send, one CURVE box per part and one receive instead of one per frame. The
+frames and their order are those of version 1; only their packing differs:
+
+- The parts are read in order as a stream of frames. A part holds whole
+  frames back to back: a header, then its ``payload_len`` bytes of payload,
+  then the next header, and nothing else (an empty part is malformed).
+- A header that ends its part has the whole next part as its payload: that
+  is how a large payload (``join_frames``: from ``INLINE_PAYLOAD``, 64 KiB)
+  travels as a part of its own without a copy, and how a two-part version-1
+  frame ``[header, payload]`` reads as a message of one frame. A sender that
+  ends a message with a frame of empty payload gives it an empty last part.
+- ``decode_message`` yields the frames one by one, each checked exactly as
+  ``decode_frame`` checks a lone frame; a header is checked (checksum, size
+  limit) before its ``payload_len`` is used to find the next frame. A part
+  that ends inside a header or a payload, or a missing payload part, is
+  ``TruncatedFrame``.
+- A receiver handles the frames in order as if each had come alone (the
+  session guard, the sequence numbers, the epoch's rules): the frames before
+  a bad one count, the bad one is refused as a lone bad frame would be, and
+  nothing after it in the message is read.
+- A primary packs several frames in a message only once version 2 is
+  negotiated; a replica of version 2 reads a message of one or more frames
+  in any session. A version-1 replica would refuse a multi-frame message as
+  a frame with extra parts: hence the new version.
 
 Control messages
 ================
@@ -245,7 +278,8 @@ from .frames import (HANDSHAKE_KINDS, HANDSHAKE_VERSION, HEADER, HEADER_SIZE, KI
                      PRIMARY_KINDS, PROTOCOL_VERSION, REPLICA_KINDS, SUPPORTED_VERSIONS, U64, BadChecksum, BadMagic,
                      EpochReason, Flag, Frame, Kind, KindRule, MalformedFrame, MalformedPayload, OutOfOrderFrame,
                      OversizedFrame, RefuseReason, ReplayedFrame, TruncatedFrame, UnexpectedKind, UnknownKind,
-                     UnsupportedVersion, WireError, WrongSession, decode_frame, encode_frame, frame_where, kind_name)
+                     UnsupportedVersion, WireError, WrongSession, decode_frame, encode_frame, frame_where, kind_name,
+                     INLINE_PAYLOAD, MESSAGE_VERSION, decode_message, join_frames)
 from .messages import MAX_SLOTS, Ack, EpochBegin, EpochEnd, Hello, Message, Refuse, SlotLayout, Welcome
 from .schema import MAX_CONTROL_PAYLOAD, MAX_TEXT, Packed, declared_messages, pack, unpack
 
@@ -253,6 +287,7 @@ __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "HANDSHAKE_VERSION", "SUPPORTED_VERSIONS", "HEADER", "HEADER_SIZE",
     "MAX_PAYLOAD", "MAX_CONTROL_PAYLOAD", "MAX_TEXT", "MAX_SLOTS", "Kind", "Flag", "KindRule", "KIND_RULES",
     "PRIMARY_KINDS", "REPLICA_KINDS", "HANDSHAKE_KINDS", "Frame", "encode_frame", "decode_frame",
+    "decode_message", "join_frames", "INLINE_PAYLOAD", "MESSAGE_VERSION",
     "FrameGuard", "FrameWriter", "negotiate_version",
     "Message", "SlotLayout", "Hello", "Welcome", "EpochBegin", "EpochEnd", "Ack", "Refuse", "EpochReason",
     "RefuseReason", "Packed", "pack_message", "decode_payload",
@@ -340,9 +375,12 @@ class FrameGuard:
 
 
 class FrameWriter:
-    """Sender side: one session, one version, and the next seq of this direction."""
+    """Sender side: one session, one version, and the next seq of this direction.
 
-    def __init__(self, session: int | None = None, version: int = PROTOCOL_VERSION) -> None:
+    The version is HANDSHAKE_VERSION until the caller sets the negotiated one
+    (``version``): every frame after the handshake carries it."""
+
+    def __init__(self, session: int | None = None, version: int = HANDSHAKE_VERSION) -> None:
         while session is None or session == 0:
             session = secrets.randbits(64)
         if not 0 < session <= U64:

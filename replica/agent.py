@@ -283,17 +283,24 @@ class ReplicaAgent:
         return now - self._last_tick > timeout / 4 or now - self._stalled_at < timeout
 
     async def _recv_loop(self) -> None:
+        # copy=False: the parts stay ZeroMQ's buffers (a page batch is not copied into bytes); the
+        # frames' payloads are memoryviews over them, which keep them alive until the lane is done.
         while True:
-            self._handle(await self.socket.recv_multipart(copy=True))
+            self._handle(await self.socket.recv_multipart(copy=False))
 
-    def _handle(self, parts: list[bytes]) -> None:
-        """Decode and check one message from the socket, then let the protocol decide."""
+    def _handle(self, parts: list) -> None:
+        """Split one message from the socket into its frames (wire.decode_message) and handle each
+        in order, exactly as if it had come alone; the first bad frame is refused and ends the
+        message (nothing after it is read)."""
         now = time.monotonic()
-        identity, frame_parts = parts[0], parts[1:]
-        self._incoming = _Incoming(identity)
-        try:
+        identity = bytes(parts[0])
+        frames = wire.decode_message(parts[1:])
+        while True:
             try:
-                frame = wire.decode_frame(frame_parts)
+                try:
+                    frame = next(frames)
+                except StopIteration:
+                    return
                 self.guard.check(frame, adopt=False)     # a new session only once the protocol adopts it
                 message = wire.decode_payload(frame)
             except wire.WireError as exc:
@@ -303,6 +310,12 @@ class ReplicaAgent:
                 else:
                     log.warning("ignored a bad frame from a peer that is not our primary: %s", exc)
                 return
+            self._handle_frame(identity, frame, message, now)
+
+    def _handle_frame(self, identity: bytes, frame: wire.Frame, message, now: float) -> None:
+        """Let the protocol decide about one checked frame."""
+        self._incoming = _Incoming(identity)
+        try:
             self._incoming.frame, self._incoming.message = frame, message
             if self.protocol.mode is not proto.ReplicaMode.ACTIVE:
                 self.last_primary_message = now      # (takeover is measured from the last one)
@@ -378,6 +391,7 @@ class ReplicaAgent:
 
     def _do_SendWelcome(self, command: proto.SendWelcome) -> None:
         welcome = wire.Welcome(command.version, command.committed_epoch or None, self.protocol.newest_token)
+        self.writer.version = command.version     # every frame after the WELCOME (itself at HANDSHAKE_VERSION)
         self._send(self.peer, self.writer, lambda: self.writer.message(welcome))
 
     def _do_SendRefuse(self, command: proto.SendRefuse) -> None:

@@ -238,9 +238,10 @@ def test_unknown_kinds_and_invalid(kind) -> None:
 
 
 def test_versions() -> None:
-    with pytest.raises(UnsupportedVersion, match=r"version 2 not supported; supported: \[1\]"):
-        decode_frame(forge(version=2))
-    assert decode_frame(forge(version=2), supported=(1, 2)).version == 2
+    with pytest.raises(UnsupportedVersion, match=r"version 3 not supported; supported: \[1, 2\]"):
+        decode_frame(forge(version=3))
+    assert decode_frame(forge(version=2)).version == 2
+    assert decode_frame(forge(version=3), supported=(1, 2, 3)).version == 3
     # a handshake frame at version 1 decodes even for a receiver that speaks only version 2 ...
     hello = FrameWriter(SESSION, version=2).message(Hello((1, 2), SESSION, (SlotLayout(0, 0, 4096),), 1))
     assert decode_frame(hello, supported=(2,)).kind is Kind.HELLO
