@@ -21,6 +21,8 @@ with the interval trigger as short as the agent allows, for the highest
 sustained checkpoint rate (the `rate` section). Then the `service` section
 (checkpointer.bench_service): redis-benchmark against a real redis-server, the
 kvstore guest unprotected and the kvstore guest protected, in the same run.
+`--sections scale` (checkpointer.bench_scale, minutes; not in the default) adds
+the pause against vCPUs and memory and the initial sync of 4 and 8 GiB guests.
 Medians of one run on a shared, noisy machine: compare ratios.
 """
 
@@ -40,7 +42,7 @@ from ring.backend import kvm_status, open_machine
 from ring.machine import MachineConfig
 from ring.workloads import Workload
 
-from . import bench_service
+from . import bench_scale, bench_service
 from .agent import PrimaryAgent
 from .cluster import Cluster
 from .config import load_config
@@ -48,7 +50,8 @@ from .snapshot import StagingPool, gather
 
 log = logging.getLogger("colo.bench")
 SIZES = (64, 256, 1024, 4032)
-SECTIONS = ("points", "rate", "service")
+SECTIONS = ("points", "rate", "service", "scale")
+DEFAULT_SECTIONS = ("points", "rate", "service")      # scale takes minutes: asked for by name
 MEMORY_MIB = 64
 
 
@@ -229,6 +232,8 @@ def format_table(result: dict) -> str:
         ]
     if "service" in result:
         lines.append(bench_service.format_service(result["service"]))
+    if "scale" in result:
+        lines.append(bench_scale.format_scale(result["scale"]))
     lines.append("one run on a shared, nested, noisy 2-core machine (guest, agent and replica share it): "
                  "compare ratios")
     return "\n".join(lines)
@@ -250,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="short runs (about 15 s for points and rate, 15 s for the service)")
     parser.add_argument("--seconds", type=float, default=None, help="protected time per point")
-    parser.add_argument("--sections", type=parse_sections, default=SECTIONS, metavar="LIST",
-                        help=f"the sections to run, comma-separated (default: {','.join(SECTIONS)})")
+    parser.add_argument("--sections", type=parse_sections, default=DEFAULT_SECTIONS, metavar="LIST",
+                        help=f"the sections to run, comma-separated, of {','.join(SECTIONS)} (default: "
+                             f"{','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--requests", type=int, default=None, metavar="N",
                         help=f"service: redis-benchmark -n, requests per test (default "
                              f"{bench_service.DEFAULT_REQUESTS}; --quick: {bench_service.QUICK_REQUESTS})")
@@ -273,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if "service" in args.sections:
         requests = args.requests or (bench_service.QUICK_REQUESTS if args.quick else bench_service.DEFAULT_REQUESTS)
         result["service"] = bench_service.run_service(requests, args.clients, logs / "service" if logs else None)
+    if "scale" in args.sections:
+        result["scale"] = bench_scale.run_scale(args.quick, logs / "scale" if logs else None)
     result["wall_s"] = time.monotonic() - started
     if args.json:
         print(json.dumps(result, indent=1))
