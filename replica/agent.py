@@ -150,6 +150,7 @@ class ReplicaAgent:
         self.last_primary_message = 0.0
         self._incoming: _Incoming | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.committed_progress = 0              # the guest's progress in the last committed epoch
         self._ends: dict[int, tuple[bytes, int]] = {}      # epoch -> (END digest, raw bytes)
         self._failover_started = 0.0
         self.commit_pages = Rolling(4096)
@@ -383,6 +384,7 @@ class ReplicaAgent:
         if self.standby is not None:
             self.lane.run(self.standby.close)     # after what the lane still does with it
         self.standby, self._incoming.standby = self._incoming.standby, None
+        self.committed_progress = 0
         log.info("standby memory: %s", ", ".join(f"slot {s.slot} {s.size >> 20} MiB" for s in self.standby.layout))
         self.peer = self._incoming.identity
         self.guard.adopt(command.session)
@@ -466,12 +468,15 @@ class ReplicaAgent:
                 pages = standby.commit(consistent)
                 if self.hooks.on_commit is not None:
                     self.hooks.on_commit(epoch, standby)  # (before the lane's next step changes it)
-                self._post(self._committed, pages, raw, encoded, standby.last_apply_ns)
+                self._post(self._committed, pages, raw, encoded, standby.last_apply_ns, standby.progress())
             self._post(self._feed, proto.Verified(time.monotonic(), epoch, ok, reason))
 
         self.lane.run(verify_and_commit, self.standby, command.epoch, command.consistent)
 
-    def _committed(self, pages: int, raw: int, encoded: int, apply_ns: int) -> None:
+    def _committed(self, pages: int, raw: int, encoded: int, apply_ns: int, progress: int) -> None:
+        """(On the loop, just before the epoch's Verified.) The commit's figures; the guest's progress
+        as that epoch left it, so that the status never shows a standby ahead of its committed epoch."""
+        self.committed_progress = progress
         now = time.monotonic()
         self.commit_pages.add(pages, now)
         self.commit_raw.add(raw, now)
@@ -610,7 +615,7 @@ class ReplicaAgent:
     def guest_progress(self) -> int:
         if self.active is not None:
             return sum(self.active.machine.progress_all())
-        return self.standby.progress() if self.standby is not None else 0
+        return self.committed_progress if self.standby is not None else 0
 
     def status(self) -> dict:
         return {
