@@ -493,7 +493,7 @@ class ReplicationSection(_Section):
     cache_pages: int = setting(65536, "cache of pages last sent (XOR delta bases); 0: none",
                                low=0)
     heartbeat_ms: int = setting(50, "heartbeat interval", low=1)
-    timeout_ms: int = setting(500, "silence after which the peer is gone (> heartbeat_ms)",
+    timeout_ms: int = setting(1000, "silence after which the peer is gone (> heartbeat_ms)",
                               low=1)
     precopy_max_rounds: int = setting(5, "live pre-copy rounds before the synchronous copy",
                                       low=0)
