@@ -33,13 +33,18 @@ if TYPE_CHECKING:                      # the agent imports this module (its step
 
 
 class KillPoint(enum.StrEnum):
-    """A point of one epoch, in protocol order. The values are the agent's step names."""
+    """A point of one epoch, in protocol order. The values are the agent's step names.
 
-    BEGIN = "begin"        # after the epoch's EPOCH_BEGIN frame left (no page of it sent yet)
-    PAGES = "pages"        # after its first PAGES batch left (the epoch is in transfer)
-    VCPU = "vcpu"          # after its VCPU_STATE frame left
-    DEVICE = "device"      # after its DEVICE_STATE frame left (the last part before END)
-    END = "end"            # after its EPOCH_END frame left, before its ack came back
+    With protocol version 2 an epoch leaves as one message, so the points before END are
+    reached when that frame is ready, just before the message leaves: the replica gets none of
+    the epoch. (A version-1 session sends frame by frame: there they come after the frame left.)
+    """
+
+    BEGIN = "begin"        # the epoch's EPOCH_BEGIN frame is ready (no page of it sent yet)
+    PAGES = "pages"        # its first PAGES batch is ready (the epoch is in transfer)
+    VCPU = "vcpu"          # its VCPU_STATE frame is ready
+    DEVICE = "device"      # its DEVICE_STATE frame is ready (the last part before END)
+    END = "end"            # after the epoch's message, EPOCH_END last, left, before its ack came back
     ACKED = "acked"        # when its ACK arrives (committed on the replica), before the next epoch
 
     @property
