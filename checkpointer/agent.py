@@ -266,7 +266,7 @@ class PrimaryAgent:
                            slots=[wire.SlotLayout(s.spec.slot, s.spec.guest_phys_addr, s.spec.size)
                                   for s in self.machine.memory.slots.values()],
                            vcpus=self.machine.config.vcpus, page_size=4096, agent="colo-ring primary",
-                           token=self.fence.token)
+                           token=self.fence.token, resume_of=self.sync.copy.session)
         writer = self.writer
         self.runtime.spawn(self.pipeline.send_one(self._socket, lambda: writer.message(hello)), session=True)
 
@@ -355,6 +355,8 @@ class PrimaryAgent:
             self.machine.resume()
         if command.keep:
             self.sync.keep(dirty)
+        else:
+            self.sync.copy.dirtied(dirty)         # unprotected: a replica that comes back lacks them
 
     def _do_SendHeartbeat(self, command: proto.SendHeartbeat) -> None:
         if self.socket is not None and not self.pipeline.lock.locked():
@@ -364,18 +366,20 @@ class PrimaryAgent:
                 session=True)
 
     def _do_BeginSync(self, command: proto.BeginSync) -> None:
-        self.runtime.spawn(self._sync(), session=True)
+        self.runtime.spawn(self._sync(command.resume), session=True)
 
-    async def _sync(self) -> None:
+    async def _sync(self, resume: bool) -> None:
         await self.pipeline.idle()                # an encode of the old session may still run
-        self.encoder.reset()                      # the new replica has nothing we sent before
-        await self.sync.run()
+        self.encoder.reset()                      # the replica holds no version we sent (XOR bases)
+        await self.sync.run(self.writer.session, resume)
 
     def _do_TakeSnapshot(self, command: proto.TakeSnapshot) -> None:
         extra = self.sync.take_leftover() if command.final_sync else None
         device_state = self.device.device_state if self.device is not None else (lambda: b"")
         snapshot = self.snapshotter.take(command.epoch, command.reason, extra, device_state=device_state,
                                          while_paused=self.hooks.on_snapshot)
+        self.sync.copy.gathered(snapshot.keys)
+        self.sync.copy.sent(command.epoch, snapshot.keys)
         self._snapshots[command.epoch] = snapshot
 
     def _do_SendEpoch(self, command: proto.SendEpoch) -> None:
@@ -392,6 +396,7 @@ class PrimaryAgent:
                 snapshot = self._snapshots.pop(epoch)
             else:                                                  # a pre-copy batch
                 keys, pages, buffer = self.sync.pop_batch()
+                self.sync.copy.sent(epoch, keys)
                 snapshot = Snapshot(epoch, proto.EpochReason.SYNC, keys, pages, buffer, [], b"", False)
             try:
                 encoded = await self.pipeline.encode(snapshot)
@@ -425,10 +430,12 @@ class PrimaryAgent:
                                                          f"which we do not speak"))
                     return
                 self.writer.version = message.version     # every frame from now on (v2: an epoch a message)
-                self._feed(proto.Welcomed(now, message.version, message.last_epoch or 0))
+                self._feed(proto.Welcomed(now, message.version, message.last_epoch or 0,
+                                          message.resumed and self.sync.copy.session != 0))
             elif frame.kind == wire.Kind.ACK:
                 if self.hooks.on_ack is not None:
                     self.hooks.on_ack(frame.epoch)
+                self.sync.copy.acked(frame.epoch)
                 self._feed(proto.Acked(now, frame.epoch))
             elif frame.kind == wire.Kind.HEARTBEAT:
                 self._feed(proto.HeardFromReplica(now))

@@ -4,7 +4,10 @@ A declaration says everything the wire needs: the frame kind, and per field
 its type, range or choices, limits, whether it may be null, and which header
 field or flag it must equal. Rules that span fields are a ``check`` method.
 The JSON these give is the JSON of version 1, key for key; changing a
-declaration changes the wire, so it needs a new protocol version.
+declaration changes the wire, so it needs a new protocol version. A field
+declared with ``added=True`` came with version 2 (the resume of a sync): it is
+left out of the JSON while it has its default, so a version-1 peer reads what
+it always read.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ class Hello:
     agent: str = wire_field(Text(), default="")
     #: the primary's fencing token (checkpointer.fencing; 0: it does not fence with etcd)
     token: int = wire_field(Int(), default=0)
+    #: the session whose sync (or protection) the replica's copy comes from: keep it, and the
+    #: sync copies only what it lacks (0: a fresh copy; protocol version 2)
+    resume_of: int = wire_field(Int(), default=0, added=True)
 
     def check(self) -> None:
         """slots: no slot id twice, each non-empty and aligned to page_size, none overlapping another."""
@@ -67,6 +73,8 @@ class Welcome:
     last_epoch: int | None = wire_field(Int(), optional=True, default=None)
     #: the newest fencing token the replica has seen (0: none)
     token: int = wire_field(Int(), default=0)
+    #: the replica kept its copy of HELLO's resume_of session (protocol version 2)
+    resumed: bool = wire_field(Bool(), default=False, added=True)
 
 
 @message(Kind.EPOCH_BEGIN)

@@ -74,6 +74,7 @@ class Welcomed(PrimaryEvent):
 
     version: int
     committed_epoch: int
+    resumed: bool = False         # the replica kept its copy of our last session: resume the sync
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,11 @@ class Connect(Command):
 
 @dataclass(frozen=True)
 class BeginSync(Command):
-    """Start the full copy: pre-copy rounds (numbered from first_epoch) while the guest runs."""
+    """Start the copy: pre-copy rounds (numbered from first_epoch) while the guest runs; `resume`:
+    only what the replica's kept copy lacks, else everything."""
 
     first_epoch: int
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -436,8 +439,9 @@ class PrimaryProtocol:
         self.final_sync_waiting = False
         self.precopy_waiting = False
         self.final_sync_epoch = None
-        return [Log(LogLevel.INFO, f"replica welcomed us (protocol v{event.version}); full sync from "
-                            f"epoch {self.next_epoch}"), BeginSync(self.next_epoch)]
+        kind = "sync resumed from the copy it kept" if event.resumed else "full sync"
+        return [Log(LogLevel.INFO, f"replica welcomed us (protocol v{event.version}); {kind} from "
+                                   f"epoch {self.next_epoch}"), BeginSync(self.next_epoch, event.resumed)]
 
     def _on_Stop(self, event: Stop) -> list[Command]:
         self.stopping = True
@@ -600,6 +604,7 @@ class Hello(ReplicaEvent):
     layout_problem: str = ""
     token: int = 0            # the primary's fencing token (0: it does not fence with etcd)
     fencing_problem: str = ""  # why our fencing and the primary's do not match ("" if they do)
+    resumable: bool = False   # the shell kept the standby of the session this HELLO resumes
 
 
 @dataclass(frozen=True)
@@ -699,6 +704,7 @@ class AdoptSession(Command):
 class SendWelcome(Command):
     version: int
     committed_epoch: int
+    resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -857,7 +863,8 @@ class ReplicaProtocol:
         self.mode = ReplicaMode.RECEIVING
         self.consistent_epoch = None            # a new sync overwrites the standby
         self.expect_epoch = None
-        commands += [AdoptSession(event.session), SendWelcome(version, self.committed_epoch)]
+        commands += [AdoptSession(event.session),
+                     SendWelcome(version, self.committed_epoch, event.resumable and version >= 2)]
         return commands
 
     def _refuse(self, reason: str, code: RefuseReason = RefuseReason.BAD_FRAME) -> list[Command]:

@@ -243,6 +243,10 @@ class WireField:
     header: str | None = None     # the header field ("epoch", "count", "session") it must equal
     flag: Flag | None = None      # a bool also carried as this header flag; both must agree
     in_payload: bool = True       # False: carried by the header only (taken from it when unpacking)
+    #: a field added after version 1: left out of the JSON while it has its default value (so the
+    #: version-1 JSON stays byte for byte what it was), and taken as the default when absent
+    omitted_at: Any = None
+    added: bool = False
 
     def dump(self, value: Any, what: str) -> Any:
         if value is None and self.optional:
@@ -256,7 +260,8 @@ class WireField:
 
 
 def wire_field(spec: Spec, *, default: Any = dataclasses.MISSING, optional: bool = False,
-               header: str | None = None, flag: Flag | None = None, in_payload: bool = True) -> Any:
+               header: str | None = None, flag: Flag | None = None, in_payload: bool = True,
+               added: bool = False) -> Any:
     """Declare a message field (a dataclasses.field carrying its WireField in the metadata)."""
     if header is not None and header not in _HEADER_FIELDS:
         raise ValueError(f"header must be one of {_HEADER_FIELDS}, got {header!r}")
@@ -264,7 +269,10 @@ def wire_field(spec: Spec, *, default: Any = dataclasses.MISSING, optional: bool
         raise ValueError("a field outside the payload must come from a header field")
     if flag is not None and not isinstance(spec, Bool):
         raise ValueError(f"a field carried as the {flag.name} flag must be a Bool, not {spec!r}")
-    meta = {"wire": dict(spec=spec, optional=optional, header=header, flag=flag, in_payload=in_payload)}
+    if added and default is dataclasses.MISSING:
+        raise ValueError("a field added after version 1 needs a default (what its absence means)")
+    meta = {"wire": dict(spec=spec, optional=optional, header=header, flag=flag, in_payload=in_payload,
+                         omitted_at=default if added else None, added=added)}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -349,8 +357,9 @@ def _check(obj: Any) -> None:
 def _dump_fields(decl: Declaration, obj: Any, what: str) -> dict:
     body = {}
     for f in decl.fields:
-        raw = f.dump(getattr(obj, f.name), what)
-        if f.in_payload:
+        value = getattr(obj, f.name)
+        raw = f.dump(value, what)
+        if f.in_payload and not (f.added and value == f.omitted_at):
             body[f.name] = raw
     _check(obj)
     return body
@@ -358,12 +367,14 @@ def _dump_fields(decl: Declaration, obj: Any, what: str) -> dict:
 
 def _load_fields(decl: Declaration, obj: dict, what: str, header: dict[str, int] | None = None) -> dict:
     keys = {f.name for f in decl.fields if f.in_payload}
-    missing, unknown = keys - obj.keys(), obj.keys() - keys
+    required = {f.name for f in decl.fields if f.in_payload and not f.added}
+    missing, unknown = required - obj.keys(), obj.keys() - keys
     if missing:
         raise MalformedPayload(f"{what} lacks {sorted(missing)}")
     if unknown:
         raise MalformedPayload(f"{what} has unknown keys {sorted(unknown)}")
-    return {f.name: f.load(obj[f.name], what) if f.in_payload else header[f.header] for f in decl.fields}
+    return {f.name: (f.load(obj[f.name], what) if f.name in obj else f.omitted_at) if f.in_payload
+            else header[f.header] for f in decl.fields}
 
 
 # --- pack and unpack -----------------------------------------------------------------------------
@@ -467,6 +478,8 @@ def describe(cls: type) -> str:
             notes += f"; equals header {f.header}" if f.in_payload else f"; header {f.header} only, not in the JSON"
         if f.flag is not None:
             notes += f"; equals header flag {f.flag.name}"
+        if f.added:
+            notes += f"; version 2: left out while {json.dumps(f.spec.dump(f.omitted_at, f.name))}"
         lines.append(f"    {f.name:<16}{notes}")
     check = getattr(cls, "check", None)
     if check is not None and check.__doc__:

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from ring import pages as pagekeys
 from ring.pages import from_pages, to_pages
 from ring.dirty import DirtySet
 from ring.machine import Machine
@@ -59,6 +60,17 @@ class DirtyMarks:
                 self._flags[slot][offsets] = True
                 self._marked = True
 
+    def add_keys(self, keys: np.ndarray) -> None:
+        """Mark pages named by sorted page keys."""
+        for slot, start, end in pagekeys.by_slot(keys):
+            self._flags[slot][pagekeys.offsets(keys[start:end]).astype(np.intp)] = True
+            self._marked = True
+
+    def clear_keys(self, keys: np.ndarray) -> None:
+        """Unmark pages named by sorted page keys."""
+        for slot, start, end in pagekeys.by_slot(keys):
+            self._flags[slot][pagekeys.offsets(keys[start:end]).astype(np.intp)] = False
+
     def take(self) -> DirtySet | None:
         """What was marked (None: nothing), and start again."""
         if not self._marked:
@@ -73,6 +85,59 @@ class DirtyMarks:
         return DirtySet(pages=pages, entries=sum(len(o) for o in pages.values()))
 
 
+class ReplicaCopy:
+    """What the replica's standby lacks, so that a replica lost and found again resumes its sync
+    from what it holds instead of from nothing.
+
+    A page is marked when its content may differ from the standby's committed copy: every page a
+    sync will copy (at its start), every page harvested dirty and not sent in the same pause
+    (full rings drained while syncing or unprotected), and, when the replica is lost, every page
+    of the epochs it had not acknowledged. A page is unmarked when its content is gathered into an
+    epoch (a pre-copy batch, a checkpoint): from then on the replica gets it, or the loss marks
+    it again. `session` is the session whose replica holds the copy (0: none yet).
+    """
+
+    def __init__(self, slot_pages: dict[int, int]) -> None:
+        self.marks = DirtyMarks(slot_pages)
+        self.session = 0
+        self._sent: dict[int, np.ndarray] = {}          # epoch -> its keys, until acknowledged
+
+    def start(self, session: int, keys: np.ndarray | None) -> None:
+        """A sync of `session` begins: from nothing (`keys`: the pages it copies), or resumed (None)."""
+        self.session = session
+        if keys is not None:
+            self.marks.take()
+            self._sent.clear()
+            self.marks.add_keys(keys)
+
+    def dirtied(self, dirty: DirtySet) -> None:
+        if self.session:
+            self.marks.add(dirty)
+
+    def gathered(self, keys: np.ndarray) -> None:
+        if self.session:
+            self.marks.clear_keys(keys)
+
+    def sent(self, epoch: int, keys: np.ndarray) -> None:
+        if self.session:
+            self._sent[epoch] = keys
+
+    def acked(self, epoch: int) -> None:
+        for done in [e for e in self._sent if e <= epoch]:
+            del self._sent[done]
+
+    def lost(self) -> None:
+        """The replica is gone: what it had not acknowledged is not in its copy."""
+        for keys in self._sent.values():
+            self.marks.add_keys(keys)
+        self._sent.clear()
+
+    def take_missing(self) -> np.ndarray:
+        """The keys of the pages a resumed sync must copy (sorted), unmarked meanwhile."""
+        missing = self.marks.take()
+        return missing.keys() if missing is not None else np.empty(0, dtype=np.uint64)
+
+
 class InitialSync:
     """The shell's half of a sync: gathers pre-copy batches, keeps the pages dirtied meanwhile."""
 
@@ -85,7 +150,9 @@ class InitialSync:
         self.feed = feed
         self.next_epoch = next_epoch
         self.batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (keys, pages, buffer)
-        self.dirty = DirtyMarks({slot: memory.spec.pages for slot, memory in machine.memory.slots.items()})
+        slot_pages = {slot: memory.spec.pages for slot, memory in machine.memory.slots.items()}
+        self.dirty = DirtyMarks(slot_pages)            # dirtied during this round
+        self.copy = ReplicaCopy(slot_pages)            # what the replica's standby lacks
         self.leftover: DirtySet | None = None          # what the final copy must add
         self.progress: SyncProgress | None = None
         self.throttle = 0.0                            # auto-converge's share of time the guest is held
@@ -93,6 +160,7 @@ class InitialSync:
     def keep(self, dirty: DirtySet) -> None:
         """Pages harvested while syncing (a full ring drained): they must be copied again."""
         self.dirty.add(dirty)
+        self.copy.dirtied(dirty)
 
     def drain(self) -> None:
         """Harvest now (the guest goes on) and keep what it dirtied."""
@@ -118,8 +186,11 @@ class InitialSync:
     def drop(self) -> None:
         """The replica is gone: give the buffers back, forget the sets."""
         while self.batches:
-            self.pool.release(self.batches.pop(0)[2])
+            keys, _, buffer = self.batches.pop(0)
+            self.copy.marks.add_keys(keys)            # gathered, never sent: the replica lacks them
+            self.pool.release(buffer)
         self.dirty.take()
+        self.copy.lost()
         self.leftover = None
         self._unthrottle()
         if self.progress is not None:
@@ -142,13 +213,22 @@ class InitialSync:
         """The sync's progress for the agent's status (None before the first sync)."""
         return self.progress.status(time.monotonic()) if self.progress is not None else None
 
-    async def run(self) -> None:
-        """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy)."""
+    async def run(self, session: int, resume: bool = False) -> None:
+        """Pre-copy rounds while the guest runs, then SyncRoundsDone (the final stop-and-copy).
+        `resume`: the replica kept its copy of the last session: copy only what it lacks."""
         self.drain()                                  # tracking starts now: everything else is resident
         self.dirty.take()
-        keys = from_pages({slot: memory.resident_pages() for slot, memory in self.machine.memory.slots.items()})
+        if resume:
+            keys = self.copy.take_missing()
+            self.copy.start(session, None)
+            log.info("sync: resumed: the replica holds its copy; %d pages (%.1f MiB) to copy again",
+                     len(keys), len(keys) * 4096 / 2**20)
+        else:
+            keys = from_pages({slot: memory.resident_pages() for slot, memory in self.machine.memory.slots.items()})
+            self.copy.start(session, keys)
+            log.info("sync: %d resident pages (%.1f MiB) to copy", len(keys), len(keys) * 4096 / 2**20)
         self.progress = SyncProgress(len(keys), time.monotonic(), time.time())
-        log.info("sync: %d resident pages (%.1f MiB) to copy", len(keys), len(keys) * 4096 / 2**20)
+        self.progress.resumed = resume
         bar = tqdm(total=len(keys), unit="page", desc="initial sync", file=sys.stderr, leave=False,
                    disable=not sys.stderr.isatty())
         try:
@@ -172,6 +252,7 @@ class InitialSync:
                 while self.batches or self.pool.free == 0:
                     await asyncio.sleep(0.001)       # backpressure: wait for the previous batch to go
                 pages, buffer = self.snapshotter.read_pages(chunk)
+                self.copy.gathered(chunk)
                 self.batches.append((chunk, pages, buffer))
                 self.feed(proto.PrecopyReady(time.monotonic()))
                 progress.copied(len(chunk), time.monotonic())
@@ -237,6 +318,7 @@ class SyncProgress:
         self.left_ratio: float | None = None     # the last round's pages dirtied / pages copied
         self.throttle = 0.0
         self.finished_at: float | None = None
+        self.resumed = False
 
     def begin_round(self, number: int, pages: int, now: float) -> None:
         self.round, self.round_pages, self.round_copied, self.round_started = number, pages, 0, now
@@ -283,4 +365,5 @@ class SyncProgress:
                 "resident_pages": self.resident_pages, "round": self.round, "round_pages": self.round_pages,
                 "round_copied": self.round_copied, "copied_pages": self.copied_pages,
                 "copy_rate_pages_s": round(self.copy_rate), "dirty_rate_pages_s": round(self.dirty_rate),
-                "throttle": self.throttle, "eta_s": round(eta, 2) if eta is not None else None}
+                "throttle": self.throttle, "eta_s": round(eta, 2) if eta is not None else None,
+                "resumed": self.resumed}

@@ -207,11 +207,13 @@ HELLO (Hello)
     page_size       int in [4096, 2^32-1], a power of two
     agent           string, at most 1024 characters
     token           u64
+    resume_of       u64; version 2: left out while 0
     and slots: no slot id twice, each non-empty and aligned to page_size, none overlapping another.
 WELCOME (Welcome)
     version         int in [1, 2^16-1]
     last_epoch      u64, or null
     token           u64
+    resumed         bool; version 2: left out while false
 EPOCH_BEGIN (EpochBegin)
     epoch           u64; equals header epoch
     reason          EpochReason: ring_full | dirty_threshold | interval | output | sync

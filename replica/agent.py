@@ -116,6 +116,7 @@ class _Incoming:
     frame: wire.Frame | None = None
     message: object = None
     standby: Standby | None = None
+    resumed: bool = False            # `standby` is ours, kept for a HELLO that resumes its session
 
 
 class ReplicaAgent:
@@ -151,6 +152,7 @@ class ReplicaAgent:
         self._incoming: _Incoming | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.committed_progress = 0              # the guest's progress in the last committed epoch
+        self._standby_session = 0                # the session the standby's copy comes from
         self._ends: dict[int, tuple[bytes, int]] = {}      # epoch -> (END digest, raw bytes)
         self._failover_started = 0.0
         self.commit_pages = Rolling(4096)
@@ -321,19 +323,27 @@ class ReplicaAgent:
             if self.protocol.mode is not proto.ReplicaMode.ACTIVE:
                 self.last_primary_message = now      # (takeover is measured from the last one)
             if frame.kind == wire.Kind.HELLO:
-                self._feed(proto.Hello(now, message.session, tuple(message.versions),
-                                       self._prepare_standby(message), message.token,
-                                       self._fencing_problem(message.token)))
+                layout_problem = self._prepare_standby(message)
+                self._feed(proto.Hello(now, message.session, tuple(message.versions), layout_problem,
+                                       message.token, self._fencing_problem(message.token),
+                                       self._incoming.resumed))
             elif identity == self.peer:
                 self._on_frame(frame, message, now)
         finally:
-            if self._incoming.standby is not None:       # built for a HELLO that was not adopted
-                self._incoming.standby.close()
+            if self._incoming.standby is not None and self._incoming.standby is not self.standby:
+                self._incoming.standby.close()       # built for a HELLO that was not adopted
             self._incoming = None
 
     def _prepare_standby(self, hello: wire.Hello) -> str:
-        """Build the standby a HELLO's layout needs; returns why it cannot be built ("" if it could)."""
+        """Build the standby a HELLO's layout needs, or keep ours if the HELLO resumes the session it
+        holds the copy of; returns why it cannot be built ("" if it could)."""
         slots = [SlotSpec(s.slot, s.guest_phys_addr, s.size) for s in hello.slots]
+        if (hello.resume_of and hello.resume_of == self._standby_session and self.standby is not None
+                and self.active is None and wire.MESSAGE_VERSION in hello.versions
+                and self.standby.layout == slots):
+            self._incoming.standby = self.standby
+            self._incoming.resumed = True
+            return ""
         try:
             self._incoming.standby = Standby(slots)
         except (ValueError, OSError, RingError) as exc:
@@ -381,10 +391,16 @@ class ReplicaAgent:
             log.warning("the primary's queue is full: a reply was dropped")
 
     def _do_AdoptSession(self, command: proto.AdoptSession) -> None:
-        if self.standby is not None:
+        kept = self._incoming.standby is self.standby
+        if self.standby is not None and not kept:
             self.lane.run(self.standby.close)     # after what the lane still does with it
         self.standby, self._incoming.standby = self._incoming.standby, None
-        self.committed_progress = 0
+        if not kept:
+            self.committed_progress = 0
+        else:
+            log.info("resuming: the standby keeps its copy of session %x (committed epoch %d)",
+                     self._standby_session, self.standby.committed_epoch)
+        self._standby_session = command.session
         log.info("standby memory: %s", ", ".join(f"slot {s.slot} {s.size >> 20} MiB" for s in self.standby.layout))
         self.peer = self._incoming.identity
         self.guard.adopt(command.session)
@@ -392,7 +408,8 @@ class ReplicaAgent:
         self._ends.clear()
 
     def _do_SendWelcome(self, command: proto.SendWelcome) -> None:
-        welcome = wire.Welcome(command.version, command.committed_epoch or None, self.protocol.newest_token)
+        welcome = wire.Welcome(command.version, command.committed_epoch or None, self.protocol.newest_token,
+                               command.resumed)
         self.writer.version = command.version     # every frame after the WELCOME (itself at HANDSHAKE_VERSION)
         self._send(self.peer, self.writer, lambda: self.writer.message(welcome))
 

@@ -122,6 +122,9 @@ def test_etcd_down_fences_the_primary_and_loses_nothing(tmp_path, etcd) -> None:
         etcd.start()
         agents.wait("the primary serving again", lambda: agents.status("primary").get("protection") != "fenced")
         acked |= write_some(agents.primary_port, "after")
+        # its lease ran out while etcd was down: it took the key again, and the replica's copy counts
+        # only once it has synced again (the standby key says "none" until then)
+        agents.wait("the primary protected again", lambda: agents.status("primary").get("protected"))
         agents.kill("primary")                               # the pair still fails over
         agents.wait("the replica's takeover", lambda: agents.status("replica").get("role") == "active")
         agents.wait("the service on the replica", lambda: answers(agents.replica_port))

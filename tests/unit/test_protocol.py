@@ -660,3 +660,17 @@ def _epoch_with_token(replica: p.ReplicaProtocol, epoch: int, token: int) -> Non
     replica.handle(p.EpochPart(0.0, epoch, p.PartKind.VCPU))
     replica.handle(p.EpochEnd(0.0, epoch, 1, 1))
     assert _kinds(replica.handle(p.Verified(0.0, epoch, True))) == ["SendAck"]
+
+
+def test_a_replica_that_kept_its_copy_resumes_the_sync() -> None:
+    replica = p.ReplicaProtocol(p.ReplicaConfig(supported_versions=(1, 2)))
+    commands = replica.handle(p.Hello(0.0, 8, (1, 2), resumable=True))
+    assert p.SendWelcome(2, 0, True) in commands
+    commands = p.ReplicaProtocol(p.ReplicaConfig(supported_versions=(1, 2))).handle(
+        p.Hello(0.0, 8, (1,), resumable=True))
+    assert p.SendWelcome(1, 0, False) in commands             # version 1 cannot resume
+    primary = p.PrimaryProtocol(p.PrimaryConfig())
+    primary.handle(p.Start(0.0))
+    commands = primary.handle(p.Welcomed(0.1, 2, 5, resumed=True))
+    assert p.BeginSync(primary.next_epoch, True) in commands
+    assert any("sync resumed" in c.message for c in _of(commands, p.Log))

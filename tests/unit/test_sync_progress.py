@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from checkpointer.sync import SyncProgress
@@ -33,3 +34,28 @@ def test_later_rounds_shrink_by_the_last_ratio_and_a_round_that_does_not_shrink_
     assert "not converging yet" in progress.describe(6.25)
     progress.state = "final copy"
     assert progress.status(7.0)["eta_s"] is None
+
+
+def test_what_a_lost_replica_lacks_is_what_it_never_acknowledged_or_was_dirtied_since() -> None:
+    from checkpointer.sync import ReplicaCopy
+    from ring import pages as pagekeys
+    from ring.dirty import DirtySet
+
+    def keys(*offsets: int, slot: int = 1) -> np.ndarray:
+        return pagekeys.make(np.full(len(offsets), slot, np.uint32), np.array(offsets, np.uint64))
+
+    copy = ReplicaCopy({0: 16, 1: 64})
+    copy.dirtied(DirtySet({1: np.array([9], np.uint64)}))     # no session yet: nothing to track
+    copy.start(7, keys(1, 2, 3, 4, 5, 6))                     # a full sync of six pages
+    copy.gathered(keys(1, 2))
+    copy.sent(10, keys(1, 2))
+    copy.gathered(keys(3, 4))
+    copy.sent(11, keys(3, 4))
+    copy.acked(10)                                            # 1 and 2 are in the replica's copy
+    copy.dirtied(DirtySet({1: np.array([2, 40], np.uint64)}))  # 2 changed since; 40 is new
+    copy.lost()                                               # 11 was never acknowledged
+    missing = copy.take_missing()
+    assert missing.tolist() == keys(2, 3, 4, 5, 6, 40).tolist()
+    assert copy.session == 7 and copy.take_missing().tolist() == []
+    copy.start(8, None)                                       # resumed: the marks start empty
+    assert copy.session == 8
