@@ -81,6 +81,8 @@ DRIFT = 0.01            # clock-rate drift bound against the etcd leader (see S1
 MARGIN_S = 0.05         # release-time margin (see S1)
 NO_STANDBY = b"none"
 CLAIM_POLL_S = 0.05     # how often a claiming replica looks at the key while it waits for it to go
+CALL_SLACK_S = 0.25     # beyond the client's own timeouts (two RPCs at most), before an etcd call
+                        # counts as unanswered
 EXPIRY_SLACK_S = 1.0    # etcd revokes expired leases on a 500 ms tick, through a raft round: a dead
                         # holder's key may outlive its TTL by that much before it is "alive"
 
@@ -159,7 +161,9 @@ class PairLease:
                 self._client = aetcd.Client(host=host, port=port, timeout=self.timeout_s,
                                             connect_wait_timeout=self.timeout_s)
             try:
-                return await operation(self._client)
+                # bounded here too: a call that never returns (a gRPC channel stuck in a network
+                # namespace was seen to) would stop the renew loop before it could report LOST
+                return await asyncio.wait_for(operation(self._client), 2 * self.timeout_s + CALL_SLACK_S)
             except (aetcd.exceptions.ClientError, asyncio.TimeoutError) as exc:
                 # Unreachable, timed out, or an error of the server's ("context deadline exceeded"
                 # from a busy etcd): this endpoint did not answer; the next one may.
