@@ -25,6 +25,7 @@ anything from scenarios/), so it can start agents of any backend on any host.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import socket
@@ -50,9 +51,37 @@ LOG_TAIL = 4000                                     # characters of each log in 
 T = TypeVar("T")
 
 
+PORTS_FROM = 10000                        # free_port's ports: from here to the ephemeral range
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now (the kernel's choice)."""
-    with socket.socket() as probe:
+    """A TCP port that nothing is bound to right now, below the kernel's ephemeral range: a port
+    the kernel chose (bind to 0) may be taken as the source port of any outgoing connection before
+    the agent binds it (a drill's takeover once failed with "address already in use" so)."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200 if low > PORTS_FROM + 100 else 0):
+        port = pick.randrange(PORTS_FROM, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(family) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)                 # (never twice to this process's callers)
+        return port
+    with socket.socket(family) as probe:      # no room below the range: the kernel's choice
         probe.bind((host, 0))
         return probe.getsockname()[1]
 
