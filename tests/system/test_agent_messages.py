@@ -25,34 +25,17 @@ from replica.agent import ReplicaAgent
 from ring import pages as pagekeys
 from ring.memory import page_buffer
 from ring.vcpu_state import VcpuState
+from tests.system.test_agents import FakePrimary
 
 SLOTS = [wire.SlotLayout(0, 0, 1 << 20), wire.SlotLayout(1, 1 << 30, 4 << 20)]
 
 
-class Primary:
+class Primary(FakePrimary):
     """A hand-driven primary of version 2: an epoch is one message (wire.join_frames)."""
 
     def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-        self.writer = wire.FrameWriter()
-        self.guard = wire.FrameGuard(session=self.writer.session, accept=wire.REPLICA_KINDS)
+        super().__init__(context, endpoint)
         self.encoder = PageEncoder(cache_pages=2048)
-
-    async def receive(self, timeout: float = 5.0) -> wire.Frame | None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                parts = await asyncio.wait_for(self.socket.recv_multipart(), remaining)
-            except asyncio.TimeoutError:
-                return None
-            frame = wire.decode_frame(parts)
-            self.guard.check(frame)
-            if frame.kind != wire.Kind.HEARTBEAT:
-                return frame
-        return None
 
     async def hello(self) -> wire.Frame:
         await self.socket.send_multipart(self.writer.message(wire.Hello(
