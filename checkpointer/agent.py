@@ -46,7 +46,7 @@ from .fencing import Fence, LeaseChange, node_name
 from .guest import Guest, build_guest
 from .output import OutputBuffer
 from .pipeline import Pipeline
-from .runtime import Runtime, rss_mib, set_zmq_heartbeats
+from .runtime import Channel, Runtime, rss_mib, set_zmq_heartbeats
 from .security import client_keys, secure_client
 from .snapshot import Snapshot, Snapshotter, StagingPool, staging_capacity
 from .stats import CheckpointStats
@@ -125,6 +125,7 @@ class PrimaryAgent:
         self.stats = CheckpointStats()
         self.context = zmq.asyncio.Context()
         self.socket: zmq.asyncio.Socket | None = None
+        self.channel: Channel | None = None       # the socket's reads and sends, on the loop
         self.writer: wire.FrameWriter | None = None
         self.guard: wire.FrameGuard | None = None
         self.control: ControlServer | None = None
@@ -215,6 +216,7 @@ class PrimaryAgent:
         await self.runtime.cancel_all()         # an epoch still half-sent is discarded by the replica
         # BYE tells the replica not to take over: only for an orderly stop. A primary stopping
         # on an error (a failed task, a guest fault) says nothing, so that the replica does.
+        self._close_channel()                   # (the BYE below is zmq.asyncio's: the fd is its own again)
         if socket is not None and writer is not None and socket is self.socket and self.last_error is None:
             try:                                # the lock is free now: every sender was cancelled
                 await asyncio.wait_for(socket.send_multipart(
@@ -261,7 +263,7 @@ class PrimaryAgent:
         self.writer = wire.FrameWriter()
         self.guard = wire.FrameGuard(session=self.writer.session, accept=wire.REPLICA_KINDS)
         self.pipeline.token = self.fence.token
-        self.runtime.spawn(self._recv_loop(socket), session=True)
+        self.channel = Channel(socket, self._on_message, on_error=self.runtime.fail)
         hello = wire.Hello(versions=list(wire.SUPPORTED_VERSIONS), session=self.writer.session,
                            slots=[wire.SlotLayout(s.spec.slot, s.spec.guest_phys_addr, s.spec.size)
                                   for s in self.machine.memory.slots.values()],
@@ -270,12 +272,18 @@ class PrimaryAgent:
         writer = self.writer
         self.runtime.spawn(self.pipeline.send_one(self._socket, lambda: writer.message(hello)), session=True)
 
-    def _socket(self) -> zmq.asyncio.Socket | None:
-        return self.socket
+    def _socket(self) -> Channel | None:
+        return self.channel
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
 
     def _close_socket(self) -> None:
         """End the session; a BYE first, so that the replica never takes our close for a death."""
         self.runtime.cancel_session()
+        self._close_channel()
         if self.socket is not None:
             linger = 0
             if self.writer is not None:
@@ -407,47 +415,48 @@ class PrimaryAgent:
                 self._feed(proto.SendFailed(time.monotonic(), f"epoch {epoch}: {exc!r}"))
 
     # -- receiving -------------------------------------------------------------------
-    async def _recv_loop(self, socket: zmq.asyncio.Socket) -> None:
-        while True:
-            parts = await socket.recv_multipart(copy=True)
-            now = time.monotonic()
-            try:
-                frame = wire.decode_frame(parts)
-                self.guard.check(frame)
-                message = wire.decode_payload(frame)
-            except wire.WrongSession:
-                continue                                     # a stale answer to an older HELLO
-            except wire.WireError as exc:
-                self._feed(proto.ReplicaRefused(now, f"bad frame from the replica: {exc}"))
-                return
-            if frame.kind == wire.Kind.WELCOME:
-                if self.fence.superseded_by(message.token):
-                    self._feed(proto.Superseded(now, f"the replica has seen fencing token {message.token}, "
-                                                     f"newer than ours ({self.fence.token})"))
-                    return
-                if message.version not in wire.SUPPORTED_VERSIONS:
-                    self._feed(proto.ReplicaRefused(now, f"the replica chose protocol version {message.version}, "
-                                                         f"which we do not speak"))
-                    return
-                self.writer.version = message.version     # every frame from now on (v2: an epoch a message)
-                self._feed(proto.Welcomed(now, message.version, message.last_epoch or 0,
-                                          message.resumed and self.sync.copy.session != 0))
-            elif frame.kind == wire.Kind.ACK:
-                if self.hooks.on_ack is not None:
-                    self.hooks.on_ack(frame.epoch)
-                self.sync.copy.acked(frame.epoch)
-                self._feed(proto.Acked(now, frame.epoch))
-            elif frame.kind == wire.Kind.HEARTBEAT:
-                self._feed(proto.HeardFromReplica(now))
-            elif frame.kind == wire.Kind.REFUSE:
-                if message.reason == wire.RefuseReason.SUPERSEDED:
-                    self._feed(proto.Superseded(now, message.detail))
-                else:
-                    self._feed(proto.ReplicaRefused(now, f"{message.reason}: {message.detail}"))
-                return
-            elif frame.kind == wire.Kind.BYE:
-                self._feed(proto.ReplicaRefused(now, "the replica said goodbye"))
-                return
+    def _on_message(self, parts: list) -> bool:
+        """One message from the replica (the channel's handler); True: read no more of this session."""
+        now = time.monotonic()
+        try:
+            frame = wire.decode_frame(parts)
+            self.guard.check(frame)
+            message = wire.decode_payload(frame)
+        except wire.WrongSession:
+            return False                                     # a stale answer to an older HELLO
+        except wire.WireError as exc:
+            self._feed(proto.ReplicaRefused(now, f"bad frame from the replica: {exc}"))
+            return True
+        kind = frame.kind
+        if kind == wire.Kind.ACK:
+            if self.hooks.on_ack is not None:
+                self.hooks.on_ack(frame.epoch)
+            self.sync.copy.acked(frame.epoch)
+            self._feed(proto.Acked(now, frame.epoch))
+        elif kind == wire.Kind.HEARTBEAT:
+            self._feed(proto.HeardFromReplica(now))
+        elif kind == wire.Kind.WELCOME:
+            if self.fence.superseded_by(message.token):
+                self._feed(proto.Superseded(now, f"the replica has seen fencing token {message.token}, "
+                                                 f"newer than ours ({self.fence.token})"))
+                return True
+            if message.version not in wire.SUPPORTED_VERSIONS:
+                self._feed(proto.ReplicaRefused(now, f"the replica chose protocol version {message.version}, "
+                                                     f"which we do not speak"))
+                return True
+            self.writer.version = message.version     # every frame from now on (v2: an epoch a message)
+            self._feed(proto.Welcomed(now, message.version, message.last_epoch or 0,
+                                      message.resumed and self.sync.copy.session != 0))
+        elif kind == wire.Kind.REFUSE:
+            if message.reason == wire.RefuseReason.SUPERSEDED:
+                self._feed(proto.Superseded(now, message.detail))
+            else:
+                self._feed(proto.ReplicaRefused(now, f"{message.reason}: {message.detail}"))
+            return True
+        elif kind == wire.Kind.BYE:
+            self._feed(proto.ReplicaRefused(now, "the replica said goodbye"))
+            return True
+        return False
 
     # -- the guest -----------------------------------------------------------------
     def _on_guest_event(self, event: Event) -> None:

@@ -27,6 +27,7 @@ from ring.vcpu_state import pack_vcpu_states
 from . import wire
 from .codec import EpochDigest, PageEncoder, encode_all
 from .faults import KillPoint
+from .runtime import Channel
 from .snapshot import Snapshot, StagingPool
 
 INLINE_ENCODE_PAGES = 32          # smaller epochs are encoded on the loop: a thread handoff costs more
@@ -163,14 +164,20 @@ def _kind_of(parts: list) -> int:
 
 
 async def send_now(socket: Any, parts: list) -> None:
-    """Send one message: queued at once when ZeroMQ has room (a plain non-blocking send, much
-    cheaper than zmq.asyncio's), else awaited. Every send of the socket goes through here under
-    the pipeline's lock, one after the other, so the two ways never reorder messages.
+    """Send one message: through a runtime.Channel (the agents': its own non-blocking send,
+    waiting for room only when ZeroMQ has none), or through a zmq.asyncio socket (a test's
+    hand-made primary). Every send of the socket goes through here under the pipeline's lock,
+    one after the other, so messages never reorder.
 
-    ZeroMQ's file descriptor is edge-triggered, and a send behind zmq.asyncio's back may take
-    the edge a pending receive waits for (the replica's acks then sat unread until the
-    timeout dropped it): reading EVENTS through the asyncio socket, as it does after its own
-    operations, hands any pending event back to its receive."""
+    A zmq.asyncio socket gets a plain non-blocking send when ZeroMQ has room (much cheaper than
+    zmq.asyncio's), else zmq.asyncio's. ZeroMQ's file descriptor is edge-triggered, and a send
+    behind zmq.asyncio's back may take the edge a pending receive waits for (the replica's acks
+    then sat unread until the timeout dropped it): reading EVENTS through the asyncio socket,
+    as it does after its own operations, hands any pending event back to its receive."""
+    if isinstance(socket, Channel):
+        if not socket.try_send(parts):
+            await socket.send(parts)
+        return
     try:
         plain = getattr(socket, "_shadow_sock", None) or zmq.Socket.shadow(socket.underlying)
         plain.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)

@@ -12,7 +12,9 @@ commands. This module gives each role the same shell:
   one connection to a peer) can be cancelled together without stopping it;
 - the status file, replaced atomically every second, and the periodic log line;
 - the ZeroMQ transport settings both ends share: heartbeats, and CURVE
-  (checkpointer.security) set by the role when it opens its socket.
+  (checkpointer.security) set by the role when it opens its socket;
+- `Channel`: a ZeroMQ socket driven from the loop with plain non-blocking calls (see
+  its docstring: an epoch's messages then cost no zmq.asyncio futures).
 
 One process can change role by handing the runtime to the next role; the
 runtime's tasks, status file and logger outlive any one role.
@@ -33,7 +35,7 @@ import zmq
 
 from .protocol import Command, Log
 
-__all__ = ["Runtime", "Rolling", "set_zmq_heartbeats", "write_status", "rss_mib"]
+__all__ = ["Runtime", "Rolling", "Channel", "set_zmq_heartbeats", "write_status", "rss_mib"]
 
 SETTLE_TURNS = 8          # loop turns given to unread frames after a stall, before a tick judges silence
 STALL_S = 0.02            # a tick this late (or 4 periods) means the loop stalled
@@ -119,6 +121,112 @@ class Rolling:
         """Sum of the values per second over the last `horizon` seconds."""
         _, total, span = self.recent(horizon)
         return total / span
+
+
+class Channel:
+    """One ZeroMQ socket on the asyncio loop, with plain non-blocking calls instead of zmq.asyncio's.
+
+    zmq.asyncio makes futures, callbacks and flag objects for every receive and send (about a
+    hundred Python calls per message); at thousands of epochs a second that was a third of an
+    agent's time. Here the loop watches the socket's file descriptor itself and every message
+    that is waiting is received and handed to `on_message` at once, synchronously, in order.
+
+    Some facts about ZeroMQ's file descriptor: it is not the socket's data but its mailbox. It
+    becomes readable when something changed, and any call on the socket (a send, a receive,
+    reading EVENTS) may consume that signal while messages stay queued. So the only reliable
+    question is EVENTS: after each send this asks it again, and keeps draining while it says
+    POLLIN; a drain long enough to matter yields to the loop between turns (`BUDGET`). No
+    other code may use the socket's asyncio side while a Channel is open: the loop has one
+    reader per descriptor, and zmq.asyncio would take it over (then remove it). A send that
+    finds no room waits for POLLOUT here, polling every millisecond at most.
+    """
+
+    BUDGET = 64                        # messages handled per loop turn
+
+    def __init__(self, socket: zmq.Socket, on_message: Callable[[list], bool | None], *, copy: bool = True,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        """`on_message(parts)` handles each message; True from it closes the channel (no more reads).
+        An exception from it closes the channel too and goes to `on_error` (else to the loop's
+        exception handler)."""
+        underlying = getattr(socket, "underlying", None)
+        self.socket = socket
+        self.plain = zmq.Socket.shadow(underlying) if underlying is not None else socket
+        self.on_message = on_message
+        self.on_error = on_error
+        self.copy = copy
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._fd = self.plain.getsockopt(zmq.FD)
+        self._pending = False
+        self._writable: asyncio.Future | None = None
+        self._loop.add_reader(self._fd, self._ready)
+        self._schedule()                      # what arrived before the reader was added
+
+    def _schedule(self) -> None:
+        if not self._pending and not self.closed:
+            self._pending = True
+            self._loop.call_soon(self._ready)
+
+    def _ready(self) -> None:
+        self._pending = False
+        plain = self.plain
+        for _ in range(self.BUDGET):
+            if self.closed:
+                return
+            events = plain.getsockopt(zmq.EVENTS)
+            if events & zmq.POLLOUT and self._writable is not None and not self._writable.done():
+                self._writable.set_result(None)
+            if not events & zmq.POLLIN:
+                return
+            try:
+                message = plain.recv_multipart(zmq.NOBLOCK, copy=self.copy)
+            except zmq.Again:
+                return
+            try:
+                if self.on_message(message):
+                    self.close()
+            except Exception as exc:
+                self.close()
+                if self.on_error is None:
+                    raise
+                self.on_error(exc)
+        self._schedule()                      # more may wait: after the loop's other work
+
+    def try_send(self, parts: list) -> bool:
+        """Queue one message now if ZeroMQ has room (False if not: nothing was queued)."""
+        try:
+            self.plain.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        if self.plain.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule()                  # the send may have taken the descriptor's signal
+        return True
+
+    async def send(self, parts: list) -> None:
+        """Send one message, waiting for room if there is none (ZMQError once closed)."""
+        while not self.try_send(parts):
+            if self.closed:
+                raise zmq.ZMQError(zmq.ENOTSOCK, "the channel is closed")
+            self._writable = self._loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writable), 0.001)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._writable = None
+
+    def poke(self) -> None:
+        """Look at the socket again (after code outside the channel called it)."""
+        self._schedule()
+
+    def close(self) -> None:
+        """Stop watching the socket (it stays open: its owner closes it)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self._loop.remove_reader(self._fd)
+            except (ValueError, OSError):
+                pass
 
 
 class Runtime:
@@ -242,6 +350,13 @@ class Runtime:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop on an error raised outside any task (a channel's handler), as a failed task does."""
+        self.log.error("agent task failed: %r", exc, exc_info=exc)
+        if self.last_error is None:
+            self.last_error = repr(exc)
+        self.stop()
 
     # -- the clock -----------------------------------------------------------------
     async def tick_loop(self, period: Callable[[], float], tick: Callable[[float], None],

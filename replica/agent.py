@@ -43,7 +43,7 @@ from checkpointer.config import ReplicaAgentConfig
 from checkpointer.fencing import Fence, FenceMode, LeaseChange, node_name
 from checkpointer.guest import Guest
 from checkpointer.output import OutputBuffer
-from checkpointer.runtime import Rolling, Runtime, set_zmq_heartbeats
+from checkpointer.runtime import Channel, Rolling, Runtime, set_zmq_heartbeats
 from checkpointer.security import secure_server
 from ring.errors import RingError
 from ring.memory import SlotSpec
@@ -55,6 +55,7 @@ from .standby import Standby, StagingError
 log = logging.getLogger("colo.replica")
 
 STATUS_HORIZON = 5.0            # seconds of commits the status figures cover
+INLINE_PAGES = 32               # epochs up to this many pages are staged and committed on the loop
 DISCONNECT_GRACE = 0.002         # seconds between a closed connection and the failover decision
 REPLICA_COMMANDS = (proto.AdoptSession, proto.SendWelcome, proto.SendRefuse, proto.OpenStaging,
                     proto.StagePart, proto.Verify, proto.SendAck, proto.Discard,
@@ -72,18 +73,34 @@ class ReplicaHooks:
 
 
 class StandbyLane:
-    """Standby work in order on one worker thread (see the module's docstring)."""
+    """Standby work in order on one worker thread (see the module's docstring).
+
+    Small work (a small epoch's open, stage, verify and commit) runs on the loop itself when
+    nothing is queued on the thread: a thread handoff costs more than decoding a few pages
+    (a future per step, a wake-up of the worker, the GIL taken back and forth), and order is
+    kept because the thread is idle. Large work, and anything queued behind it, goes to the thread.
+    """
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="colo-standby")
         self._last: asyncio.Future | None = None
         self.failed: dict[int, str] = {}          # epoch -> why a stage of it failed (lane thread only)
+        self.inline = False                       # work runs on the loop right now (see post)
 
-    def run(self, work: Callable[..., object], *args) -> asyncio.Future:
-        """Queue `work(*args)` after everything queued before it (call on the loop)."""
-        future = asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
-        self._last = future
-        return future
+    def run(self, work: Callable[..., object], *args, small: bool = False) -> None:
+        """Queue `work(*args)` after everything queued before it (call on the loop); `small` work
+        runs at once, on the loop, if the thread has nothing queued."""
+        last = self._last
+        if small and (last is None or last.done()):
+            self.inline = True
+            try:
+                work(*args)
+            except Exception:                     # as on the thread: the step's own error, logged
+                log.exception("standby step %s failed", getattr(work, "__name__", work))
+            finally:
+                self.inline = False
+            return
+        self._last = asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
 
     def then(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the loop once everything queued so far is done."""
@@ -139,6 +156,7 @@ class ReplicaAgent:
         self.runtime = Runtime(self, log, REPLICA_COMMANDS)
         self.context = zmq.asyncio.Context()
         self.socket: zmq.asyncio.Socket | None = None
+        self.channel: Channel | None = None       # the socket's reads and sends, on the loop
         self.authenticator = None
         self.standby: Standby | None = None
         self.lane = StandbyLane()
@@ -160,6 +178,7 @@ class ReplicaAgent:
         self.commit_encoded = Rolling(4096)
         self.apply_us = Rolling(4096)
         self._epoch_encoded = 0
+        self._epoch_pages = 0                    # pages the open epoch announced
         self.epoch = 0
         self.rejected_frames = 0
         self._connections: set[int] = set()      # open connections' fds (socket monitor)
@@ -254,7 +273,7 @@ class ReplicaAgent:
                 # first: the receive loop takes it from ZeroMQ's queue meanwhile.
                 await asyncio.sleep(DISCONNECT_GRACE)
                 deadline = time.monotonic() + 1.0
-                while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+                while self._unread() and time.monotonic() < deadline:
                     await asyncio.sleep(0.001)
                 # A reconnecting primary's new connection may be accepted already (its HELLO even
                 # handled) with the event still queued behind this close: count it first.
@@ -267,6 +286,14 @@ class ReplicaAgent:
                     await self.lane.idle()
                     if not self._connections:
                         self._feed(proto.PrimaryDisconnected(now, stalled))
+
+    def _unread(self) -> bool:
+        """Whether a message waits unread (asking ZeroMQ may take the channel's signal: poke it)."""
+        if self.channel is None or self.channel.closed:
+            return False
+        unread = bool(self.channel.plain.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        self.channel.poke()
+        return unread
 
     def _connection_event(self, message: list[bytes]) -> bool:
         """Count the connections from a socket-monitor event; True if one of ours closed."""
@@ -288,8 +315,12 @@ class ReplicaAgent:
     async def _recv_loop(self) -> None:
         # copy=False: the parts stay ZeroMQ's buffers (a page batch is not copied into bytes); the
         # frames' payloads are memoryviews over them, which keep them alive until the lane is done.
-        while True:
-            self._handle(await self.socket.recv_multipart(copy=False))
+        # Each message is handled as it is read (runtime.Channel), then the loop goes on.
+        self.channel = Channel(self.socket, self._handle, copy=False, on_error=self.runtime.fail)
+        try:
+            await asyncio.get_running_loop().create_future()       # until cancelled
+        finally:
+            self.channel.close()
 
     def _handle(self, parts: list) -> None:
         """Split one message from the socket into its frames (wire.decode_message) and handle each
@@ -384,9 +415,16 @@ class ReplicaAgent:
         if identity is None or self.socket is None or writer is None:
             return
         seq = writer.next_seq
-        try:
-            self.socket.send_multipart([identity, *build()], copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
+        parts = [identity, *build()]
+        if self.channel is not None and not self.channel.closed:
+            sent = self.channel.try_send(parts)
+        else:
+            try:
+                self.socket.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                sent = True
+            except zmq.Again:
+                sent = False
+        if not sent:
             writer.next_seq = seq                 # not sent: the number is not used up
             log.warning("the primary's queue is full: a reply was dropped")
 
@@ -427,7 +465,10 @@ class ReplicaAgent:
     def _post(self, callback: Callable, *args) -> None:
         """(Lane thread.) Run `callback(*args)` on the loop (not once it is closed: we are stopping)."""
         try:
-            self._loop.call_soon_threadsafe(callback, *args)
+            if self.lane.inline:                  # (the step runs on the loop: no wake-up needed)
+                self._loop.call_soon(callback, *args)
+            else:
+                self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:
             pass
 
@@ -448,7 +489,9 @@ class ReplicaAgent:
             except StagingError as exc:           # e.g. more pages announced than the guest has
                 self._lane_failed(epoch, str(exc))
 
-        self.lane.run(open_epoch, self.standby, command.epoch, command.pages)
+        self.lane.run(open_epoch, self.standby, command.epoch, command.pages,
+                      small=command.pages <= INLINE_PAGES)
+        self._epoch_pages = command.pages
         self.epoch = command.epoch
         self._epoch_encoded = 0
 
@@ -472,7 +515,8 @@ class ReplicaAgent:
             except (StagingError, wire.WireError, ValueError) as exc:
                 self._lane_failed(epoch, str(exc))
 
-        self.lane.run(stage, self.standby, command.epoch)
+        self.lane.run(stage, self.standby, command.epoch,
+                      small=command.kind is not proto.PartKind.PAGES or frame.count <= INLINE_PAGES)
 
     def _do_Verify(self, command: proto.Verify) -> None:
         digest, raw = self._ends.pop(command.epoch, (b"", 0))
@@ -488,7 +532,8 @@ class ReplicaAgent:
                 self._post(self._committed, pages, raw, encoded, standby.last_apply_ns, standby.progress())
             self._post(self._feed, proto.Verified(time.monotonic(), epoch, ok, reason))
 
-        self.lane.run(verify_and_commit, self.standby, command.epoch, command.consistent)
+        self.lane.run(verify_and_commit, self.standby, command.epoch, command.consistent,
+                      small=self._epoch_pages <= INLINE_PAGES)
 
     def _committed(self, pages: int, raw: int, encoded: int, apply_ns: int, progress: int) -> None:
         """(On the loop, just before the epoch's Verified.) The commit's figures; the guest's progress
@@ -520,7 +565,7 @@ class ReplicaAgent:
     def _do_Discard(self, command: proto.Discard) -> None:
         log.warning("epoch %d discarded whole: %s", command.epoch, command.reason)
         if self.standby is not None:
-            self.lane.run(self.standby.discard)
+            self.lane.run(self.standby.discard, small=True)
 
     def _do_SendHeartbeat(self, command: proto.SendHeartbeat) -> None:
         writer = self.writer
@@ -627,6 +672,8 @@ class ReplicaAgent:
         if now - self._last_tick > self.protocol.config.primary_timeout / 4:
             self._stalled_at = now
         self._last_tick = now
+        if self.channel is not None:
+            self.channel.poke()                   # (a safety net: ZeroMQ's signal is easy to lose)
         self._feed(proto.ReplicaTick(now))
 
     def guest_progress(self) -> int:
