@@ -36,9 +36,9 @@ __all__ = [
 ]
 
 MAGIC = int.from_bytes(b"CRNG", "little")
-PROTOCOL_VERSION = 2                # the highest version this side speaks
+PROTOCOL_VERSION = 3                # the highest version this side speaks
 HANDSHAKE_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3)
 MESSAGE_VERSION = 2                 # from this version on a message may carry several frames
 
 #: magic, version, kind, session, seq, epoch, count, flags, payload_len, payload_checksum, header_checksum

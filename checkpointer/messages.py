@@ -7,7 +7,9 @@ The JSON these give is the JSON of version 1, key for key; changing a
 declaration changes the wire, so it needs a new protocol version. A field
 declared with ``added=True`` came with version 2 (the resume of a sync): it is
 left out of the JSON while it has its default, so a version-1 peer reads what
-it always read.
+it always read. The messages of every epoch (EPOCH_BEGIN, EPOCH_END, ACK) are
+declared ``binary=True``: from version 3 they travel as a fixed struct of the
+same fields (checkpointer/schema.py), thousands of times a second.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class Welcome:
     resumed: bool = wire_field(Bool(), default=False, added=True)
 
 
-@message(Kind.EPOCH_BEGIN)
+@message(Kind.EPOCH_BEGIN, binary=True)
 class EpochBegin:
     """Opens an epoch: its size, so the replica can bound its staging, and whether it is a checkpoint."""
 
@@ -93,7 +95,7 @@ class EpochBegin:
     token: int = wire_field(Int(), default=0)
 
 
-@message(Kind.EPOCH_END)
+@message(Kind.EPOCH_END, binary=True)
 class EpochEnd:
     """Closes an epoch: what the replica must have received, and the digest it must match."""
 
@@ -105,7 +107,7 @@ class EpochEnd:
     raw_bytes: int = wire_field(Int())
 
 
-@message(Kind.ACK)
+@message(Kind.ACK, binary=True)
 class Ack:
     """The replica committed ``epoch``: outputs of epochs up to it may leave."""
 

@@ -11,7 +11,13 @@ message is one declaration.
 
 The JSON of version 1, which this keeps byte for byte: one object, compact
 separators, keys sorted, ASCII only, every declared key present (``null`` for
-a field that may be None), nothing else. Unpacking trusts nothing: the size is
+a field that may be None), nothing else. From version 3 (``BINARY_VERSION``) the messages an epoch sends, declared
+``binary=True`` (EPOCH_BEGIN, EPOCH_END, ACK), travel as one fixed little-endian
+struct instead: only their fields that no header field or flag carries, in
+declaration order, each in a fixed width (``Spec.code``); the fields bound to the
+header are taken from it (they cannot disagree). Same checks, no parser: a
+payload of any other length, an unknown choice code, a bool other than 0 or 1,
+a value out of range are ``MalformedPayload``. Unpacking trusts nothing: the size is
 bounded before parsing, and duplicate keys, NaN/Infinity, unknown or missing
 keys, wrong types, out-of-range values and disagreement with the header are
 all ``MalformedPayload`` errors that name the message and the field. Packing
@@ -24,17 +30,19 @@ import dataclasses
 import enum
 import json
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, dataclass_transform
 
 from .frames import U16, U32, U64, Flag, Frame, Kind, MalformedPayload, byte_view, frame_where
 
-__all__ = ["Spec", "Int", "Text", "Bool", "Choice", "HexBytes", "ListOf", "Nested", "WireField",
+__all__ = ["BINARY_VERSION", "Spec", "Int", "Text", "Bool", "Choice", "HexBytes", "ListOf", "Nested", "WireField",
            "wire_field", "message", "record", "Declaration", "declaration", "declared_messages", "Packed", "pack",
            "unpack", "describe", "MAX_CONTROL_PAYLOAD", "MAX_TEXT"]
 
 MAX_CONTROL_PAYLOAD = 1 << 20       # JSON control payloads are small
 MAX_TEXT = 1024                     # any string field
+BINARY_VERSION = 3                  # from this version the messages declared binary travel as structs
 
 
 # --- what a field may hold -------------------------------------------------------------------
@@ -58,6 +66,24 @@ class Spec:
     def describe(self) -> str:
         raise NotImplementedError
 
+    #: the struct code of the field in a binary payload ("" for a spec that has no fixed width)
+    code = ""
+
+    def to_binary(self, value: Any, name: str) -> Any:
+        """The struct value of ``value`` (checked as ``dump`` checks it)."""
+        return self.dump(value, name)
+
+    def from_binary(self, raw: Any, name: str) -> Any:
+        """The field value of the struct value ``raw``, or MalformedPayload."""
+        return self.load(raw, name)
+
+    def describe_binary(self) -> str:
+        return _CODE_NAMES[self.code]
+
+
+_CODE_NAMES = {"B": "u8", "H": "u16", "I": "u32", "Q": "u64"}
+_CODE_TOPS = {"B": 0xFF, "H": U16, "I": U32, "Q": U64}
+
 
 @dataclass(frozen=True)
 class Int(Spec):
@@ -77,6 +103,20 @@ class Int(Spec):
         return raw
 
     dump = load
+
+    @property
+    def code(self) -> str:
+        return next(c for c in "HIQ" if self.hi <= _CODE_TOPS[c])
+
+    @property
+    def exact(self) -> bool:
+        """Every value of its struct code is valid (no check needed when reading one)."""
+        return self.lo == 0 and self.hi == _CODE_TOPS[self.code] and not self.power_of_two
+
+    def from_binary(self, raw: int, name: str) -> int:
+        if raw < self.lo or raw > self.hi or (self.power_of_two and raw & (raw - 1)):
+            return self.load(raw, name)           # (raises, with the message load gives)
+        return raw
 
     def describe(self) -> str:
         names = {(0, U64): "u64", (0, U32): "u32", (0, U16): "u16"}
@@ -116,9 +156,21 @@ class Bool(Spec):
         return raw
 
     dump = load
+    code = "B"
+
+    def to_binary(self, value: Any, name: str) -> int:
+        return int(self.dump(value, name))
+
+    def from_binary(self, raw: int, name: str) -> bool:
+        if raw > 1:
+            raise MalformedPayload(f"{name} must be 0 or 1, got {raw}")
+        return bool(raw)
 
     def describe(self) -> str:
         return "bool"
+
+    def describe_binary(self) -> str:
+        return "u8 (0 or 1)"
 
 
 @dataclass(frozen=True)
@@ -150,6 +202,22 @@ class Choice(Spec):
     def describe(self) -> str:
         return f"{self.choices.__name__}: {' | '.join(c.value for c in self.choices)}"
 
+    code = "B"
+
+    def to_binary(self, value: Any, name: str) -> int:
+        return list(self.choices).index(self._member(value, name)) + 1
+
+    def from_binary(self, raw: int, name: str) -> enum.StrEnum:
+        members = list(self.choices)
+        if not 1 <= raw <= len(members):
+            raise MalformedPayload(f"{name} code {raw} is not one of 1 to {len(members)} "
+                                   f"({self.choices.__name__})")
+        return members[raw - 1]
+
+    def describe_binary(self) -> str:
+        return f"u8, {self.choices.__name__} by its place: " + ", ".join(
+            f"{i} {c.value}" for i, c in enumerate(self.choices, 1))
+
 
 @dataclass(frozen=True)
 class HexBytes(Spec):
@@ -174,6 +242,21 @@ class HexBytes(Spec):
 
     def describe(self) -> str:
         return f"{self.size} bytes, as {2 * self.size} lowercase hex digits"
+
+    @property
+    def code(self) -> str:
+        return f"{self.size}s"
+
+    exact = True
+
+    def to_binary(self, value: Any, name: str) -> bytes:
+        return bytes.fromhex(self.dump(value, name))
+
+    def from_binary(self, raw: bytes, name: str) -> bytes:
+        return raw
+
+    def describe_binary(self) -> str:
+        return f"{self.size} bytes"
 
 
 @dataclass(frozen=True)
@@ -277,16 +360,40 @@ def wire_field(spec: Spec, *, default: Any = dataclasses.MISSING, optional: bool
 
 
 @dataclass(frozen=True)
+class Binary:
+    """The struct layout of a message from BINARY_VERSION: the fields in it, and those from the header."""
+
+    struct: struct.Struct
+    payload: tuple[WireField, ...]          # in the struct, in order
+    header: tuple[WireField, ...]           # taken from a header field or flag
+    names: tuple[str, ...] = ()             # of the payload fields
+    checked: tuple[WireField, ...] = ()     # payload fields whose struct value needs a check
+
+
+@dataclass(frozen=True)
 class Declaration:
     """A declared message or record: its class, its frame kind (None for a record) and its fields."""
 
     cls: type
     kind: Kind | None
     fields: tuple[WireField, ...]
+    binary: Binary | None = None
 
     @property
     def what(self) -> str:
         return self.kind.name if self.kind is not None else self.cls.__name__
+
+
+def _binary_layout(cls: type, fields: list[WireField]) -> Binary:
+    payload = tuple(f for f in fields if f.header is None and f.flag is None)
+    for f in payload:
+        if f.optional or f.added or not f.spec.code:
+            raise TypeError(f"{cls.__name__}.{f.name} cannot travel in a binary payload "
+                            f"(optional, added, or of no fixed width)")
+    header = tuple(f for f in fields if f.header is not None or f.flag is not None)
+    checked = tuple(f for f in payload if not (isinstance(f.spec, (Int, HexBytes)) and f.spec.exact))
+    return Binary(struct.Struct("<" + "".join(f.spec.code for f in payload)), payload, header,
+                  tuple(f.name for f in payload), checked)
 
 
 _DECLARATIONS: dict[type, Declaration] = {}
@@ -301,11 +408,12 @@ def _normalise(self: Any) -> None:
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(wire_field,))
-def message(kind: Kind | None = None) -> Callable[[type], type]:
+def message(kind: Kind | None = None, *, binary: bool = False) -> Callable[[type], type]:
     """Make ``cls`` a frozen dataclass whose every field is a ``wire_field``, and the payload of ``kind``.
 
     A class may define ``check(self)`` for rules across fields (raise
     MalformedPayload); it runs after the field checks, when packing and unpacking.
+    With ``binary``, from BINARY_VERSION its payload is a fixed struct (see the module's docstring).
     """
     def wrap(cls: type) -> type:
         if "__post_init__" in cls.__dict__:
@@ -319,7 +427,7 @@ def message(kind: Kind | None = None) -> Callable[[type], type]:
             fields.append(WireField(f.name, **f.metadata["wire"]))
         if kind is None and any(f.header or f.flag or not f.in_payload for f in fields):
             raise TypeError(f"{cls.__name__}: only a message (with a kind) has header fields")
-        decl = Declaration(cls, kind, tuple(fields))
+        decl = Declaration(cls, kind, tuple(fields), _binary_layout(cls, fields) if binary else None)
         if kind is not None:
             if kind in _BY_KIND:
                 raise TypeError(f"{kind.name} is declared twice: {_BY_KIND[kind].cls.__name__}, {cls.__name__}")
@@ -421,13 +529,25 @@ def _load_json(data: Any, what: str) -> dict:
     return obj
 
 
-def pack(msg: Any, session: int | None = None) -> Packed:
-    """Check ``msg`` and give its kind, the header fields it binds, and its payload.
+def pack(msg: Any, session: int | None = None, version: int = 1) -> Packed:
+    """Check ``msg`` and give its kind, the header fields it binds, and its payload at ``version``.
 
     With ``session`` (the sender's), a field bound to the header session must equal it.
     """
     decl = declaration(type(msg))
-    body = _dump_fields(decl, msg, decl.what)
+    binary = decl.binary if version >= BINARY_VERSION else None
+    if binary is not None:
+        what = decl.what
+        try:
+            payload = binary.struct.pack(*[f.spec.to_binary(getattr(msg, f.name), f"{what} {f.name}")
+                                           for f in binary.payload])
+        except struct.error as exc:                # (a value the checks let through: never expected)
+            raise MalformedPayload(f"{what}: {exc}") from None
+        for f in binary.header:
+            f.dump(getattr(msg, f.name), what)
+        _check(msg)
+    else:
+        payload = _dump_json(_dump_fields(decl, msg, decl.what))
     header = {"epoch": 0, "count": 0, "session": session}
     flags = 0
     for f in decl.fields:
@@ -438,7 +558,7 @@ def pack(msg: Any, session: int | None = None) -> Packed:
             header[f.header] = value
         if f.flag is not None and value:
             flags |= int(f.flag)
-    return Packed(decl.kind, header["epoch"], header["count"], flags, _dump_json(body))
+    return Packed(decl.kind, header["epoch"], header["count"], flags, payload)
 
 
 def _shown(name: str, value: Any) -> str:
@@ -450,6 +570,8 @@ def unpack(frame: Frame) -> Any:
     decl = _BY_KIND.get(frame.kind)
     if decl is None:
         raise TypeError(f"{frame.kind!r} carries no control message")
+    if decl.binary is not None and frame.version >= BINARY_VERSION:
+        return _unpack_binary(decl, frame)
     what = decl.what
     header = {"epoch": frame.epoch, "count": frame.count, "session": frame.session}
     msg = decl.cls(**_load_fields(decl, _load_json(frame.payload, what), what, header))
@@ -463,6 +585,28 @@ def unpack(frame: Frame) -> Any:
         if f.flag is not None and value != bool(frame.flags & f.flag):
             raise MalformedPayload(f"payload {f.name} {value} differs from the header's {f.flag.name} flag "
                                    f"({'set' if frame.flags & f.flag else 'clear'}) on {where}")
+    return msg
+
+
+def _unpack_binary(decl: Declaration, frame: Frame) -> Any:
+    binary, what = decl.binary, decl.what
+    view = byte_view(frame.payload, f"{what} payload")
+    if view.nbytes != binary.struct.size:
+        raise MalformedPayload(f"{what} payload is {view.nbytes} bytes, version {frame.version} has "
+                               f"{binary.struct.size} ({frame_where(frame.kind, frame.epoch, frame.seq)})")
+    values = dict(zip(binary.names, binary.struct.unpack_from(view)))
+    for f in binary.checked:
+        values[f.name] = f.spec.from_binary(values[f.name], f"{what} {f.name}")
+    for f in binary.header:
+        if f.flag is not None:
+            values[f.name] = bool(frame.flags & f.flag)
+        else:
+            values[f.name] = f.spec.from_binary(getattr(frame, f.header), f"{what} {f.name}")
+    # Every value is checked and canonical: the instance is filled without __init__ (and its
+    # normalising __post_init__), which cost as much as all the rest here.
+    msg = object.__new__(decl.cls)
+    msg.__dict__.update(values)
+    _check(msg)
     return msg
 
 
@@ -484,4 +628,9 @@ def describe(cls: type) -> str:
     check = getattr(cls, "check", None)
     if check is not None and check.__doc__:
         lines.append(f"    and {check.__doc__.strip().splitlines()[0]}")
+    if decl.binary is not None:
+        layout = ", ".join(f"{f.name} {f.spec.describe_binary()}" for f in decl.binary.payload)
+        lines.append(f"    from version {BINARY_VERSION}: {decl.binary.struct.size} bytes, {layout}"
+                     + (f"; {', '.join(f.name for f in decl.binary.header)} only in the header"
+                        if decl.binary.header else ""))
     return "\n".join(lines)

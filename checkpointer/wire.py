@@ -1,4 +1,4 @@
-"""The colo-ring wire format, versions 1 and 2: frames between a primary and a replica.
+"""The colo-ring wire format, versions 1 to 3: frames between a primary and a replica.
 
 This docstring is the spec. Code that disagrees with it is the bug. The code
 is in three modules, all imported from here: checkpointer/frames.py (the
@@ -197,6 +197,16 @@ its value may be null. Duplicate keys, NaN or Infinity, unknown or missing
 keys, wrong types and values out of range are ``MalformedPayload``; "equals
 header" fields must equal the header field or flag they name.
 
+From version 3 (``BINARY_VERSION``) the three messages of every epoch,
+EPOCH_BEGIN, EPOCH_END and ACK, are a fixed struct instead of JSON (the line
+"from version 3" of each below): the fields that no header field or flag
+carries, in the order listed, little-endian, without padding; the others are
+read from the header alone, so they cannot disagree with it. A payload of any
+other length, a choice code outside its enum (0 included), a bool other than
+0 or 1 and a value out of its range are ``MalformedPayload``. HELLO, WELCOME
+and REFUSE stay JSON (they travel at ``HANDSHAKE_VERSION``), and a session of
+version 1 or 2 keeps the JSON of every message: the frame's version says which.
+
 ::
 
 HELLO (Hello)
@@ -221,15 +231,18 @@ EPOCH_BEGIN (EpochBegin)
     batches         u32
     sync            bool; equals header flag SYNC
     token           u64
+    from version 3: 13 bytes, reason u8, EpochReason by its place: 1 ring_full, 2 dirty_threshold, 3 interval, 4 output, 5 sync, batches u32, token u64; epoch, pages, sync only in the header
 EPOCH_END (EpochEnd)
     epoch           u64; equals header epoch
     digest          16 bytes, as 32 lowercase hex digits
     pages           u64
     batches         u32; equals header count
     raw_bytes       u64
+    from version 3: 32 bytes, digest 16 bytes, pages u64, raw_bytes u64; epoch, batches only in the header
 ACK (Ack)
     epoch           u64; header epoch only, not in the JSON
     apply_ns        u64
+    from version 3: 8 bytes, apply_ns u64; epoch only in the header
 REFUSE (Refuse)
     reason          RefuseReason: no_common_version | bad_key | layout_mismatch | wrong_session | bad_frame | busy | superseded | fencing_mismatch
     detail          string, at most 1024 characters (longer is cut when sent)
@@ -283,13 +296,13 @@ from .frames import (HANDSHAKE_KINDS, HANDSHAKE_VERSION, HEADER, HEADER_SIZE, KI
                      UnsupportedVersion, WireError, WrongSession, decode_frame, encode_frame, frame_where, kind_name,
                      INLINE_PAYLOAD, MESSAGE_VERSION, decode_message, join_frames)
 from .messages import MAX_SLOTS, Ack, EpochBegin, EpochEnd, Hello, Message, Refuse, SlotLayout, Welcome
-from .schema import MAX_CONTROL_PAYLOAD, MAX_TEXT, Packed, declared_messages, pack, unpack
+from .schema import BINARY_VERSION, MAX_CONTROL_PAYLOAD, MAX_TEXT, Packed, declared_messages, pack, unpack
 
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "HANDSHAKE_VERSION", "SUPPORTED_VERSIONS", "HEADER", "HEADER_SIZE",
     "MAX_PAYLOAD", "MAX_CONTROL_PAYLOAD", "MAX_TEXT", "MAX_SLOTS", "Kind", "Flag", "KindRule", "KIND_RULES",
     "PRIMARY_KINDS", "REPLICA_KINDS", "HANDSHAKE_KINDS", "Frame", "encode_frame", "decode_frame",
-    "decode_message", "join_frames", "INLINE_PAYLOAD", "MESSAGE_VERSION",
+    "decode_message", "join_frames", "INLINE_PAYLOAD", "MESSAGE_VERSION", "BINARY_VERSION",
     "FrameGuard", "FrameWriter", "negotiate_version",
     "Message", "SlotLayout", "Hello", "Welcome", "EpochBegin", "EpochEnd", "Ack", "Refuse", "EpochReason",
     "RefuseReason", "Packed", "pack_message", "decode_payload",
@@ -399,8 +412,10 @@ class FrameWriter:
         return parts
 
     def message(self, msg: Message) -> list:
-        """The parts of a control message; a HELLO must carry this writer's session."""
-        kind, epoch, count, flags, payload = pack(msg, session=self.session)
+        """The parts of a control message, packed at the version its frame carries (from
+        BINARY_VERSION an epoch's messages are structs); a HELLO must carry this writer's session."""
+        version = HANDSHAKE_VERSION if msg.KIND in HANDSHAKE_KINDS else self.version
+        kind, epoch, count, flags, payload = pack(msg, session=self.session, version=version)
         return self.frame(kind, epoch, count, payload, flags)
 
 
@@ -416,9 +431,10 @@ def negotiate_version(offered: Iterable[int], supported: Iterable[int] = SUPPORT
 # --- payloads -------------------------------------------------------------------------
 
 
-def pack_message(msg: Message) -> Packed:
-    """(kind, epoch, count, flags, payload) of a control message, header fields consistent with it."""
-    return pack(msg)
+def pack_message(msg: Message, version: int = HANDSHAKE_VERSION) -> Packed:
+    """(kind, epoch, count, flags, payload) of a control message at ``version`` (JSON below
+    BINARY_VERSION), header fields consistent with it."""
+    return pack(msg, version=version)
 
 
 def _decode_vcpu_states(frame: Frame) -> list[VcpuState]:

@@ -183,7 +183,9 @@ def test_any_flipped_byte_is_rejected(frame: Frame, data) -> None:
         head[where] ^= xor
     else:
         payload[where - HEADER_SIZE] ^= xor
-    expected = BadMagic if where < 4 else UnsupportedVersion if where < 6 else BadChecksum
+    flipped = int.from_bytes(head[4:6], "little")
+    supported = flipped in wire.SUPPORTED_VERSIONS            # (then the header checksum catches it)
+    expected = BadMagic if where < 4 else UnsupportedVersion if where < 6 and not supported else BadChecksum
     with pytest.raises(expected):
         decode_frame([bytes(head), bytes(payload)])
 
@@ -238,10 +240,11 @@ def test_unknown_kinds_and_invalid(kind) -> None:
 
 
 def test_versions() -> None:
-    with pytest.raises(UnsupportedVersion, match=r"version 3 not supported; supported: \[1, 2\]"):
-        decode_frame(forge(version=3))
+    with pytest.raises(UnsupportedVersion, match=r"version 4 not supported; supported: \[1, 2, 3\]"):
+        decode_frame(forge(version=4))
     assert decode_frame(forge(version=2)).version == 2
-    assert decode_frame(forge(version=3), supported=(1, 2, 3)).version == 3
+    assert decode_frame(forge(version=3)).version == 3
+    assert decode_frame(forge(version=4), supported=(1, 2, 3, 4)).version == 4
     # a handshake frame at version 1 decodes even for a receiver that speaks only version 2 ...
     hello = FrameWriter(SESSION, version=2).message(Hello((1, 2), SESSION, (SlotLayout(0, 0, 4096),), 1))
     assert decode_frame(hello, supported=(2,)).kind is Kind.HELLO
@@ -355,7 +358,7 @@ def test_retyped_control_fields_are_malformed_or_harmless(msg, key, value) -> No
         return
     body[key] = value
     forged = Frame(frame.kind, frame.session, frame.seq, frame.epoch, frame.count, frame.flags,
-                   json.dumps(body).encode())
+                   json.dumps(body).encode(), frame.version)
     try:
         result = decode_payload(forged)
     except MalformedPayload:
@@ -376,23 +379,23 @@ def test_retyped_control_fields_are_malformed_or_harmless(msg, key, value) -> No
 ])
 def test_malformed_json_payloads(payload, match) -> None:
     with pytest.raises(MalformedPayload, match=match):
-        decode_payload(Frame(Kind.ACK, SESSION, 0, 1, 0, 0, payload))
+        decode_payload(Frame(Kind.ACK, SESSION, 0, 1, 0, 0, payload, version=2))   # (JSON up to version 2)
 
 
 def test_payloads_must_agree_with_their_header() -> None:
     _, epoch, count, flags, payload = wire.pack_message(EpochBegin(5, "ring_full", 10, 2, sync=False))
     with pytest.raises(MalformedPayload, match="header epoch 6"):
-        decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, 6, count, flags, payload))
+        decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, 6, count, flags, payload, version=2))
     with pytest.raises(MalformedPayload, match="header count 9"):
-        decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, epoch, 9, flags, payload))
+        decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, epoch, 9, flags, payload, version=2))
     with pytest.raises(MalformedPayload, match="SYNC flag"):
-        decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, epoch, count, int(Flag.SYNC), payload))
+        decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, epoch, count, int(Flag.SYNC), payload, version=2))
     hello = wire.pack_message(Hello((1,), SESSION, (SlotLayout(0, 0, 4096),), 1))[4]
     with pytest.raises(MalformedPayload, match=f"payload session {SESSION:#x} differs from header session"):
-        decode_payload(Frame(Kind.HELLO, SESSION + 1, 0, 0, 0, 0, hello))
+        decode_payload(Frame(Kind.HELLO, SESSION + 1, 0, 0, 0, 0, hello, version=2))
     end = wire.pack_message(EpochEnd(5, bytes(16), 3, 2, 0))
     with pytest.raises(MalformedPayload, match="payload batches 2 differs from header count 1"):
-        decode_payload(Frame(Kind.EPOCH_END, SESSION, 0, 5, 1, 0, end.payload))
+        decode_payload(Frame(Kind.EPOCH_END, SESSION, 0, 5, 1, 0, end.payload, version=2))
     states = pack_vcpu_states([VcpuState(0, b"r", b"s")])
     with pytest.raises(MalformedPayload, match="header count 2"):
         decode_payload(Frame(Kind.VCPU_STATE, SESSION, 0, 1, 2, 0, states))
@@ -838,3 +841,71 @@ def test_fields_added_after_version_1_are_left_out_at_their_default_and_read_bac
     assert decode_payload(decode_frame(FrameWriter(5).message(Hello((1,), 5, slots, 1)))).resume_of == 0
     kept = wire.pack_message(Welcome(2, 9, 0, True)).payload
     assert json.loads(kept)["resumed"] is True and b"resumed" not in wire.pack_message(Welcome(2, 9)).payload
+
+
+# --- binary control payloads (version 3) --------------------------------------------------------
+
+BINARY = [kind for kind, cls in DECLARED.items() if schema.declaration(cls).binary is not None]
+
+
+def test_the_messages_of_every_epoch_are_binary_from_version_3() -> None:
+    assert set(BINARY) == {Kind.EPOCH_BEGIN, Kind.EPOCH_END, Kind.ACK}
+    assert wire.BINARY_VERSION == 3 and wire.PROTOCOL_VERSION == 3 and 3 in wire.SUPPORTED_VERSIONS
+    begin = EpochBegin(7, "output", 3, 1, False, 9)
+    assert FrameWriter(SESSION, version=3).message(begin)[1] == bytes([4]) + struct.pack("<IQ", 1, 9)
+    assert json.loads(FrameWriter(SESSION, version=2).message(begin)[1])["reason"] == "output"
+    assert wire.pack_message(Ack(7, 5), version=3).payload == struct.pack("<Q", 5)
+    # the handshake stays JSON whatever the writer's version
+    assert json.loads(FrameWriter(SESSION, version=3).message(Welcome(3))[1])["version"] == 3
+
+
+@pytest.mark.parametrize("kind", BINARY, ids=lambda k: k.name)
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_binary_messages_round_trip_and_equal_their_json(kind, data) -> None:
+    msg = data.draw(MESSAGES[kind])
+    layout = schema.declaration(type(msg)).binary
+    frame = decode_frame(FrameWriter(SESSION, version=3).message(msg))
+    assert frame.version == 3 and len(frame.payload) == layout.struct.size
+    decoded = decode_payload(frame)
+    assert type(decoded) is type(msg) and decoded == msg
+    assert wire.pack_message(decoded, version=3) == wire.pack_message(msg, version=3)
+    assert decode_payload(decode_frame(FrameWriter(SESSION, version=2).message(msg))) == decoded
+
+
+@pytest.mark.parametrize("kind", BINARY, ids=lambda k: k.name)
+@FUZZ
+@given(data=st.data())
+def test_binary_payloads_of_any_other_length_or_content_only_raise_malformed_payload(kind, data) -> None:
+    msg = data.draw(MESSAGES[kind])
+    frame = decode_frame(FrameWriter(SESSION, version=3).message(msg))
+    size = schema.declaration(type(msg)).binary.struct.size
+    payload = data.draw(st.one_of(st.binary(max_size=64).filter(lambda b: len(b) != size),
+                                  st.binary(min_size=size, max_size=size)))
+    forged = Frame(frame.kind, frame.session, frame.seq, frame.epoch, frame.count, frame.flags, payload, 3)
+    try:
+        decoded = decode_payload(forged)
+    except MalformedPayload:
+        return
+    assert len(payload) == size and type(decoded) is type(msg)
+    assert wire.pack_message(decoded, version=3).payload == payload     # accepted: exactly its bytes
+
+
+@pytest.mark.parametrize("payload, match", [
+    (bytes([0]) + bytes(12), "reason code 0 is not one of 1 to 5"),
+    (bytes([6]) + bytes(12), "reason code 6"),
+    (bytes(14), "is 14 bytes, version 3 has 13"),
+    (b"{}", "is 2 bytes, version 3 has 13"),
+])
+def test_malformed_binary_epoch_begins(payload, match) -> None:
+    with pytest.raises(MalformedPayload, match=match):
+        decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, 1, 0, 0, payload, version=3))
+
+
+def test_binary_fields_bound_to_the_header_come_from_it() -> None:
+    payload = wire.pack_message(EpochBegin(5, "sync", 10, 2, sync=True), version=3).payload
+    decoded = decode_payload(Frame(Kind.EPOCH_BEGIN, SESSION, 0, 6, 9, 0, payload, version=3))
+    assert (decoded.epoch, decoded.pages, decoded.sync) == (6, 9, False)
+    end = decode_payload(Frame(Kind.EPOCH_END, SESSION, 0, 5, 1, 0,
+                               wire.pack_message(EpochEnd(5, bytes(16), 3, 2, 0), version=3).payload, version=3))
+    assert (end.epoch, end.batches, end.pages) == (5, 1, 3)
