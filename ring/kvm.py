@@ -350,9 +350,12 @@ class Vcpu(_Fd):
         self._msr_requests: dict[tuple[int, ...], tuple] = {}
         #: KVM_CAP_SYNC_REGS on: every KVM_RUN exit leaves regs, sregs and events in kvm_run.
         self.sync_regs = False
-        #: kvm_run.s holds the vCPU's current regs, sregs and events: true after a KVM_RUN
-        #: returned, false again after any SET ioctl (the state then differs from the last exit).
-        self.synced = False
+        #: KVM_RUNs that returned (0 or EINTR), counted by whoever runs the vCPU (a uint64 the
+        #: native run loop adds to); kvm_run.s is fresh when it moved since the last SET ioctl.
+        self.run_counter = (ctypes.c_uint64 * 1)()
+        self.run_counter_address = ctypes.addressof(self.run_counter)
+        self.immediate_exit_address = self._run_address + abi.RUN_IMMEDIATE_EXIT
+        self._runs_at_change = 0
         #: Bumped by every SET ioctl: a capture's cache of state a CPL3 guest cannot change
         #: (XCRs, debug registers, CPUID, most MSRs) is good while this does not move.
         self.state_changes = 0
@@ -398,9 +401,15 @@ class Vcpu(_Fd):
     def run(self) -> int:
         """KVM_RUN: returns 0, or -errno (EINTR when kicked) without raising."""
         result = run_ioctl(self.fd)
-        if self.sync_regs and (result == 0 or result == -errno.EINTR):
-            self.synced = True          # (KVM stores kvm_run.s on its way out, kicked or not)
+        if result == 0 or result == -errno.EINTR:
+            self.run_counter[0] += 1    # (KVM stores kvm_run.s on its way out, kicked or not)
         return result
+
+    @property
+    def synced(self) -> bool:
+        """kvm_run.s holds the vCPU's current regs, sregs and events: a KVM_RUN returned since
+        the last SET ioctl (after one, the state differs from the last exit)."""
+        return self.sync_regs and self.run_counter[0] != self._runs_at_change
 
     def enable_sync_regs(self) -> bool:
         """Ask KVM to store regs, sregs and events into kvm_run on every exit (KVM_CAP_SYNC_REGS).
@@ -427,7 +436,7 @@ class Vcpu(_Fd):
                 run[base + regs + sregs:base + regs + sregs + abi.VCPU_EVENTS_SIZE])
 
     def _changed(self) -> None:
-        self.synced = False
+        self._runs_at_change = self.run_counter[0]
         self.state_changes += 1
 
     def get_regs(self) -> abi.Regs:

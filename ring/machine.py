@@ -26,6 +26,7 @@ import numpy as np
 
 from . import abi
 import ring._native as native        # the native core (ring/native/core.c), built by setup.py
+from ._native import GATE_CLOSED, Gate
 from .dirty import BitmapTracker, DirtyRing, DirtySet, RingTracker, validate_ring_entries, vmm_keys
 from .errors import ConfigError, GuestFault, KvmError, KvmUnavailableError, StateError
 from .guest import layout, loader
@@ -376,8 +377,12 @@ class KvmExecutor:
         self.vcpu = vcpu
         self.index = vcpu.index
 
-    def run(self) -> Exit:
-        code = self.vcpu.run()
+    def run_gated(self, gate: Gate) -> Exit | None:
+        """KVM_RUN in the gate's native loop (it parks there while stopped) until an exit."""
+        vcpu = self.vcpu
+        code = gate.run_kvm(self.index, vcpu.fd, vcpu.immediate_exit_address, vcpu.run_counter_address)
+        if code == GATE_CLOSED:
+            return None
         if code < 0:
             return errno_exit(code)
         reason = self.vcpu.exit_reason
@@ -405,18 +410,6 @@ class KvmExecutor:
         except KvmError:
             pass
         return Exit(kind, detail=detail)
-
-    def kick(self, thread_ident: int | None) -> None:
-        self.vcpu.set_immediate_exit(True)
-        if thread_ident is not None:
-            try:
-                import signal
-                signal.pthread_kill(thread_ident, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
-
-    def allow_run(self) -> None:
-        self.vcpu.set_immediate_exit(False)
 
     def set_in_value(self, value: int, size: int) -> None:
         self.vcpu.set_io_in_data(value.to_bytes(8, "little")[:size])

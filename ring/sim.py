@@ -71,6 +71,7 @@ from .dirty import BitmapTracker, DirtyRing, RingTracker, soft_limit
 from .errors import ConfigError, KvmError, StateError
 from .guest import layout, loader
 from .machine import Machine, MachineConfig, NoTracker, VcpuState
+from ._native import Gate
 from .memory import GuestMemory
 from .vcpus import Exit, PortHandler
 from .workloads import Workload
@@ -298,10 +299,20 @@ class SimExecutor:
     def set_in_value(self, value: int, size: int) -> None:
         pass                                     # the workload guest does no IN
 
-    def run(self) -> Exit:
+    def run_gated(self, gate: Gate) -> Exit | None:
+        """run() entered through the gate, which parks this vCPU while a stop bit is set; a stop
+        bit set while it runs is its kick (polled between batches, like immediate_exit)."""
+        if not gate.enter(self.index):
+            return None
+        try:
+            return self.run(lambda: gate.stopping != 0)
+        finally:
+            gate.leave(self.index)
+
+    def run(self, stop_requested: Callable[[], bool] | None = None) -> Exit:
         """Run batches until the guest exits (port, ring full) or is kicked."""
         while True:
-            if self._kicked:
+            if self._kicked or (stop_requested is not None and stop_requested()):
                 return Exit("interrupted")
             if self._kernel.soft_full(self.index):
                 return Exit("ring_full")

@@ -10,6 +10,10 @@ Some facts about stopping vCPUs (Firecracker's vcpu.rs, kvmtool's pause):
   thread enters KVM_RUN: KVM checks it on entry and returns EINTR at once.
 - pause() is a barrier: it returns only when every vCPU thread has
   acknowledged that it is parked outside KVM_RUN. resume() releases them.
+  Both are ring._native.Gate (ring/native/gate.c): the run loop, the kick and
+  the wait are in C, without the GIL (a Python barrier cost 170-200 us of kick
+  here, mostly threads taking the GIL in turn); Python keeps the exits and
+  the park reasons.
 - A vCPU may park on its own: DIRTY_RING_FULL (it cannot go on until the
   ring is reset, so it waits for resume()), the workload's limit port (it
   waits for set_limit()), done, or a fault (for good).
@@ -21,15 +25,14 @@ one a numpy workload, so both backends share this barrier.
 from __future__ import annotations
 
 import errno
-import signal
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from ._native import KICK_SIGNAL, Gate
+from ._native import install_kick_handler as _install_native_kick_handler
 from .errors import StateError
-
-KICK_SIGNAL = signal.SIGUSR1
 
 # --- what an executor reports after one run ---------------------------------
 
@@ -48,11 +51,10 @@ class Exit:
 class Executor(Protocol):
     index: int
 
-    def run(self) -> Exit: ...
-
-    def kick(self, thread_ident: int | None) -> None: ...
-
-    def allow_run(self) -> None: ...
+    def run_gated(self, gate: Gate) -> Exit | None:
+        """Run until an exit Python must handle, entering the guest only through `gate`
+        (which parks the vCPU while a stop bit is set); None once the gate is closed."""
+        ...
 
     def set_in_value(self, value: int, size: int) -> None: ...
 
@@ -104,39 +106,42 @@ RESUMABLE = {"ring_full"}
 
 
 _handler_lock = threading.Lock()
+_handler_installed = False
 
 
 def install_kick_handler() -> None:
-    """Install a no-op SIGUSR1 handler (needed so that the kick interrupts KVM_RUN)."""
+    """Install the kick signal's no-op handler (needed so that the kick interrupts KVM_RUN).
+
+    It is a C handler (ring/native/gate.c), so it may be installed from any thread, and a kick
+    neither runs Python nor wakes the main thread. A Python handler installed later for the
+    same signal replaces it and still interrupts KVM_RUN."""
+    global _handler_installed
     with _handler_lock:
-        current = signal.getsignal(KICK_SIGNAL)
-        if callable(current):
-            return
-        if threading.current_thread() is not threading.main_thread():
-            raise StateError("the vCPU kick signal (SIGUSR1) needs a handler, and Python only installs "
-                             "handlers from the main thread: create the first machine there, or call "
-                             "ring.vcpus.install_kick_handler() from it")
-        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        if not _handler_installed:
+            _install_native_kick_handler()
+            _handler_installed = True
 
 
 THROTTLE_PERIOD_S = 0.02
 
+#: The gate's stop bits: each reason stops the vCPUs until it is cleared, whatever the others do.
+STOP_PAUSE, STOP_FENCE, STOP_THROTTLE = 1, 2, 4
+
 
 class VcpuRunner:
-    """Threads that run executors, with a pause barrier and park reasons."""
+    """Threads that run executors, with a pause barrier (ring._native.Gate) and park reasons."""
 
     def __init__(self, executors: Sequence[Executor], sink: Callable[[Event], None],
                  ports: dict[int, PortHandler]) -> None:
         self._executors = list(executors)
         self._sink = sink
         self._ports = dict(ports)
-        self._cond = threading.Condition()
-        self._pause_requested = True
-        self._fenced = False
-        self._closing = False
         count = len(self._executors)
-        self._parked = [False] * count
+        self._gate = Gate(max(count, 1), stop=STOP_PAUSE)
+        self._cond = threading.Condition()       # park reasons (holds) and the throttle's clock
+        self._closing = False
         self._hold: list[str | None] = [None] * count
+        self._waiting = [False] * count          # waiting in Python for its park reason to go
         # park reasons released while the vCPU was running: its exit for that reason may come
         # before the release, and must not park it then (a raised limit would be lost)
         self._released: list[set[str]] = [set() for _ in range(count)]
@@ -145,7 +150,6 @@ class VcpuRunner:
         self._started = False
         # auto-converge: hold every vCPU this share of each THROTTLE_PERIOD_S (0: never)
         self._throttle = 0.0
-        self._throttled = False
         self._throttle_thread: threading.Thread | None = None
 
     # -- control -------------------------------------------------------------
@@ -164,36 +168,41 @@ class VcpuRunner:
 
     @property
     def paused(self) -> bool:
-        return self._pause_requested
+        return bool(self._gate.stopping & STOP_PAUSE)
+
+    @property
+    def kicks(self) -> int:
+        """Signals sent to vCPU threads so far."""
+        return self._gate.kicks
 
     def hold_reason(self, index: int) -> str | None:
         return self._hold[index]
 
     def pause(self, timeout: float = 10.0) -> None:
-        """Kick every vCPU out of KVM_RUN; return once all are parked."""
-        with self._cond:
-            self._pause_requested = True
-            self._park_all(timeout)
+        """Kick every vCPU out of KVM_RUN; return once all are parked (without the GIL)."""
+        self._stop(STOP_PAUSE, timeout)
+
+    def _stop(self, reason: int, timeout: float) -> None:
+        if not self._gate.stop(reason, wait=self._started, timeout=timeout):
+            stuck = [i for i in range(len(self._executors)) if self._gate.state(i) in ("running", "busy")]
+            raise StateError(f"vCPUs {stuck} did not stop within {timeout} s of the kick")
 
     def fence(self, fenced: bool, timeout: float = 10.0) -> None:
         """Hold every vCPU (or let them go) whatever pause() and resume() do meanwhile: a node
         that lost the right to serve keeps its guest stopped across checkpoints."""
-        with self._cond:
-            self._fenced = fenced
-            if fenced:
-                self._park_all(timeout)
-            else:
-                self._cond.notify_all()
+        if fenced:
+            self._stop(STOP_FENCE, timeout)
+        else:
+            self._gate.go(STOP_FENCE)
 
     @property
     def fenced(self) -> bool:
-        return self._fenced
+        return bool(self._gate.stopping & STOP_FENCE)
 
     def throttle(self, fraction: float) -> None:
         """Hold every vCPU `fraction` of each THROTTLE_PERIOD_S (0 <= fraction < 1; 0: off), to slow
         down a guest that dirties memory faster than a sync can copy it (auto-converge: QEMU's
-        cpu-throttle). Approximate: a kick that lands just before a vCPU enters KVM_RUN is lost,
-        and that vCPU runs on until the next period."""
+        cpu-throttle)."""
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"a throttle is a share of time in [0, 1), not {fraction}")
         with self._cond:
@@ -212,51 +221,32 @@ class VcpuRunner:
         with self._cond:
             while not self._closing:
                 if not self._throttle:
-                    self._throttled = False
-                    self._cond.notify_all()
                     self._cond.wait()
                     continue
                 self._wait_out(THROTTLE_PERIOD_S * (1 - self._throttle))       # run
                 if not self._throttle or self._closing:
                     continue
-                self._throttled = True
-                for i, executor in enumerate(self._executors):
-                    if not self._parked[i]:
-                        executor.kick(self._threads[i].ident)
-                self._wait_out(THROTTLE_PERIOD_S * self._throttle)             # held
-                self._throttled = False
-                self._cond.notify_all()
+                self._gate.stop(STOP_THROTTLE, wait=False)
+                try:
+                    self._wait_out(THROTTLE_PERIOD_S * self._throttle)         # held
+                finally:
+                    self._gate.go(STOP_THROTTLE)
 
     def _wait_out(self, seconds: float) -> None:
-        """(With the lock held.) Wait `seconds`, through the notifications of parks and releases."""
+        """(With the lock held.) Wait `seconds`, through the notifications meanwhile."""
         deadline = time.monotonic() + seconds
         while not self._closing and (remaining := deadline - time.monotonic()) > 0:
             self._cond.wait(remaining)
 
-    def _park_all(self, timeout: float) -> None:
-        """(With the lock held.) Kick the vCPUs until every one is parked."""
-        if not self._started:
-            return
-        deadline = time.monotonic() + timeout
-        while not all(self._parked):
-            for i, executor in enumerate(self._executors):
-                if not self._parked[i]:
-                    executor.kick(self._threads[i].ident)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                stuck = [i for i, parked in enumerate(self._parked) if not parked]
-                raise StateError(f"vCPUs {stuck} did not stop within {timeout} s of the kick")
-            # Re-kick now and then: a signal is only a nudge, the barrier is the count.
-            self._cond.wait(min(remaining, 0.01))
-
     def resume(self) -> None:
         """Let every vCPU run again, including those parked at a full ring."""
-        with self._cond:
-            self._pause_requested = False
-            for i, reason in enumerate(self._hold):
-                if reason in RESUMABLE:
-                    self._hold[i] = None
-            self._cond.notify_all()
+        self._gate.go(STOP_PAUSE)
+        if any(reason in RESUMABLE for reason in self._hold):
+            with self._cond:
+                for i, reason in enumerate(self._hold):
+                    if reason in RESUMABLE:
+                        self._hold[i] = None
+                self._cond.notify_all()
 
     def release(self, index: int, reason: str) -> None:
         """Clear one vCPU's own park reason (the limit, after a new limit was set)."""
@@ -264,52 +254,52 @@ class VcpuRunner:
             if self._hold[index] == reason:
                 self._hold[index] = None
                 self._cond.notify_all()
-            elif not self._parked[index]:
+            elif not self._waiting[index]:
                 self._released[index].add(reason)
 
     def close(self) -> None:
         with self._cond:
             self._closing = True
+            self._gate.close()
             self._cond.notify_all()
         if self._started:
-            try:
-                self.pause(timeout=5.0)
-            except StateError:
-                pass
             for thread in self._threads:
                 thread.join(timeout=5.0)
 
     # -- the thread ------------------------------------------------------------
     def _loop(self, index: int) -> None:
-        executor = self._executors[index]
-        while True:
-            with self._cond:
-                while (self._pause_requested or self._fenced or self._throttled
-                       or self._hold[index] is not None) and not self._closing:
-                    if not self._parked[index]:
-                        self._parked[index] = True
-                        self._cond.notify_all()
-                    self._cond.wait()
-                if self._closing:
-                    self._parked[index] = True
-                    self._cond.notify_all()
-                    return
-                self._parked[index] = False
-                self._released[index].clear()
-                executor.allow_run()
-            try:
-                event, park = self._handle(index, executor, executor.run())
-            except Exception as exc:  # never let a vCPU thread die silently
-                event, park = Fault(index, "exception", repr(exc)), "fault"
-            if park is not None:
+        executor, gate = self._executors[index], self._gate
+        try:
+            while True:
                 with self._cond:
-                    if park not in self._released[index]:
-                        self._hold[index] = park
-            if event is not None:
+                    if self._hold[index] is not None and not self._closing:
+                        self._waiting[index] = True
+                        gate.set_held(index, True)
+                        while self._hold[index] is not None and not self._closing:
+                            self._cond.wait()
+                        self._waiting[index] = False
+                        gate.set_held(index, False)
+                    if self._closing:
+                        return
+                    self._released[index].clear()
                 try:
-                    self._sink(event)
-                except RuntimeError:         # the consumer's event loop is gone: we are closing
-                    return
+                    exit_ = executor.run_gated(gate)
+                    if exit_ is None:                  # the gate closed
+                        return
+                    event, park = self._handle(index, executor, exit_)
+                except Exception as exc:  # never let a vCPU thread die silently
+                    event, park = Fault(index, "exception", repr(exc)), "fault"
+                if park is not None:
+                    with self._cond:
+                        if park not in self._released[index]:
+                            self._hold[index] = park
+                if event is not None:
+                    try:
+                        self._sink(event)
+                    except RuntimeError:         # the consumer's event loop is gone: we are closing
+                        return
+        finally:
+            gate.set_exited(index)
 
     def _handle(self, index: int, executor: Executor, exit_: Exit) -> tuple[Event | None, str | None]:
         if exit_.kind == "interrupted":

@@ -138,8 +138,7 @@ def test_ring_and_bitmap_report_the_same_pages(name: str, manual_clear: bool) ->
         config = MachineConfig(vcpus=2, data_bytes=32 << 20, dirty_log=dirty_log, ring_entries=4096,
                                bitmap_manual_clear=manual_clear and dirty_log == "bitmap")
         with KvmMachine(config, workload) as vm:
-            vm.start()
-            vm.run_to_limit(500)
+            vm.run_to_limit(500)                # starts the vCPUs once their limit is set
             vm.harvest()                        # start clean: the loader's and first pages
             vm.run_to_limit(1500)
             dirty = vm.harvest()

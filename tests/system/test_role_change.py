@@ -33,8 +33,7 @@ def _taken_over_guest() -> tuple[Standby, int]:
     """A standby holding a guest captured after CAPTURED_WRITES writes, as a replica would hold it."""
     config = MachineConfig(vcpus=1, data_bytes=16 << 20, ring_entries=1024)
     with open_machine(config, Workload("hotcold", seed=3, report_every=500), backend="kvm") as vm:
-        vm.start()
-        vm.run_to_limit(CAPTURED_WRITES)                   # paused at the limit
+        vm.run_to_limit(CAPTURED_WRITES)                   # starts with the limit set; paused at it
         standby = Standby(config.slot_specs())
         for slot, memory in vm.memory.slots.items():
             standby.memory.slots[slot].pages[:] = memory.pages
