@@ -391,12 +391,52 @@ class PrimaryAgent:
         self._snapshots[command.epoch] = snapshot
 
     def _do_SendEpoch(self, command: proto.SendEpoch) -> None:
-        task = self.runtime.spawn(self._send_epoch(command.epoch, command.consistent), session=True)
+        snapshot = self._snapshots.get(command.epoch) if command.consistent else None
+        if (snapshot is not None and not self._sending and not self.pipeline.lock.locked()
+                and self.channel is not None and self.writer.version >= wire.MESSAGE_VERSION
+                and self.pipeline.inline(snapshot)):
+            self._send_epoch_at_once(command.epoch)
+            return
+        self._spawn_send(self._send_epoch(command.epoch, command.consistent))
+
+    def _spawn_send(self, coroutine) -> None:
+        task = self.runtime.spawn(coroutine, session=True)
         if task is not None:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
     # -- sending -------------------------------------------------------------------
+    def _send_epoch_at_once(self, epoch: int) -> None:
+        """A small epoch with no send before it: encoded and sent here, without a task (most epochs).
+
+        The order is kept: nothing else is being sent or waits to be (no sending task, the lock
+        free), and this runs to its end on the loop. If ZeroMQ has no room, what is left (the
+        numbered message) is sent by a task, like any other epoch."""
+        snapshot = self._snapshots.pop(epoch)
+        channel, writer = self.channel, self.writer
+        try:
+            encoded = self.pipeline.encode_now(snapshot)
+            self.stats.record(snapshot, encoded.raw_bytes, encoded.encoded_bytes)
+            parts = self.pipeline.send_at_once(channel, writer, encoded, self.hooks.on_frame_sent)
+        except (zmq.ZMQError, CodecError, wire.WireError, VcpuStateError) as exc:
+            # (after this command, as a task would: the protocol is not fed from inside its commands)
+            self._loop.call_soon(self._feed, proto.SendFailed(time.monotonic(), f"epoch {epoch}: {exc!r}"))
+            return
+        if parts is not None:
+            self._spawn_send(self._send_rest(channel, encoded, parts))
+
+    async def _send_rest(self, channel: Channel, encoded, parts: list) -> None:
+        """The message of an epoch that found no room in ZeroMQ (numbered already: sent first)."""
+        async with self.pipeline.lock:
+            if channel is not self.channel:
+                return                                     # a new session: the epoch is dropped with it
+            try:
+                await channel.send(parts)
+            except zmq.ZMQError as exc:
+                self._feed(proto.SendFailed(time.monotonic(), f"epoch {encoded.epoch}: {exc!r}"))
+                return
+            self.pipeline.sent(encoded, parts, self.hooks.on_frame_sent)
+
     async def _send_epoch(self, epoch: int, consistent: bool) -> None:
         """Encode one epoch and send its frames in order (one epoch at a time)."""
         async with self.pipeline.lock:

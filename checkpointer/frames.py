@@ -28,7 +28,7 @@ import xxhash
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "HANDSHAKE_VERSION", "SUPPORTED_VERSIONS", "HEADER", "HEADER_SIZE", "MAX_PAYLOAD",
     "Kind", "Flag", "EpochReason", "RefuseReason", "KindRule", "KIND_RULES", "PRIMARY_KINDS", "REPLICA_KINDS",
-    "HANDSHAKE_KINDS", "Frame", "encode_frame", "decode_frame", "join_frames", "decode_message", "INLINE_PAYLOAD",
+    "HANDSHAKE_KINDS", "Frame", "encode_frame", "encode_parts", "decode_frame", "join_frames", "decode_message", "INLINE_PAYLOAD",
     "MESSAGE_VERSION", "byte_view", "kind_name", "frame_where",
     "WireError", "TruncatedFrame", "MalformedFrame", "BadMagic", "UnsupportedVersion", "BadChecksum",
     "UnknownKind", "UnexpectedKind", "OversizedFrame", "MalformedPayload", "ReplayedFrame", "OutOfOrderFrame",
@@ -139,7 +139,7 @@ PRIMARY_KINDS = frozenset(k for k, r in KIND_RULES.items() if r.sender in ("prim
 REPLICA_KINDS = frozenset(k for k, r in KIND_RULES.items() if r.sender in ("replica", "both"))
 #: Kinds always sent at HANDSHAKE_VERSION, whatever was negotiated.
 HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.WELCOME, Kind.REFUSE})
-_KIND_VALUES = frozenset(int(k) for k in Kind)
+_KIND_OF = {int(k): k for k in Kind if k is not Kind.INVALID}      # a header's kind field -> its Kind
 
 
 # --- errors -------------------------------------------------------------------
@@ -288,25 +288,52 @@ def encode_frame(frame: Frame) -> list:
     The payload is hashed, never copied; send with ``send_multipart(parts,
     copy=False)``. Raises a WireError for a frame a receiver would reject.
     """
-    try:
-        kind = Kind(frame.kind)
-    except ValueError:
-        raise UnknownKind(f"cannot encode unknown kind {frame.kind!r}") from None
-    where = _Where(kind, frame.epoch, frame.seq)
+    return encode_parts(frame.kind, frame.session, frame.seq, frame.epoch, frame.count, frame.flags,
+                        frame.payload, frame.version)
+
+
+_HEAD = struct.Struct(HEADER.format[:-1])   # the header without its checksum (the bytes it covers)
+assert _HEAD.size == _CHECKED
+
+
+def encode_parts(kind: Any, session: int, seq: int, epoch: int, count: int, flags: int, payload: Any,
+                 version: int) -> list:
+    """encode_frame of the frame with these fields, without building a Frame (the senders' path)."""
+    if type(kind) is not Kind:
+        try:
+            kind = Kind(kind)
+        except ValueError:
+            raise UnknownKind(f"cannot encode unknown kind {kind!r}") from None
     if kind is Kind.INVALID:
-        raise UnknownKind(f"cannot encode kind 0 (INVALID), {where}")
-    for name, value, top in (("version", frame.version, U16), ("session", frame.session, U64),
-                             ("seq", frame.seq, U64), ("epoch", frame.epoch, U64),
-                             ("count", frame.count, U32), ("flags", frame.flags, U32)):
+        raise UnknownKind(f"cannot encode kind 0 (INVALID), {_Where(kind, epoch, seq)}")
+    if not (type(version) is int and type(session) is int and type(seq) is int and type(epoch) is int
+            and type(count) is int and type(flags) is int and 0 <= version <= U16 and 0 < session <= U64
+            and 0 <= seq <= U64 and 0 <= epoch <= U64 and 0 <= count <= U32 and 0 <= flags <= U32):
+        _field_errors(kind, session, seq, epoch, count, flags, version)
+    if type(payload) is bytes:
+        data, size = payload, len(payload)
+    else:
+        data = byte_view(payload, _Where(kind, epoch, seq, "payload of "))
+        size = data.nbytes
+    rule = KIND_RULES[kind]
+    if (rule.zero_epoch and epoch) or (rule.zero_count and count) or flags & ~rule.flags or (rule.empty and size):
+        _check_header_rules(kind, epoch, count, flags, size, _Where(kind, epoch, seq))
+    head = _HEAD.pack(MAGIC, version, kind, session, seq, epoch, count, flags, size,
+                      xxhash.xxh3_64_intdigest(data))
+    return [head + xxhash.xxh3_64_intdigest(head).to_bytes(8, "little"), payload]
+
+
+def _field_errors(kind: Kind, session: Any, seq: Any, epoch: Any, count: Any, flags: Any, version: Any) -> None:
+    """The MalformedFrame naming the first header field out of range, if one is (an int subclass,
+    an IntFlag say, is a valid value: then nothing is raised)."""
+    where = _Where(kind, epoch, seq)
+    for name, value, top in (("version", version, U16), ("session", session, U64),
+                             ("seq", seq, U64), ("epoch", epoch, U64),
+                             ("count", count, U32), ("flags", flags, U32)):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
             raise MalformedFrame(f"{name} {value!r} out of range on {where}")
-    if frame.session == 0:
+    if session == 0:
         raise MalformedFrame(f"session 0 is reserved, on {where}")
-    view = byte_view(frame.payload, _Where(kind, frame.epoch, frame.seq, "payload of "))
-    _check_header_rules(kind, frame.epoch, frame.count, frame.flags, view.nbytes, where)
-    head = HEADER.pack(MAGIC, frame.version, kind, frame.session, frame.seq, frame.epoch, frame.count,
-                       frame.flags, view.nbytes, xxhash.xxh3_64_intdigest(view), 0)[:_CHECKED]
-    return [head + xxhash.xxh3_64_intdigest(head).to_bytes(8, "little"), frame.payload]
 
 
 def _decode_header(header: memoryview, supported: tuple, max_payload: int) -> tuple:
@@ -331,10 +358,11 @@ def _decode_header(header: memoryview, supported: tuple, max_payload: int) -> tu
     where = _Where(kind, epoch, seq)
     if xxhash.xxh3_64_intdigest(header[:_CHECKED]) != header_sum:
         raise BadChecksum(f"header checksum mismatch on {where}")
-    if kind not in _KIND_VALUES or kind == Kind.INVALID:
+    member = _KIND_OF.get(kind)
+    if member is None:
         raise UnknownKind(f"unknown frame kind {kind} (seq {seq}, epoch {epoch})"
                           if kind else f"kind 0 (INVALID) is reserved, seq {seq} epoch {epoch}")
-    kind = Kind(kind)
+    kind = member
     if version not in supported and kind not in HANDSHAKE_KINDS:
         raise UnsupportedVersion(f"frame version {version} not supported for {where}; "
                                  f"supported: {sorted(supported)}")

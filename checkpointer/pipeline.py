@@ -51,15 +51,22 @@ def encode_epoch(encoder: PageEncoder, snapshot: Snapshot, batch_pages: int, tok
     epoch carries pages only and is flagged SYNC on the wire (see wire.py's spec).
     """
     keys, pages = snapshot.keys, snapshot.pages
-    batches, stats = encode_all(encoder, keys, pages, batch_pages=batch_pages)
+    if len(keys) <= batch_pages:              # (one batch or none: encode_all's bookkeeping is not needed)
+        try:
+            batches = [encoder.encode(keys, pages)] if len(keys) else []
+        except BaseException:
+            encoder.reset()                   # as encode_all: the replica will not get this epoch
+            raise
+    else:
+        batches, _ = encode_all(encoder, keys, pages, batch_pages=batch_pages)
     digest = EpochDigest()
     digest.update_pages(keys, pages)
     vcpu_bytes = pack_vcpu_states(snapshot.vcpus) if snapshot.consistent else b""
     digest.update_bytes(vcpu_bytes)
     digest.update_bytes(snapshot.device)
     epoch = snapshot.epoch
-    raw = int(sum(b.raw_bytes for b in batches))
-    encoded = int(sum(b.encoded_bytes for b in batches))
+    raw = sum(b.raw_bytes for b in batches)
+    encoded = sum(b.encoded_bytes for b in batches)
     frames: list[tuple] = [(KillPoint.BEGIN, wire.EpochBegin(epoch, snapshot.reason, len(keys), len(batches),
                                                              not snapshot.consistent, token))]
     frames += [(KillPoint.PAGES, wire.Kind.PAGES, len(batch.keys), batch.payload) for batch in batches]
@@ -83,13 +90,21 @@ class Pipeline:
         self.lock = asyncio.Lock()               # one sender at a time: frames never interleave
         self._encoding: set[asyncio.Future] = set()
 
+    def inline(self, snapshot: Snapshot) -> bool:
+        """Whether `snapshot` is encoded on the loop (small: a thread handoff costs more)."""
+        return len(snapshot.keys) <= INLINE_ENCODE_PAGES
+
+    def encode_now(self, snapshot: Snapshot) -> EncodedEpoch:
+        """Encode a small `snapshot` on the loop; its staging buffer goes back to the pool."""
+        try:
+            return encode_epoch(self.encoder, snapshot, self.batch_pages, self.token)
+        finally:
+            self.pool.release(snapshot.buffer)
+
     async def encode(self, snapshot: Snapshot) -> EncodedEpoch:
         """Encode `snapshot`; its staging buffer goes back to the pool once the encode is done."""
-        if len(snapshot.keys) <= INLINE_ENCODE_PAGES:
-            try:
-                return encode_epoch(self.encoder, snapshot, self.batch_pages, self.token)
-            finally:
-                self.pool.release(snapshot.buffer)
+        if self.inline(snapshot):
+            return self.encode_now(snapshot)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.executor, encode_epoch, self.encoder, snapshot, self.batch_pages,
                                       self.token)
@@ -119,14 +134,37 @@ class Pipeline:
             return False
         if writer.version < wire.MESSAGE_VERSION:
             return await self._send_frames(socket_now, socket, writer, encoded, on_sent)
+        parts = self.message(writer, encoded, on_sent)
+        await send_now(socket, parts)
+        self.sent(encoded, parts, on_sent)
+        return True
+
+    def message(self, writer: wire.FrameWriter, encoded: EncodedEpoch,
+                on_sent: Callable[[int, int, KillPoint], None] | None = None) -> list:
+        """Version 2 and later: the epoch's one message, its frames numbered now, and the kill points
+        of its frames before the last reached (just before it leaves: see send)."""
         stamped = [self._stamp(writer, encoded.epoch, item) for _, *item in encoded.frames]
         if on_sent is not None:
             for (step, *_), parts in zip(encoded.frames[:-1], stamped):
                 on_sent(encoded.epoch, _kind_of(parts), step)
-        await send_now(socket, wire.join_frames(stamped))
+        return wire.join_frames(stamped)
+
+    def send_at_once(self, channel: Channel, writer: wire.FrameWriter, encoded: EncodedEpoch,
+                 on_sent: Callable[[int, int, KillPoint], None] | None = None) -> list | None:
+        """Send an epoch at once, without awaiting (version 2 and later, on the loop, with no other
+        send queued before it: the caller checks). None once it has left; if ZeroMQ has no room,
+        the message to send (numbered already: the caller sends it next, then calls `sent`)."""
+        parts = self.message(writer, encoded, on_sent)
+        if not channel.try_send(parts):
+            return parts
+        self.sent(encoded, parts, on_sent)
+        return None
+
+    @staticmethod
+    def sent(encoded: EncodedEpoch, parts: list, on_sent: Callable[[int, int, KillPoint], None] | None) -> None:
+        """The epoch's message has left: its last frame's kill point."""
         if on_sent is not None:
-            on_sent(encoded.epoch, _kind_of(stamped[-1]), encoded.frames[-1][0])
-        return True
+            on_sent(encoded.epoch, _kind_of(parts), encoded.frames[-1][0])
 
     @staticmethod
     def _stamp(writer: wire.FrameWriter, epoch: int, item: list) -> list:

@@ -54,6 +54,18 @@ class PartKind(str, Enum):
     VCPU = "vcpu"
     DEVICE = "device"
 
+_HANDLERS: dict[tuple[type, type], object] = {}
+
+
+def _handler(machine: type, event: type):
+    """The `_on_<Event>` method of a protocol class for an event class (looked up once per pair)."""
+    try:
+        return _HANDLERS[machine, event]
+    except KeyError:
+        method = _HANDLERS[machine, event] = getattr(machine, f"_on_{event.__name__}", None)
+        return method
+
+
 # ---------------------------------------------------------------------------
 # primary: events
 
@@ -361,10 +373,10 @@ class PrimaryProtocol:
     def handle(self, event: PrimaryEvent) -> list[Command]:
         if self.stopping and isinstance(event, (Tick, Trigger, PrecopyReady, SyncRoundsDone)):
             return []
-        method = getattr(self, f"_on_{type(event).__name__}", None)
+        method = _handler(type(self), type(event))
         if method is None:
             raise TypeError(f"the primary protocol has no handler for {type(event).__name__}")
-        return method(event)
+        return method(self, event)
 
     # -- connection and sync -------------------------------------------------
     def _connect(self, now: float) -> list[Command]:
@@ -826,10 +838,10 @@ class ReplicaProtocol:
                 return [SendRefuse(RefuseReason.BUSY, "this replica is claiming the pair's key to take "
                                                       "over; try again in a moment")]
             return []                # the old session's frames change nothing while the claim runs
-        method = getattr(self, f"_on_{type(event).__name__}", None)
+        method = _handler(type(self), type(event))
         if method is None:
             raise TypeError(f"the replica protocol has no handler for {type(event).__name__}")
-        return method(event)
+        return method(self, event)
 
     def _discard(self, reason: str) -> list[Command]:
         commands: list[Command] = []

@@ -400,8 +400,11 @@ _DECLARATIONS: dict[type, Declaration] = {}
 _BY_KIND: dict[Kind, Declaration] = {}
 
 
+_NORMALISED: dict[type, tuple[WireField, ...]] = {}      # per class: the fields whose spec normalises
+
+
 def _normalise(self: Any) -> None:
-    for f in declaration(type(self)).fields:
+    for f in _NORMALISED[type(self)]:
         value = getattr(self, f.name)
         if value is not None:
             object.__setattr__(self, f.name, f.spec.normalise(value))
@@ -428,6 +431,7 @@ def message(kind: Kind | None = None, *, binary: bool = False) -> Callable[[type
         if kind is None and any(f.header or f.flag or not f.in_payload for f in fields):
             raise TypeError(f"{cls.__name__}: only a message (with a kind) has header fields")
         decl = Declaration(cls, kind, tuple(fields), _binary_layout(cls, fields) if binary else None)
+        _NORMALISED[cls] = tuple(f for f in fields if type(f.spec).normalise is not Spec.normalise)
         if kind is not None:
             if kind in _BY_KIND:
                 raise TypeError(f"{kind.name} is declared twice: {_BY_KIND[kind].cls.__name__}, {cls.__name__}")

@@ -293,7 +293,8 @@ from .frames import (HANDSHAKE_KINDS, HANDSHAKE_VERSION, HEADER, HEADER_SIZE, KI
                      PRIMARY_KINDS, PROTOCOL_VERSION, REPLICA_KINDS, SUPPORTED_VERSIONS, U64, BadChecksum, BadMagic,
                      EpochReason, Flag, Frame, Kind, KindRule, MalformedFrame, MalformedPayload, OutOfOrderFrame,
                      OversizedFrame, RefuseReason, ReplayedFrame, TruncatedFrame, UnexpectedKind, UnknownKind,
-                     UnsupportedVersion, WireError, WrongSession, decode_frame, encode_frame, frame_where, kind_name,
+                     UnsupportedVersion, WireError, WrongSession, decode_frame, encode_frame, encode_parts, frame_where,
+                     kind_name,
                      INLINE_PAYLOAD, MESSAGE_VERSION, decode_message, join_frames)
 from .messages import MAX_SLOTS, Ack, EpochBegin, EpochEnd, Hello, Message, Refuse, SlotLayout, Welcome
 from .schema import BINARY_VERSION, MAX_CONTROL_PAYLOAD, MAX_TEXT, Packed, declared_messages, pack, unpack
@@ -315,6 +316,19 @@ __all__ = [
 
 
 # --- session and order ----------------------------------------------------------------
+
+
+class _GuardWhere:
+    """How the guard names a frame in its errors, formatted only when one is raised."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+
+    def __format__(self, spec: str) -> str:
+        frame = self.frame
+        return format(f"{frame_where(frame.kind, frame.epoch, frame.seq)} session {frame.session:#x}", spec)
 
 
 class FrameGuard:
@@ -354,7 +368,7 @@ class FrameGuard:
         ``adopt(session)``: the replica switches only once its protocol adopted the session,
         so a HELLO it refuses (a layout it cannot hold, say) leaves the current one intact.
         """
-        where = f"{frame_where(frame.kind, frame.epoch, frame.seq)} session {frame.session:#x}"
+        where = _GuardWhere(frame)                # (formatted only in an error message)
         if self.accept is not None and frame.kind not in self.accept:
             raise UnexpectedKind(f"{where}: this side does not accept {kind_name(frame.kind)} frames")
         if frame.session in self._retired:
@@ -407,7 +421,7 @@ class FrameWriter:
     def frame(self, kind: Kind, epoch: int = 0, count: int = 0, payload: Any = b"", flags: int = 0) -> list:
         """The parts of the next frame. The seq advances only when encoding succeeds."""
         version = HANDSHAKE_VERSION if kind in HANDSHAKE_KINDS else self.version
-        parts = encode_frame(Frame(kind, self.session, self.next_seq, epoch, count, flags, payload, version))
+        parts = encode_parts(kind, self.session, self.next_seq, epoch, count, flags, payload, version)
         self.next_seq += 1
         return parts
 
@@ -447,6 +461,9 @@ def _decode_vcpu_states(frame: Frame) -> list[VcpuState]:
     return states
 
 
+_CONTROL_KINDS = frozenset(declared_messages())
+
+
 def decode_payload(frame: Frame) -> Any:
     """The payload of a decoded frame, parsed and checked against its header.
 
@@ -455,7 +472,7 @@ def decode_payload(frame: Frame) -> Any:
     PAGES and DEVICE_STATE -> the payload unchanged (opaque here), HEARTBEAT and
     BYE -> None. Raises only WireError subclasses (MalformedPayload).
     """
-    if frame.kind in declared_messages():
+    if frame.kind in _CONTROL_KINDS:
         return unpack(frame)
     if frame.kind == Kind.VCPU_STATE:
         return _decode_vcpu_states(frame)
