@@ -21,7 +21,11 @@ Why this shape (facts about the data and the tools):
   outside it, in two scratch buffers per thread reused from batch to batch
   (fresh 2 MiB buffers per batch doubled the encode time through page faults).
 - Every step is a whole-batch numpy operation (zero detection, cache lookup,
-  XOR, scatter); no Python loop runs per page.
+  XOR, scatter); no Python loop runs per page. A small batch (up to
+  `NATIVE_PAGES`, most epochs of a protected service) takes the same cache
+  phase in one native call instead (checkpointer/native/codec.c, same rules):
+  twenty numpy calls cost far more than a few pages of work, several times
+  more on an agent's loop with cold caches.
 - The zstd frame carries zstd's own content checksum (about 0.15 ms per 2 MiB):
   without it a corrupted frame can decompress cleanly into wrong pages.
 
@@ -86,11 +90,14 @@ from ring import pages as pagekeys
 from ring.abi import PAGE_SIZE
 from ring.memory import page_buffer
 
+import checkpointer._codec as native_codec  # the cache phase of small batches (checkpointer/native/codec.c)
+
 MAGIC = b"CRPB"
 VERSION = 1
 HEADER = struct.Struct("<4sHHIIQ")          # magic, version, flags, count, compressed len, data len
 DEFAULT_MAX_PAGES = 4096
 DEFAULT_BATCH_PAGES = 512
+NATIVE_PAGES = 64                  # batches up to this size take the native cache phase (holding the GIL)
 
 KIND_ZERO, KIND_RAW, KIND_XOR = 0, 1, 2
 EMPTY_KEY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # cache sentinel; real keys stay below 2**56
@@ -204,7 +211,7 @@ class PageEncoder:
     one batch per epoch); batches of epoch N+1 must start after all of epoch N's finish.
     """
 
-    def __init__(self, cache_pages: int = 65536, level: int = 1, ways: int = 4) -> None:
+    def __init__(self, cache_pages: int = 65536, level: int = 1, ways: int = 4, native: bool = True) -> None:
         for name, value, low in (("cache_pages", cache_pages, 0), ("ways", ways, 1)):
             if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
                     or value < low or value & (value - 1)):
@@ -226,6 +233,7 @@ class PageEncoder:
         self.cache_data.fill(0)                 # first touch now, not during a checkpoint
         self._clock = 0
         self._lock = threading.Lock()
+        self.native = native             # small batches take the native cache phase (tests compare both)
         self._local = threading.local()
 
     def reset(self) -> None:
@@ -320,6 +328,8 @@ class PageEncoder:
         n = len(keys)
         if n > 0xFFFF_FFFF:
             raise CodecError(f"encode: batch of {n} pages exceeds the format's u32 count")
+        if self.native and self.cache_pages and n <= NATIVE_PAGES:
+            return self._encode_native(keys, pages, start)      # (it checks the keys as below)
         if n > 1 and not bool(np.all(keys[1:] > keys[:-1])):
             raise CodecError("encode: page keys must be sorted and unique")
         if n and keys[-1] == EMPTY_KEY:
@@ -351,12 +361,32 @@ class PageEncoder:
                 data = np.take(pages, nz_idx, axis=0, out=data_buf[:nz], mode="clip")
                 data[np.searchsorted(nz_idx, hit_idx)] = xored
             frame = self._compressor().compress(data)
+        return self._batch(keys, kinds, nz, frame, start)
+
+    def _batch(self, keys: np.ndarray, kinds: np.ndarray, nz: int, frame: bytes, start: int) -> EncodedBatch:
+        n = len(keys)
         header = HEADER.pack(MAGIC, VERSION, 0, n, len(frame), nz * PAGE_SIZE)
         payload = b"".join((header, keys.astype("<u8", copy=False), kinds,
                             bytes(_pad8(n)), frame))
         return EncodedBatch(keys=keys.copy(), kinds=kinds, payload=payload, raw_bytes=n * PAGE_SIZE,
                             encoded_bytes=len(payload),
                             encode_ns=time.perf_counter_ns() - start)
+
+    def _encode_native(self, keys: np.ndarray, pages: np.ndarray, start: int) -> EncodedBatch:
+        """encode() of a small batch: the cache phase and the XOR in one native call (codec.c)."""
+        n = len(keys)
+        _, data = self._scratch(n)
+        kinds = np.empty(n, dtype=np.uint8)
+        keys = np.ascontiguousarray(keys)
+        with self._lock:
+            self._clock += 1
+            try:
+                nz = native_codec.encode_pages(keys, pages, self.cache_keys, self.cache_stamp, self.cache_data,
+                                         self._clock, self.ways, self.sets, int(self._shift), data, kinds)
+            except ValueError as exc:
+                raise CodecError(str(exc)) from None
+        frame = self._compressor().compress(data[:nz]) if nz else b""
+        return self._batch(keys, kinds, nz, frame, start)
 
 
 def encode_all(encoder: PageEncoder, keys: np.ndarray, pages: np.ndarray,

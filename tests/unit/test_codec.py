@@ -17,7 +17,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checkpointer.codec import (HEADER, KIND_RAW, KIND_XOR, KIND_ZERO, MAGIC, VERSION, CodecError,
+from checkpointer.codec import (HEADER, KIND_RAW, KIND_XOR, KIND_ZERO, MAGIC, NATIVE_PAGES, VERSION, CodecError,
                                 EncodedBatch, EpochDigest, PageEncoder, decode_batch, encode_all)
 from ring.abi import PAGE_SIZE
 
@@ -168,10 +168,12 @@ def test_unchanged_rewrite_is_xor_of_zeros():
        cache_pages=st.sampled_from([0, 1, 4, 64, 1024]), ways=st.sampled_from([1, 2, 4, 8]),
        batch_pages=st.integers(1, 80),
        modes=st.lists(st.sampled_from(MODES), min_size=1, max_size=5, unique=True),
-       fraction=st.floats(0.01, 1.0))
-def test_epochs_round_trip(seed, pages, epochs, cache_pages, ways, batch_pages, modes, fraction):
+       fraction=st.floats(0.01, 1.0), native=st.booleans())
+def test_epochs_round_trip(seed, pages, epochs, cache_pages, ways, batch_pages, modes, fraction, native):
+    """(With `native`, batches up to NATIVE_PAGES take the native cache phase, larger ones numpy's,
+    over the same cache.)"""
     sim = Sim(pages, seed)
-    encoder = PageEncoder(cache_pages=cache_pages, ways=ways)
+    encoder = PageEncoder(cache_pages=cache_pages, ways=ways, native=native)
     count = max(1, int(pages * fraction))
     for _ in range(epochs):
         batches, stats = sim.epoch(encoder, count, batch_pages, modes=tuple(modes))
@@ -645,3 +647,36 @@ def test_digest_detects_a_kind_flipped_from_xor_to_raw(hostile):
     keys, got = decode_batch(bytes(bad), sim.base)
     assert not np.array_equal(got, sim.primary)
     assert digest_of(keys, got) != digest_of(sim.keys, sim.primary)
+
+
+# ---- the native cache phase of small batches ----------------------------------------------------
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), epochs=st.integers(1, 6), ways=st.sampled_from([1, 4]),
+       modes=st.lists(st.sampled_from(MODES), min_size=1, max_size=5, unique=True))
+def test_native_and_numpy_cache_phases_encode_the_same_bytes(seed, epochs, ways, modes):
+    """While no set overflows (a working set well below the cache), both paths take the same
+    lines and give the same payloads, epoch after epoch; the caches end equal."""
+    native, reference = Sim(48, seed), Sim(48, seed)
+    fast = PageEncoder(cache_pages=1024, ways=ways, native=True)
+    slow = PageEncoder(cache_pages=1024, ways=ways, native=False)
+    for _ in range(epochs):
+        a, _ = native.epoch(fast, 40, NATIVE_PAGES, modes=tuple(modes))
+        b, _ = reference.epoch(slow, 40, NATIVE_PAGES, modes=tuple(modes))
+        assert [x.payload for x in a] == [y.payload for y in b]
+        assert [x.kinds.tolist() for x in a] == [y.kinds.tolist() for y in b]
+    lines = fast.cache_keys != np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    assert np.array_equal(fast.cache_keys, slow.cache_keys)
+    assert np.array_equal(fast.cache_data.reshape(fast.sets, fast.ways, -1)[lines],
+                          slow.cache_data.reshape(slow.sets, slow.ways, -1)[lines])
+
+
+def test_native_cache_phase_checks_keys_before_changing_anything():
+    encoder = PageEncoder(cache_pages=8)
+    before = (encoder.cache_keys.copy(), encoder.cache_stamp.copy())
+    pages = np.ones((2, PAGE_SIZE), dtype=np.uint8)
+    with pytest.raises(CodecError, match="sorted and unique"):
+        encoder.encode(np.array([5, 5], dtype=np.uint64), pages)
+    with pytest.raises(CodecError, match="reserved"):
+        encoder.encode(np.array([1, 0xFFFF_FFFF_FFFF_FFFF], dtype=np.uint64), pages)
+    assert np.array_equal(encoder.cache_keys, before[0]) and np.array_equal(encoder.cache_stamp, before[1])
