@@ -143,7 +143,7 @@ class Pipeline:
                 on_sent: Callable[[int, int, KillPoint], None] | None = None) -> list:
         """Version 2 and later: the epoch's one message, its frames numbered now, and the kill points
         of its frames before the last reached (just before it leaves: see send)."""
-        stamped = [self._stamp(writer, encoded.epoch, item) for _, *item in encoded.frames]
+        stamped = writer.frames(encoded.epoch, [item[1:] for item in encoded.frames])
         if on_sent is not None:
             for (step, *_), parts in zip(encoded.frames[:-1], stamped):
                 on_sent(encoded.epoch, _kind_of(parts), step)
@@ -164,7 +164,8 @@ class Pipeline:
     def sent(encoded: EncodedEpoch, parts: list, on_sent: Callable[[int, int, KillPoint], None] | None) -> None:
         """The epoch's message has left: its last frame's kill point."""
         if on_sent is not None:
-            on_sent(encoded.epoch, _kind_of(parts), encoded.frames[-1][0])
+            step, *item = encoded.frames[-1]
+            on_sent(encoded.epoch, int(item[0].KIND if len(item) == 1 else item[0]), step)
 
     @staticmethod
     def _stamp(writer: wire.FrameWriter, epoch: int, item: list) -> list:

@@ -433,6 +433,26 @@ class FrameWriter:
         return self.frame(kind, epoch, count, payload, flags)
 
 
+    def frames(self, epoch: int, items: Iterable[tuple]) -> list[list]:
+        """The parts of several frames of one epoch, numbered in order: each item a control
+        message ``(msg,)`` or ``(kind, count, payload)``. All or nothing: the seq advances only
+        once every frame is encoded (the epoch's one message, from version 2)."""
+        session, version, seq = self.session, self.version, self.next_seq
+        out = []
+        for item in items:
+            if len(item) == 1:
+                msg = item[0]
+                kind, at, count, flags, payload = pack(
+                    msg, session=session, version=HANDSHAKE_VERSION if msg.KIND in HANDSHAKE_KINDS else version)
+            else:
+                (kind, count, payload), at, flags = item, epoch, 0
+            out.append(encode_parts(kind, session, seq, at, count, flags, payload,
+                                    HANDSHAKE_VERSION if kind in HANDSHAKE_KINDS else version))
+            seq += 1
+        self.next_seq = seq
+        return out
+
+
 def negotiate_version(offered: Iterable[int], supported: Iterable[int] = SUPPORTED_VERSIONS) -> int:
     """The highest version in both lists, or UnsupportedVersion naming both."""
     offered, supported = sorted(set(offered)), sorted(set(supported))
