@@ -3,13 +3,14 @@
     python -m checkpointer.bench [--quick] [--json] [--seconds S] [--sections points,rate,service]
                                  [--requests N] [--clients C] [--logs DIR]
 
-For each dirty-set size (64, 256, 1024, 4032 pages per epoch) a primary agent
+For each dirty-set size (8, 64, 256, 1024, 4032 pages per epoch) a primary agent
 runs the `uniform` workload protected by a replica in another process (over
 loopback TCP with CURVE, as deployed), the epoch closed by the VM-wide
 dirty-page trigger (4032: the ring's own soft limit), and prints:
-checkpoints/s, pause p50/p99, the floor (ring harvest + reset + gather of the
-same number of pages + the vCPU state capture, through the agent's own native
-calls, measured on its own in this run), pause/floor,
+checkpoints/s, pause p50/p99, the floor (the kick, ring harvest + reset +
+gather of the same number of pages, the vCPU state capture and the resume, as
+the native call the agent's pause is, back to back without the agent, measured
+on its own in this run), pause/floor,
 raw and encoded MB/s, compression ratio, and the guest's slowdown against the
 same workload unprotected (no dirty logging at all).
 
@@ -46,10 +47,11 @@ from . import bench_scale, bench_service
 from .agent import PrimaryAgent
 from .cluster import Cluster
 from .config import load_config
-from .snapshot import StagingPool, gather
+from .snapshot import StagingPool
 
 log = logging.getLogger("colo.bench")
-SIZES = (64, 256, 1024, 4032)
+SIZES = (8, 64, 256, 1024, 4032)
+FLOOR_ROUNDS = 51
 SECTIONS = ("points", "rate", "service", "scale")
 DEFAULT_SECTIONS = ("points", "rate", "service")      # scale takes minutes: asked for by name
 MEMORY_MIB = 64
@@ -114,39 +116,63 @@ def _unprotected_rate(working_set: int, seconds: float) -> float:
     return (p1 - p0) / (t1 - t0)
 
 
-def _floor(pages: int, rounds: int) -> tuple[float, float, float]:
-    """Median floor of `pages` pages, its harvest + gather part, and the guest's first-write cost (us/page).
+def _floor(pages: int, rounds: int) -> tuple[float, float]:
+    """Median floor of a pause of `pages` pages, and its harvest + reset + gather part (us).
 
-    The floor is what the pause must do, issued back to back without the agent through the
-    agent's own calls (native where the agent's are: ring._native): harvest every ring, mark
-    RESET and KVM_RESET_DIRTY_RINGS, dedup, gather the pages into a staging buffer, and read
-    the vCPU state the checkpoint needs (capture_vcpus: XSAVE and TSC by ioctl, the rest from
-    kvm_run). The kick is not in it: the floor's guest is already stopped at its limit.
+    The floor is everything the pause has to do, as the same kernel calls issued back to back
+    without the agent, in the agent's own language for it (C: ring._native.checkpoint, the call
+    the agent's pause is): kick the running vCPU out of KVM_RUN and wait for it, walk the ring and
+    mark RESET, KVM_RESET_DIRTY_RINGS, dedup, copy the pages into a staging buffer, read the vCPU
+    state (kvm_run.s, XSAVE, TSC) and let the vCPU back in. The guest is the points' own: uniform
+    over all memory, paused once its ring holds `pages` entries (or is full).
     """
     config = MachineConfig(vcpus=1, data_bytes=MEMORY_MIB << 20, ring_entries=_ring_for(pages))
-    workload = Workload("sequential", seed=1)          # distinct pages: each write is a first write
-    times, harvest_gather, first_write = [], [], []
+    workload = Workload("uniform", seed=1, working_set_pages=(MEMORY_MIB << 20) // 4096)
+    totals, harvest_gather = [], []
     with open_machine(config, workload, backend="kvm") as vm:
         pool = StagingPool(1, pages + 256)
-        buffer = pool.acquire(pages)
+        vm.set_limits(2 ** 62)
+        vm.start()
+        buffer = pool.acquire(pool.capacity)
+        taken = 0
+        while taken < rounds:
+            while vm.tracker.fill() < pages and vm.runner.hold_reason(0) is None:
+                time.sleep(0)                           # (the guest dirties meanwhile; not timed)
+            done = vm.checkpoint(buffer, resume=True)
+            if done is None:                            # the first: no cached vCPU state yet (as the agent's)
+                vm.pause()
+                vm.capture_vcpus()
+                vm.resume()
+                continue
+            if not done.resumed:
+                vm.resume()
+                continue
+            vm.drain_events()
+            if done.dirty.count < pages * 0.8:          # a short epoch (the guest was held): not this size
+                continue
+            t0, stopped, harvested, gathered, captured, went = done.times_ns
+            totals.append(went - t0)
+            harvest_gather.append(gathered - stopped)
+            taken += 1
+        vm.pause()
+    return float(np.median(totals)) / 1000, float(np.median(harvest_gather)) / 1000
+
+
+def _first_write_us(pages: int, rounds: int) -> float:
+    """The guest's cost per first write to a page after a reset (us): the machine's write fault."""
+    config = MachineConfig(vcpus=1, data_bytes=MEMORY_MIB << 20, ring_entries=_ring_for(pages))
+    workload = Workload("sequential", seed=1)          # distinct pages: each write is a first write
+    first_write = []
+    with open_machine(config, workload, backend="kvm") as vm:
         vm.run_to_limit(pages)
         vm.harvest()
-        vm.capture_vcpus()
         for _ in range(rounds):
             start_progress = vm.progress(0)
             t0 = time.perf_counter_ns()
             vm.run_to_limit(start_progress + pages)
-            t1 = time.perf_counter_ns()
-            dirty = vm.harvest()
-            gather(vm, dirty.keys(), buffer)
-            t2 = time.perf_counter_ns()
-            vm.capture_vcpus()
-            t3 = time.perf_counter_ns()
-            times.append(t3 - t1)
-            harvest_gather.append(t2 - t1)
-            first_write.append((t1 - t0) / pages)
-    return (float(np.median(times)) / 1000, float(np.median(harvest_gather)) / 1000,
-            float(np.median(first_write)) / 1000)
+            first_write.append((time.perf_counter_ns() - t0) / pages)
+            vm.harvest()
+    return float(np.median(first_write)) / 1000
 
 
 def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, logs: Path | None = None,
@@ -171,8 +197,8 @@ def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, logs: Pa
             if pages == 4032:
                 overrides["guest.ring_entries"] = 4096
             result = asyncio.run(_protected_run(_primary_config(cluster, overrides), seconds))
-            floor_us, harvest_gather_us, fw = _floor(pages, rounds=9)
-            first_write_us.append(fw)
+            floor_us, harvest_gather_us = _floor(pages, rounds=FLOOR_ROUNDS)
+            first_write_us.append(_first_write_us(pages, rounds=9))
             unprotected = _unprotected_rate(working_set, min(seconds, 2.0))
             pause50 = result["pause_us_p50"]
             points.append({
@@ -226,8 +252,8 @@ def format_table(result: dict) -> str:
         lines += [
             f"a guest's first write to a page after a reset costs {result['first_write_us']:.1f} us here "
             "(the machine's write fault; inside the slowdown, not the pause)",
-            "floor: ring harvest + KVM_RESET_DIRTY_RINGS + gather of the same number of pages + the vCPU "
-            "state capture, the agent's own (native) calls back to back without the agent; "
+            "floor: kick + ring harvest + KVM_RESET_DIRTY_RINGS + gather of the same number of pages + "
+            "the vCPU state capture + resume, the agent's own native call back to back without the agent; "
             "ratio = pause p50 / floor",
         ]
     if "service" in result:

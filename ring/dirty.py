@@ -37,7 +37,7 @@ import numpy as np
 
 from . import abi, pages as pagekeys
 import ring._native as native        # the native core (ring/native/core.c), built by setup.py
-from .errors import ConfigError, HarvestError, PageKeyError, RingSizeError
+from .errors import ConfigError, HarvestError, KvmError, PageKeyError, RingSizeError
 
 _DIRTY = np.uint32(abi.KVM_DIRTY_GFN_F_DIRTY)
 _RESET = np.uint32(abi.KVM_DIRTY_GFN_F_RESET)
@@ -265,10 +265,18 @@ class RingTracker:
             return self.collect_reference(vmm_ranges)
         keys, counts, last, bad = native.harvest([ring.buffer for ring in rings],
                                                   [ring.fetch_index for ring in rings], entries, vmm_ranges)
+        return self.finish(keys, counts, last, bad)
+
+    def finish(self, keys: bytes | bytearray, counts: Sequence[int], last: Sequence, bad,
+               first_reset: tuple[int, bool] | None = None) -> DirtySet:
+        """The policy after a native walk (native.harvest, or native.checkpoint, which also made the
+        first reset: `first_reset` is (its count or -errno, whether the thread switched during it)):
+        advance the fetch indices, reset the rest, re-arm if needed, refuse bad entries."""
+        rings = self.rings
         for ring, count in zip(rings, counts):
             ring.fetch_index += count
         harvested = sum(counts)
-        self._reset_all(harvested)
+        self._reset_all(harvested, first_reset)
         if bad is not None:
             _, slot, offset = bad
             try:
@@ -297,12 +305,18 @@ class RingTracker:
             dirty = DirtySet.from_entries(np.concatenate(slots), np.concatenate(offsets), harvested, last)
         return merge_vmm_ranges(dirty, vmm_ranges) if vmm_ranges else dirty
 
-    def _reset_all(self, harvested: int) -> None:
-        """Reset until `harvested` entries are reset; re-arm if a walk was cut short."""
+    def _reset_all(self, harvested: int, first_reset: tuple[int, bool] | None = None) -> None:
+        """Reset until `harvested` entries are reset; re-arm if a walk was cut short. `first_reset`:
+        the first call was already made (its count or -errno, and whether it may have been stopped)."""
         interruptions = self._interruptions()
         total, calls, stalled = 0, 0, 0
         while True:
-            reset = self._reset()
+            if first_reset is not None and calls == 0:
+                reset = first_reset[0]
+                if reset < 0:
+                    raise KvmError("KVM_RESET_DIRTY_RINGS", -reset)
+            else:
+                reset = self._reset()
             calls += 1
             if reset < 0 or total + reset > harvested:
                 raise HarvestError(f"KVM_RESET_DIRTY_RINGS reset {total + reset} entries but {harvested} "
@@ -317,7 +331,8 @@ class RingTracker:
                                    f"the ring and the harvester disagree")
         if calls > 1:
             self.resets_cut_short += 1
-        if calls > 1 or self._interruptions() != interruptions:
+        stopped_first = first_reset is not None and first_reset[1]
+        if calls > 1 or stopped_first or self._interruptions() != interruptions:
             if self._rearm is None:
                 raise HarvestError(f"KVM_RESET_DIRTY_RINGS was cut short ({calls} calls for {harvested} "
                                    f"entries) and this tracker cannot write-protect its slots again: "

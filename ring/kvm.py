@@ -355,6 +355,7 @@ class Vcpu(_Fd):
         self.run_counter = (ctypes.c_uint64 * 1)()
         self.run_counter_address = ctypes.addressof(self.run_counter)
         self.immediate_exit_address = self._run_address + abi.RUN_IMMEDIATE_EXIT
+        self.sync_regs_address = self._run_address + abi.RUN_SYNC_REGS
         self._runs_at_change = 0
         #: Bumped by every SET ioctl: a capture's cache of state a CPL3 guest cannot change
         #: (XCRs, debug registers, CPUID, most MSRs) is good while this does not move.

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from .guest.build import build_program
 from .kvm import Kvm, Vcpu, Vm
 from .memory import GuestMemory, SlotSpec
 from .vcpu_state import VcpuState     # (defined beside its serialisation; importable from here too)
-from .vcpus import (Done, Event, Exit, Fault, LimitReached, Output, PortHandler, Progress, RingSoftFull, VcpuRunner,
+from .vcpus import (STOP_PAUSE, Done, Event, Exit, Fault, LimitReached, Output, PortHandler, Progress, RingSoftFull, VcpuRunner,
                     errno_exit, install_kick_handler)
 from .workloads import WORKLOAD_IDS, ResolvedWorkload, Workload
 
@@ -90,6 +90,21 @@ def workload_in_memory(memory: GuestMemory) -> Workload | None:
                     hot_pages=int(params["hot_pages"]), hot_percent=int(params["hot_percent"]),
                     stride=int(params["stride"]) or 1, report_every=int(params["report_every"]),
                     total=int(params["total"]))
+
+
+@dataclass
+class Checkpoint:
+    """What Machine.checkpoint() did in its one call."""
+
+    dirty: DirtySet
+    gathered: int | None              # pages copied into the buffer, None if they did not fit
+    vcpus: list[VcpuState] | None     # None: not read (the caller captures, still paused)
+    resumed: bool                     # the guest runs again (else the caller resumes it)
+    times_ns: tuple[int, ...]         # time.monotonic_ns() at the start and after each step
+
+
+#: How long a checkpoint waits for the vCPUs to stop (Machine.pause's default).
+PAUSE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -194,6 +209,10 @@ class Machine:
     @property
     def throttled(self) -> float:
         return self.runner.throttled
+
+    def checkpoint(self, out: np.ndarray, resume: bool) -> Checkpoint | None:
+        """The whole pause in one call, where the backend can (KvmMachine); None: it cannot."""
+        return None
 
     def harvest(self) -> DirtySet:
         """Collect and reset the dirty log, plus the pages the VMM wrote; only while paused."""
@@ -508,6 +527,11 @@ class KvmMachine(Machine):
                 clear = vm.clear_dirty_log
             self.tracker = BitmapTracker({s: m.spec.pages for s, m in self.memory.slots.items()},
                                          vm.get_dirty_log, clear)
+        # what native.checkpoint() reads: each slot's memory, and each vCPU's state in kvm_run.s
+        self._slot_buffers = [(slot, memory.pages) for slot, memory in self.memory.slots.items()]
+        sync_size = ctypes.sizeof(abi.Regs) + ctypes.sizeof(abi.Sregs) + abi.VCPU_EVENTS_SIZE
+        self._capture_jobs = [(vcpu.fd, vcpu.sync_regs_address, sync_size, self._xsave_request, self._xsave_size,
+                               self._varying_msrs) for vcpu in self._vcpus]
         self._start_runner([KvmExecutor(vcpu) for vcpu in self._vcpus])
 
     @property
@@ -577,7 +601,6 @@ class KvmMachine(Machine):
                 changes, vcpu.get_xcrs().to_bytes(), vcpu.get_debugregs(),
                 b"".join(e.to_bytes() for e in vcpu.get_cpuid2()),
                 {index: value for index, value in msrs.items() if index not in CPL3_VARYING_MSRS})
-        _, xcrs, debugregs, cpuid, fixed_msrs = static
         synced = vcpu.synced_state()
         if synced is None:
             regs, sregs, events = vcpu.get_regs().to_bytes(), vcpu.get_sregs().to_bytes(), vcpu.get_vcpu_events()
@@ -589,11 +612,64 @@ class KvmMachine(Machine):
             raise KvmError(exc.filename or "KVM_GET_XSAVE", exc.errno or 0) from None
         except ValueError as exc:
             raise KvmError("KVM_GET_MSRS", errno.EINVAL, str(exc)) from None
+        return self._vcpu_state(vcpu.index, static, regs, sregs, events, xsave, values)
+
+    def _vcpu_state(self, index: int, static: tuple, regs: bytes, sregs: bytes, events: bytes, xsave: bytes,
+                    varying_values: Sequence[int]) -> VcpuState:
+        _, xcrs, debugregs, cpuid, fixed_msrs = static
         msrs = dict(fixed_msrs)
-        msrs.update(zip(self._varying_msrs, values))
-        return VcpuState(index=vcpu.index, regs=regs, sregs=sregs, xsave=xsave, xcrs=xcrs,
-                         msrs={index: msrs[index] for index in self._msrs}, events=events,
+        msrs.update(zip(self._varying_msrs, varying_values))
+        return VcpuState(index=index, regs=regs, sregs=sregs, xsave=xsave, xcrs=xcrs,
+                         msrs={i: msrs[i] for i in self._msrs}, events=events,
                          debugregs=debugregs, cpuid=cpuid)
+
+    def checkpoint(self, out: np.ndarray, resume: bool) -> Checkpoint | None:
+        """The whole pause in one native call (ring._native.checkpoint): stop, harvest and reset,
+        gather into `out`, read the vCPUs, and (`resume`) let them go, all without the GIL and
+        without Python between the steps. The Python objects are built after the guest runs again.
+
+        None, with the guest untouched, where the machine cannot do it that way: the bitmap,
+        vCPU state not all in kvm_run (after a SET ioctl) or not cached yet. A step the native
+        call could not finish cleanly (a reset cut short, pages beyond `out`, a failed ioctl)
+        leaves the guest paused and is finished here, or raises as Machine.harvest would; the
+        caller resumes (Checkpoint.resumed says whether it must).
+        """
+        self._require_open()
+        tracker, runner = self.tracker, self.runner
+        if not isinstance(tracker, RingTracker) or not runner.started or not tracker.rings:
+            return None
+        entries = tracker.rings[0].entries
+        if any(ring.entries != entries for ring in tracker.rings):
+            return None
+        statics = [self._static_state.get(vcpu.index) for vcpu in self._vcpus]
+        if not all(static is not None and static[0] == vcpu.state_changes and vcpu.synced
+                   for vcpu, static in zip(self._vcpus, statics)):
+            return None
+        with self._vmm_lock:
+            ranges, self._vmm_dirty = self._vmm_dirty, []
+        try:
+            (stopped, keys, counts, last, bad, reset, switched, gathered, captures, resumed,
+             times) = native.checkpoint(runner.gate, STOP_PAUSE, PAUSE_TIMEOUT_S, [r.buffer for r in tracker.rings],
+                                        [r.fetch_index for r in tracker.rings], entries, ranges, self._vm.fd,
+                                        self._slot_buffers, out, self._capture_jobs, resume)
+            if not stopped:
+                runner.stuck(PAUSE_TIMEOUT_S)                                # raises
+            if resumed:
+                runner.resume()               # (the gate went; this lets vCPUs held at a full ring go too)
+            if switched:
+                self._vm.reset_interruptions += 1
+            dirty = tracker.finish(keys, counts, last, bad, first_reset=(reset, switched))
+        except BaseException:
+            with self._vmm_lock:                       # not harvested: keep them for the next harvest
+                self._vmm_dirty[:0] = ranges
+            raise
+        vcpus = None
+        if captures is not None:
+            base, regs_size, sregs_size = abi.RUN_SYNC_REGS, ctypes.sizeof(abi.Regs), ctypes.sizeof(abi.Sregs)
+            vcpus = [self._vcpu_state(vcpu.index, static, sync[:regs_size], sync[regs_size:regs_size + sregs_size],
+                                      sync[regs_size + sregs_size:], xsave, values)
+                     for vcpu, static, (sync, xsave, values) in zip(self._vcpus, statics, captures)]
+        return Checkpoint(dirty, gathered if gathered >= 0 else None, vcpus, resumed, times)
 
     def restore_vcpus(self, states: list[VcpuState]) -> None:
         if len(states) != len(self._vcpus):

@@ -184,8 +184,17 @@ class VcpuRunner:
 
     def _stop(self, reason: int, timeout: float) -> None:
         if not self._gate.stop(reason, wait=self._started, timeout=timeout):
-            stuck = [i for i in range(len(self._executors)) if self._gate.state(i) in ("running", "busy")]
-            raise StateError(f"vCPUs {stuck} did not stop within {timeout} s of the kick")
+            self.stuck(timeout)
+
+    def stuck(self, timeout: float) -> None:
+        """Raise the error of a stop that timed out, naming the vCPUs that did not stop."""
+        stuck = [i for i in range(len(self._executors)) if self._gate.state(i) in ("running", "busy")]
+        raise StateError(f"vCPUs {stuck} did not stop within {timeout} s of the kick")
+
+    @property
+    def gate(self) -> Gate:
+        """The barrier itself, for a native pause (ring._native.checkpoint)."""
+        return self._gate
 
     def fence(self, fenced: bool, timeout: float = 10.0) -> None:
         """Hold every vCPU (or let them go) whatever pause() and resume() do meanwhile: a node

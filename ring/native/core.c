@@ -41,6 +41,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
+#include <time.h>
 
 #define DIRTY_FLAG 1u
 #define RESET_FLAG 2u
@@ -577,12 +578,389 @@ static PyObject *native_get_state(PyObject *self, PyObject *args)
     return Py_BuildValue("(NN)", xsave, values);
 }
 
+/* ---- the whole pause in one call ---------------------------------------------------- */
+
+int gate_is(PyObject *object);                                      /* ring/native/gate.c */
+int gate_stop_nogil(PyObject *object, uint32_t reason, int64_t timeout_ns);
+void gate_go_nogil(PyObject *object, uint32_t reason);
+
+#define MAX_CAPTURE_VCPUS 256
+#define MAX_RINGS 256
+
+struct capture_job {
+    int fd;
+    uint64_t sync_address;              /* kvm_run.s: regs, sregs, events (KVM_CAP_SYNC_REGS) */
+    Py_ssize_t sync_size;
+    unsigned long xsave_request;
+    Py_ssize_t xsave_size;
+    PyObject *sync, *xsave;             /* bytes, allocated with the GIL, filled without it */
+    struct {
+        struct msrs_header header;
+        struct msr_entry entries[MAX_CAPTURE_MSRS];
+    } msrs;
+    int done_msrs;
+};
+
+static int64_t clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+PyDoc_STRVAR(checkpoint_doc,
+"checkpoint(gate, reason, timeout, rings, fetch, entries, vmm_ranges, vm_fd, slots, out, vcpus,\n"
+"           resume) -> (stopped, keys, counts, last, bad, reset, switched, gathered, captures,\n"
+"                       resumed, times)\n\n"
+"A checkpoint's whole pause without the GIL: stop the gate (bit `reason`, `timeout` s), walk and\n"
+"mark every ring and merge `vmm_ranges` (as harvest()), one KVM_RESET_DIRTY_RINGS with signals\n"
+"blocked (as reset_dirty_rings()), copy the pages into `out` (as gather()), read each vCPU of\n"
+"`vcpus` ((fd, kvm_run.s address, its size, xsave request, xsave size, msr indices)): kvm_run.s\n"
+"by memcpy, XSAVE and the MSRs by ioctl; then, if `resume` and every step was clean (the reset\n"
+"reset every entry with no context switch, no entry out of bounds, the pages fit in `out`, the\n"
+"ioctls succeeded), clear the stop bit. Otherwise the vCPUs stay stopped and the caller finishes\n"
+"the pause its slower way (re-arm, a larger buffer, the errors). stopped False: the vCPUs did\n"
+"not stop within the timeout, and nothing else was done. gathered is -1 and captures None for a\n"
+"step not done. times: CLOCK_MONOTONIC nanoseconds (time.monotonic_ns) at the start and at the\n"
+"end of stop, harvest and reset, gather, capture, and go.");
+
+static PyObject *native_checkpoint(PyObject *self, PyObject *args)
+{
+    PyObject *gate, *rings_arg, *fetch_arg, *vmm_arg, *slots_arg, *out_arg, *vcpus_arg;
+    unsigned int reason;
+    double timeout;
+    Py_ssize_t entries;
+    int vm_fd, resume;
+    if (!PyArg_ParseTuple(args, "OIdOOnOiOOOp", &gate, &reason, &timeout, &rings_arg, &fetch_arg, &entries,
+                          &vmm_arg, &vm_fd, &slots_arg, &out_arg, &vcpus_arg, &resume))
+        return NULL;
+    if (!gate_is(gate)) {
+        PyErr_SetString(PyExc_TypeError, "gate must be a ring._native.Gate");
+        return NULL;
+    }
+    if (entries <= 0 || (entries & (entries - 1))) {
+        PyErr_Format(PyExc_ValueError, "ring entries must be a power of two, got %zd", entries);
+        return NULL;
+    }
+    PyObject *rings = NULL, *fetch = NULL, *vmm = NULL, *slots = NULL, *vcpus = NULL, *keys = NULL;
+    PyObject *result = NULL;
+    Py_buffer ring_views[MAX_RINGS], memory[MAX_SLOTS], out;
+    uint64_t starts[MAX_RINGS], counts[MAX_RINGS], last[MAX_RINGS][2];
+    uint64_t slot_ids[MAX_SLOTS], slot_pages[MAX_SLOTS];
+    struct capture_job *jobs = NULL;
+    struct vmm_range *ranges = NULL;
+    uint64_t *scratch = NULL;
+    Py_ssize_t nrings = 0, got_rings = 0, nslots = 0, got_slots = 0, nranges = 0, nvcpus = 0, got_jobs = 0;
+    int got_out = 0;
+
+    if (!(rings = PySequence_Fast(rings_arg, "rings must be a sequence of buffers")) ||
+        !(fetch = PySequence_Fast(fetch_arg, "fetch must be a sequence of ints")) ||
+        !(vmm = PySequence_Fast(vmm_arg, "vmm_ranges must be a sequence of (slot, first, end)")) ||
+        !(slots = PySequence_Fast(slots_arg, "slots must be a sequence of (slot, buffer)")) ||
+        !(vcpus = PySequence_Fast(vcpus_arg, "vcpus must be a sequence of capture tuples")))
+        goto done;
+    nrings = PySequence_Fast_GET_SIZE(rings);
+    nslots = PySequence_Fast_GET_SIZE(slots);
+    nranges = PySequence_Fast_GET_SIZE(vmm);
+    nvcpus = PySequence_Fast_GET_SIZE(vcpus);
+    if (nrings > MAX_RINGS || nslots > MAX_SLOTS || nvcpus > MAX_CAPTURE_VCPUS ||
+        PySequence_Fast_GET_SIZE(fetch) != nrings) {
+        PyErr_Format(PyExc_ValueError, "at most %d rings (one fetch index each), %d slots and %d vCPUs",
+                     MAX_RINGS, MAX_SLOTS, MAX_CAPTURE_VCPUS);
+        goto done;
+    }
+    size_t capacity = 0;
+    for (Py_ssize_t r = 0; r < nrings; r++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(rings, r), &ring_views[r], PyBUF_WRITABLE) < 0)
+            goto done;
+        got_rings++;
+        if (ring_views[r].len < entries * (Py_ssize_t)sizeof(struct dirty_gfn)) {
+            PyErr_Format(PyExc_ValueError, "ring %zd holds %zd bytes, less than %zd entries", r,
+                         ring_views[r].len, entries);
+            goto done;
+        }
+        starts[r] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fetch, r));
+        if (PyErr_Occurred())
+            goto done;
+        counts[r] = 0;
+        capacity += (size_t)entries;
+    }
+    ranges = PyMem_Calloc(nranges ? nranges : 1, sizeof(struct vmm_range));
+    jobs = PyMem_Calloc(nvcpus ? nvcpus : 1, sizeof(struct capture_job));
+    if (!ranges || !jobs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < nranges; i++) {
+        unsigned long long slot, first, end;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(vmm, i), "KKK;a VMM range is (slot, first, end)",
+                              &slot, &first, &end))
+            goto done;
+        if (slot >= SLOT_LIMIT || end > OFFSET_MASK + 1) {
+            PyErr_Format(PyExc_ValueError, "VMM range (slot %llu, pages %llu to %llu) is beyond ring.pages' "
+                         "bounds", slot, first, end);
+            goto done;
+        }
+        ranges[i] = (struct vmm_range){slot, first, end > first ? end : first};
+        capacity += ranges[i].end - ranges[i].first;
+    }
+    for (Py_ssize_t i = 0; i < nslots; i++) {
+        unsigned long long id;
+        PyObject *buffer;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(slots, i), "KO;a slot is (slot, buffer)", &id, &buffer))
+            goto done;
+        if (PyObject_GetBuffer(buffer, &memory[i], PyBUF_SIMPLE) < 0)
+            goto done;
+        got_slots++;
+        slot_ids[i] = id;
+        slot_pages[i] = (uint64_t)memory[i].len / PAGE_SIZE;
+    }
+    if (PyObject_GetBuffer(out_arg, &out, PyBUF_WRITABLE) < 0)
+        goto done;
+    got_out = 1;
+    for (Py_ssize_t v = 0; v < nvcpus; v++) {
+        struct capture_job *job = &jobs[v];
+        unsigned long long sync_address;
+        PyObject *indices_arg;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(vcpus, v),
+                              "iKnknO;a vCPU is (fd, sync address, sync size, xsave request, xsave size, msrs)",
+                              &job->fd, &sync_address, &job->sync_size, &job->xsave_request, &job->xsave_size,
+                              &indices_arg))
+            goto done;
+        job->sync_address = sync_address;
+        PyObject *indices = PySequence_Fast(indices_arg, "msr indices must be a sequence of ints");
+        if (!indices)
+            goto done;
+        Py_ssize_t nmsrs = PySequence_Fast_GET_SIZE(indices);
+        if (nmsrs > MAX_CAPTURE_MSRS || job->xsave_size <= 0 || job->sync_size <= 0 || !sync_address) {
+            Py_DECREF(indices);
+            PyErr_Format(PyExc_ValueError, "at most %d MSRs, positive sizes and a kvm_run.s address",
+                         MAX_CAPTURE_MSRS);
+            goto done;
+        }
+        job->msrs.header.nmsrs = (uint32_t)nmsrs;
+        for (Py_ssize_t i = 0; i < nmsrs; i++)
+            job->msrs.entries[i].index = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(indices, i));
+        Py_DECREF(indices);
+        if (PyErr_Occurred())
+            goto done;
+        job->sync = PyBytes_FromStringAndSize(NULL, job->sync_size);
+        job->xsave = job->sync ? PyBytes_FromStringAndSize(NULL, job->xsave_size) : NULL;
+        got_jobs++;
+        if (!job->xsave)
+            goto done;
+        memset(PyBytes_AS_STRING(job->xsave), 0, (size_t)job->xsave_size);
+    }
+    keys = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(capacity * sizeof(uint64_t)));
+    scratch = keys ? PyMem_RawMalloc(capacity ? capacity * sizeof(uint64_t) : 8) : NULL;
+    if (!scratch) {
+        if (keys)
+            PyErr_NoMemory();
+        goto done;
+    }
+
+    uint64_t *k = (uint64_t *)PyByteArray_AS_STRING(keys);
+    size_t n = 0, unique = 0, out_pages = (size_t)out.len / PAGE_SIZE;
+    long long bad_ring = -1;
+    uint64_t bad_slot = 0, bad_offset = 0, mask = (uint64_t)entries - 1, harvested = 0;
+    int stopped, reset = 0, switched = 0, captured = 0, resumed = 0;
+    long long gathered = -1;
+    int64_t t0 = clock_ns(), times[5] = {0, 0, 0, 0, 0};
+
+    Py_BEGIN_ALLOW_THREADS
+    stopped = gate_stop_nogil(gate, reason, (int64_t)(timeout * 1e9));
+    times[0] = clock_ns() - t0;
+    if (stopped) {
+        /* harvest: walk, RESET marks, VMM pages, dedup (as native_harvest) */
+        for (Py_ssize_t r = 0; r < nrings; r++) {
+            struct dirty_gfn *ring = ring_views[r].buf;
+            uint64_t taken = 0;
+            while (taken < (uint64_t)entries) {
+                struct dirty_gfn *e = &ring[(starts[r] + taken) & mask];
+                if (!(__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & DIRTY_FLAG))
+                    break;
+                uint64_t slot = e->slot, offset = e->offset;
+                __atomic_store_n(&e->flags, RESET_FLAG, __ATOMIC_RELEASE);
+                last[r][0] = slot;
+                last[r][1] = offset;
+                taken++;
+                if (slot >= SLOT_LIMIT || offset > OFFSET_MASK) {
+                    if (bad_ring < 0) {
+                        bad_ring = r;
+                        bad_slot = slot;
+                        bad_offset = offset;
+                    }
+                    continue;
+                }
+                k[n++] = (slot << OFFSET_BITS) | offset;
+            }
+            counts[r] = taken;
+            harvested += taken;
+        }
+        for (Py_ssize_t i = 0; i < nranges; i++) {
+            uint64_t base = ranges[i].slot << OFFSET_BITS;
+            for (uint64_t page = ranges[i].first; page < ranges[i].end; page++)
+                k[n++] = base | page;
+        }
+        unique = sort_unique(k, scratch, n, k);
+        /* reset: one call with every blockable signal blocked (as native_reset) */
+        sigset_t all, old;
+        sigfillset(&all);
+        struct rusage before, after;
+        if (harvested == 0) {
+            reset = 0;
+        } else if (pthread_sigmask(SIG_BLOCK, &all, &old) == 0) {
+            getrusage(RUSAGE_THREAD, &before);
+            for (int tries = 0; tries < EINTR_RETRIES; tries++) {
+                reset = ioctl(vm_fd, KVM_RESET_DIRTY_RINGS, 0);
+                if (reset >= 0 || errno != EINTR)
+                    break;
+            }
+            if (reset < 0)
+                reset = -errno;
+            getrusage(RUSAGE_THREAD, &after);
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            switched = after.ru_nvcsw != before.ru_nvcsw;
+        } else {
+            reset = -errno;
+        }
+        times[1] = clock_ns() - t0;
+        /* gather (as native_gather); any problem leaves it to the caller */
+        if (unique <= out_pages) {
+            char *dst = out.buf;
+            size_t i = 0;
+            int ok = 1;
+            while (i < unique) {
+                uint64_t slot = k[i] >> OFFSET_BITS, offset = k[i] & OFFSET_MASK;
+                Py_ssize_t s = 0;
+                while (s < nslots && slot_ids[s] != slot)
+                    s++;
+                if (s == nslots || offset >= slot_pages[s]) {
+                    ok = 0;
+                    break;
+                }
+                size_t run = 1;
+                while (i + run < unique && k[i + run] == k[i] + run && offset + run < slot_pages[s])
+                    run++;
+                memcpy(dst + i * PAGE_SIZE, (char *)memory[s].buf + offset * PAGE_SIZE, run * PAGE_SIZE);
+                i += run;
+            }
+            if (ok)
+                gathered = (long long)unique;
+        }
+        times[2] = clock_ns() - t0;
+        /* capture: kvm_run.s by memcpy, XSAVE and MSRs by ioctl (as get_state) */
+        captured = 1;
+        for (Py_ssize_t v = 0; v < nvcpus && captured; v++) {
+            struct capture_job *job = &jobs[v];
+            memcpy(PyBytes_AS_STRING(job->sync), (const void *)(uintptr_t)job->sync_address, (size_t)job->sync_size);
+            int r = -1;
+            for (int tries = 0; tries < EINTR_RETRIES; tries++) {
+                r = ioctl(job->fd, job->xsave_request, PyBytes_AS_STRING(job->xsave));
+                if (r >= 0 || errno != EINTR)
+                    break;
+            }
+            if (r < 0) {
+                captured = 0;
+                break;
+            }
+            if (job->msrs.header.nmsrs) {
+                for (int tries = 0; tries < EINTR_RETRIES; tries++) {
+                    r = ioctl(job->fd, KVM_GET_MSRS, &job->msrs);
+                    if (r >= 0 || errno != EINTR)
+                        break;
+                }
+                if (r != (int)job->msrs.header.nmsrs)
+                    captured = 0;
+                job->done_msrs = r;
+            }
+        }
+        times[3] = clock_ns() - t0;
+        if (resume && captured && gathered >= 0 && bad_ring < 0 && reset >= 0 &&
+            (uint64_t)reset == harvested && !switched) {
+            gate_go_nogil(gate, reason);
+            resumed = 1;
+        }
+        times[4] = clock_ns() - t0;
+    }
+    Py_END_ALLOW_THREADS
+
+    if (!stopped) {
+        result = Py_BuildValue("(OOOOOOOOOOO)", Py_False, Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
+                               Py_None, Py_None, Py_False, Py_None);
+        goto done;
+    }
+    if (PyByteArray_Resize(keys, (Py_ssize_t)(unique * sizeof(uint64_t))) < 0)
+        goto done;
+    PyObject *count_tuple = PyTuple_New(nrings), *last_tuple = PyTuple_New(nrings);
+    PyObject *captures = captured ? PyList_New(nvcpus) : Py_NewRef(Py_None);
+    if (!count_tuple || !last_tuple || !captures) {
+        Py_XDECREF(count_tuple);
+        Py_XDECREF(last_tuple);
+        Py_XDECREF(captures);
+        goto done;
+    }
+    for (Py_ssize_t r = 0; r < nrings; r++) {
+        PyTuple_SET_ITEM(count_tuple, r, PyLong_FromUnsignedLongLong(counts[r]));
+        if (counts[r])
+            PyTuple_SET_ITEM(last_tuple, r, Py_BuildValue("(KK)", (unsigned long long)last[r][0],
+                                                          (unsigned long long)last[r][1]));
+        else
+            PyTuple_SET_ITEM(last_tuple, r, Py_NewRef(Py_None));
+    }
+    if (captured) {
+        for (Py_ssize_t v = 0; v < nvcpus; v++) {
+            struct capture_job *job = &jobs[v];
+            PyObject *values = PyTuple_New(job->msrs.header.nmsrs);
+            if (!values) {
+                Py_DECREF(count_tuple);
+                Py_DECREF(last_tuple);
+                Py_DECREF(captures);
+                goto done;
+            }
+            for (uint32_t i = 0; i < job->msrs.header.nmsrs; i++)
+                PyTuple_SET_ITEM(values, i, PyLong_FromUnsignedLongLong(job->msrs.entries[i].data));
+            PyList_SET_ITEM(captures, v, Py_BuildValue("(OON)", job->sync, job->xsave, values));
+        }
+    }
+    PyObject *bad = bad_ring < 0 ? Py_NewRef(Py_None)
+                                 : Py_BuildValue("(LKK)", bad_ring, (unsigned long long)bad_slot,
+                                                 (unsigned long long)bad_offset);
+    result = Py_BuildValue("(OONNNiOLNO(LLLLLL))", Py_True, keys, count_tuple, last_tuple, bad, reset,
+                           switched ? Py_True : Py_False, gathered, captures, resumed ? Py_True : Py_False,
+                           (long long)t0, (long long)(t0 + times[0]), (long long)(t0 + times[1]),
+                           (long long)(t0 + times[2]), (long long)(t0 + times[3]), (long long)(t0 + times[4]));
+
+done:
+    for (Py_ssize_t r = 0; r < got_rings; r++)
+        PyBuffer_Release(&ring_views[r]);
+    for (Py_ssize_t i = 0; i < got_slots; i++)
+        PyBuffer_Release(&memory[i]);
+    if (got_out)
+        PyBuffer_Release(&out);
+    for (Py_ssize_t v = 0; v < got_jobs; v++) {
+        Py_XDECREF(jobs[v].sync);
+        Py_XDECREF(jobs[v].xsave);
+    }
+    PyMem_Free(jobs);
+    PyMem_Free(ranges);
+    PyMem_RawFree(scratch);
+    Py_XDECREF(keys);
+    Py_XDECREF(rings);
+    Py_XDECREF(fetch);
+    Py_XDECREF(vmm);
+    Py_XDECREF(slots);
+    Py_XDECREF(vcpus);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"harvest", native_harvest, METH_VARARGS, harvest_doc},
     {"sort_unique", native_sort_unique, METH_O, sort_unique_doc},
     {"gather", native_gather, METH_VARARGS, gather_doc},
     {"reset_dirty_rings", native_reset, METH_VARARGS, reset_doc},
     {"get_state", native_get_state, METH_VARARGS, get_state_doc},
+    {"checkpoint", native_checkpoint, METH_VARARGS, checkpoint_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -439,6 +439,30 @@ static PyMemberDef gate_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+static PyTypeObject GateType;
+
+/* For ring/native/core.c's checkpoint(): the same stop and go, called without the GIL. */
+int gate_is(PyObject *object)
+{
+    return PyObject_TypeCheck(object, &GateType);
+}
+
+int gate_stop_nogil(PyObject *object, uint32_t reason, int64_t timeout_ns)
+{
+    Gate *gate = (Gate *)object;
+    atomic_fetch_or(&gate->stop, reason);
+    kick_running(gate);
+    return all_stopped(gate) || wait_stopped(gate, timeout_ns);
+}
+
+void gate_go_nogil(PyObject *object, uint32_t reason)
+{
+    Gate *gate = (Gate *)object;
+    uint32_t before = atomic_fetch_and(&gate->stop, ~reason);
+    if (before && (before & ~reason) == 0)
+        futex(&gate->stop, FUTEX_WAKE, INT_MAX, NULL);
+}
+
 static PyTypeObject GateType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "ring._native.Gate",
