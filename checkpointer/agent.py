@@ -383,7 +383,7 @@ class PrimaryAgent:
 
     def _do_TakeSnapshot(self, command: proto.TakeSnapshot) -> None:
         extra = self.sync.take_leftover() if command.final_sync else None
-        device_state = self.device.device_state if self.device is not None else (lambda: b"")
+        device_state = self.device.device_state if self.device is not None else None   # None: resumed in C
         snapshot = self.snapshotter.take(command.epoch, command.reason, extra, device_state=device_state,
                                          while_paused=self.hooks.on_snapshot)
         self.sync.copy.gathered(snapshot.keys)
