@@ -25,7 +25,7 @@ def _forbid_slow_reads(monkeypatch) -> None:
         monkeypatch.setattr(Vcpu, name, refuse)
 
 
-def _assert_same_state(fast, full) -> None:
+def assert_same_state(fast, full) -> None:
     """Equal in every field; the TSC, read later by the full capture, only moved forward."""
     assert [s.index for s in fast] == [s.index for s in full]
     for mine, theirs in zip(fast, full):
@@ -55,7 +55,7 @@ def test_a_fast_capture_equals_a_full_capture_and_reads_no_slow_ioctl(monkeypatc
             with monkeypatch.context() as patch:
                 _forbid_slow_reads(patch)
                 fast = vm.capture_vcpus()
-            _assert_same_state(fast, vm.capture_vcpus_full())
+            assert_same_state(fast, vm.capture_vcpus_full())
             assert all(v.synced for v in vm.vcpu_fds)
 
 
@@ -68,11 +68,11 @@ def test_a_fast_captured_state_restores_exactly_on_a_fresh_vm() -> None:
         original.resume()
         _paused_after(original, 3000)
         state = original.capture()                  # the fast way: kvm_run + cached static state
-        _assert_same_state(state.vcpus, original.capture_vcpus_full())
+        assert_same_state(state.vcpus, original.capture_vcpus_full())
         with KvmMachine(config, workload, load=False) as copy:
             copy.restore(state)
             assert not any(v.synced for v in copy.vcpu_fds)     # SET ioctls: kvm_run is stale now
-            _assert_same_state(state.vcpus, copy.capture_vcpus())   # read back in full
+            assert_same_state(state.vcpus, copy.capture_vcpus())   # read back in full
             copy.run_to_limit(6000, harvest_when_full=True)
             original.resume()
             original.run_to_limit(6000, harvest_when_full=True)
@@ -97,5 +97,5 @@ def test_a_restore_on_the_same_vm_is_seen_by_the_next_capture() -> None:
         _paused_after(vm, 900)
         assert vm.capture_vcpus()[0].regs != before[0].regs
         vm.restore_vcpus(earlier)                  # back to the state at 500, by SET ioctls
-        _assert_same_state(earlier, vm.capture_vcpus())
+        assert_same_state(earlier, vm.capture_vcpus())
         assert vm.capture_vcpus()[0].regs == before[0].regs

@@ -12,7 +12,7 @@ from ring import KvmMachine, MachineConfig, RingSoftFull, Workload
 from ring.guest import layout
 from ring.vcpus import LimitReached, Progress
 
-from .test_fast_capture import _assert_same_state
+from .test_fast_capture import assert_same_state
 
 pytestmark = pytest.mark.kvm
 
@@ -54,7 +54,7 @@ def test_one_call_reports_the_written_pages_their_content_and_the_vcpu_state() -
             assert done.gathered == len(keys)
             expected = gather_reference(vm, keys, np.empty_like(buffer))
             assert np.array_equal(buffer[:len(keys)], expected)
-            _assert_same_state(done.vcpus, vm.capture_vcpus_full())
+            assert_same_state(done.vcpus, vm.capture_vcpus_full())
             vm.resume()
 
 
@@ -93,7 +93,7 @@ def test_a_running_guest_is_kicked_and_the_pause_holds() -> None:
             assert done is not None and vm.paused
             progress = vm.progress_all()
             assert vm.tracker.fill() == 0                 # nothing ran between the harvest and now
-            _assert_same_state(done.vcpus, vm.capture_vcpus_full())
+            assert_same_state(done.vcpus, vm.capture_vcpus_full())
             assert vm.progress_all() == progress
             vm.drain_events()
             vm.resume()
