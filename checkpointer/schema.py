@@ -81,6 +81,8 @@ class Spec:
         return _CODE_NAMES[self.code]
 
 
+_CHOICE_CODES: dict[type, dict] = {}     # a Choice's enum -> {member: its code in a binary payload}
+_CHOICE_MEMBERS: dict[type, tuple] = {}  # a Choice's enum -> its members, in code order (code 1 first)
 _CODE_NAMES = {"B": "u8", "H": "u16", "I": "u32", "Q": "u64"}
 _CODE_TOPS = {"B": 0xFF, "H": U16, "I": U32, "Q": U64}
 
@@ -205,10 +207,15 @@ class Choice(Spec):
     code = "B"
 
     def to_binary(self, value: Any, name: str) -> int:
-        return list(self.choices).index(self._member(value, name)) + 1
+        codes = _CHOICE_CODES.get(self.choices)
+        if codes is None:
+            codes = _CHOICE_CODES[self.choices] = {member: i for i, member in enumerate(self.choices, 1)}
+        return codes[self._member(value, name)]
 
     def from_binary(self, raw: int, name: str) -> enum.StrEnum:
-        members = list(self.choices)
+        members = _CHOICE_MEMBERS.get(self.choices)
+        if members is None:
+            members = _CHOICE_MEMBERS[self.choices] = tuple(self.choices)
         if not 1 <= raw <= len(members):
             raise MalformedPayload(f"{name} code {raw} is not one of 1 to {len(members)} "
                                    f"({self.choices.__name__})")
@@ -250,7 +257,10 @@ class HexBytes(Spec):
     exact = True
 
     def to_binary(self, value: Any, name: str) -> bytes:
-        return bytes.fromhex(self.dump(value, name))
+        data = value if type(value) is bytes else None
+        if data is None or len(data) != self.size:
+            return bytes.fromhex(self.dump(value, name))      # (its checks and messages)
+        return data
 
     def from_binary(self, raw: bytes, name: str) -> bytes:
         return raw
@@ -367,6 +377,7 @@ class Binary:
     payload: tuple[WireField, ...]          # in the struct, in order
     header: tuple[WireField, ...]           # taken from a header field or flag
     names: tuple[str, ...] = ()             # of the payload fields
+    labels: tuple[str, ...] = ()            # how errors name the payload fields ("EPOCH_BEGIN reason")
     checked: tuple[WireField, ...] = ()     # payload fields whose struct value needs a check
 
 
@@ -378,13 +389,14 @@ class Declaration:
     kind: Kind | None
     fields: tuple[WireField, ...]
     binary: Binary | None = None
+    check: bool = False                 # the class defines check() (rules across fields)
 
     @property
     def what(self) -> str:
         return self.kind.name if self.kind is not None else self.cls.__name__
 
 
-def _binary_layout(cls: type, fields: list[WireField]) -> Binary:
+def _binary_layout(cls: type, kind: Kind | None, fields: list[WireField]) -> Binary:
     payload = tuple(f for f in fields if f.header is None and f.flag is None)
     for f in payload:
         if f.optional or f.added or not f.spec.code:
@@ -392,8 +404,10 @@ def _binary_layout(cls: type, fields: list[WireField]) -> Binary:
                             f"(optional, added, or of no fixed width)")
     header = tuple(f for f in fields if f.header is not None or f.flag is not None)
     checked = tuple(f for f in payload if not (isinstance(f.spec, (Int, HexBytes)) and f.spec.exact))
+    what = kind.name if kind is not None else cls.__name__
     return Binary(struct.Struct("<" + "".join(f.spec.code for f in payload)), payload, header,
-                  tuple(f.name for f in payload), checked)
+                  names=tuple(f.name for f in payload), checked=checked,
+                  labels=tuple(f"{what} {f.name}" for f in payload))
 
 
 _DECLARATIONS: dict[type, Declaration] = {}
@@ -430,7 +444,8 @@ def message(kind: Kind | None = None, *, binary: bool = False) -> Callable[[type
             fields.append(WireField(f.name, **f.metadata["wire"]))
         if kind is None and any(f.header or f.flag or not f.in_payload for f in fields):
             raise TypeError(f"{cls.__name__}: only a message (with a kind) has header fields")
-        decl = Declaration(cls, kind, tuple(fields), _binary_layout(cls, fields) if binary else None)
+        decl = Declaration(cls, kind, tuple(fields), _binary_layout(cls, kind, fields) if binary else None,
+                           check=callable(getattr(cls, "check", None)))
         _NORMALISED[cls] = tuple(f for f in fields if type(f.spec).normalise is not Spec.normalise)
         if kind is not None:
             if kind in _BY_KIND:
@@ -541,17 +556,8 @@ def pack(msg: Any, session: int | None = None, version: int = 1) -> Packed:
     decl = declaration(type(msg))
     binary = decl.binary if version >= BINARY_VERSION else None
     if binary is not None:
-        what = decl.what
-        try:
-            payload = binary.struct.pack(*[f.spec.to_binary(getattr(msg, f.name), f"{what} {f.name}")
-                                           for f in binary.payload])
-        except struct.error as exc:                # (a value the checks let through: never expected)
-            raise MalformedPayload(f"{what}: {exc}") from None
-        for f in binary.header:
-            f.dump(getattr(msg, f.name), what)
-        _check(msg)
-    else:
-        payload = _dump_json(_dump_fields(decl, msg, decl.what))
+        return _pack_binary(decl, binary, msg)
+    payload = _dump_json(_dump_fields(decl, msg, decl.what))
     header = {"epoch": 0, "count": 0, "session": session}
     flags = 0
     for f in decl.fields:
@@ -562,6 +568,27 @@ def pack(msg: Any, session: int | None = None, version: int = 1) -> Packed:
             header[f.header] = value
         if f.flag is not None and value:
             flags |= int(f.flag)
+    return Packed(decl.kind, header["epoch"], header["count"], flags, payload)
+
+
+def _pack_binary(decl: Declaration, binary: Binary, msg: Any) -> Packed:
+    """pack at BINARY_VERSION: the same checks, field by field (the messages every epoch sends)."""
+    try:
+        payload = binary.struct.pack(*[f.spec.to_binary(getattr(msg, f.name), label)
+                                       for f, label in zip(binary.payload, binary.labels)])
+    except struct.error as exc:                    # (a value the checks let through: never expected)
+        raise MalformedPayload(f"{decl.what}: {exc}") from None
+    header = {"epoch": 0, "count": 0}
+    flags = 0
+    for f in binary.header:
+        value = f.dump(getattr(msg, f.name), decl.what)
+        if f.flag is not None:
+            if value:
+                flags |= int(f.flag)
+        else:
+            header[f.header] = value
+    if decl.check:
+        msg.check()
     return Packed(decl.kind, header["epoch"], header["count"], flags, payload)
 
 
