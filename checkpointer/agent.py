@@ -410,8 +410,9 @@ class PrimaryAgent:
         """A small epoch with no send before it: encoded and sent here, without a task (most epochs).
 
         The order is kept: nothing else is being sent or waits to be (no sending task, the lock
-        free), and this runs to its end on the loop. If ZeroMQ has no room, what is left (the
-        numbered message) is sent by a task, like any other epoch."""
+        free), and this runs to its end on the loop. If ZeroMQ has no room, the numbered message
+        waits in the channel's queue at once, ahead of anything numbered later (runtime.Channel),
+        and a task reaches its last kill point once it has left."""
         snapshot = self._snapshots.pop(epoch)
         channel, writer = self.channel, self.writer
         try:
@@ -423,19 +424,17 @@ class PrimaryAgent:
             self._loop.call_soon(self._feed, proto.SendFailed(time.monotonic(), f"epoch {epoch}: {exc!r}"))
             return
         if parts is not None:
-            self._spawn_send(self._send_rest(channel, encoded, parts))
+            self._spawn_send(self._send_rest(channel, encoded, parts, channel.enqueue(parts)))
 
-    async def _send_rest(self, channel: Channel, encoded, parts: list) -> None:
-        """The message of an epoch that found no room in ZeroMQ (numbered already: sent first)."""
-        async with self.pipeline.lock:
-            if channel is not self.channel:
-                return                                     # a new session: the epoch is dropped with it
-            try:
-                await channel.send(parts)
-            except zmq.ZMQError as exc:
+    async def _send_rest(self, channel: Channel, encoded, parts: list, queued: asyncio.Future) -> None:
+        """The message of an epoch that found no room in ZeroMQ (queued in the channel already)."""
+        try:
+            await queued
+        except zmq.ZMQError as exc:
+            if channel is self.channel and not channel.closed:
                 self._feed(proto.SendFailed(time.monotonic(), f"epoch {encoded.epoch}: {exc!r}"))
-                return
-            self.pipeline.sent(encoded, parts, self.hooks.on_frame_sent)
+            return                                         # (a closed channel: its session is gone)
+        self.pipeline.sent(encoded, parts, self.hooks.on_frame_sent)
 
     async def _send_epoch(self, epoch: int, consistent: bool) -> None:
         """Encode one epoch and send its frames in order (one epoch at a time)."""

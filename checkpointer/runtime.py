@@ -137,11 +137,16 @@ class Channel:
     question is EVENTS: after each send this asks it again, and keeps draining while it says
     POLLIN; a drain long enough to matter yields to the loop between turns (`BUDGET`). No
     other code may use the socket's asyncio side while a Channel is open: the loop has one
-    reader per descriptor, and zmq.asyncio would take it over (then remove it). A send that
-    finds no room waits for POLLOUT here, polling every millisecond at most.
+    reader per descriptor, and zmq.asyncio would take it over (then remove it).
+
+    Sends keep their order whoever makes them: a message that finds no room in ZeroMQ waits in
+    the channel's own queue (`enqueue`), and every later one queues behind it until the queue
+    has drained (on POLLOUT, and every millisecond at most). A sender that numbers its frames
+    just before it sends or enqueues them therefore never lets a later number out first.
     """
 
     BUDGET = 64                        # messages handled per loop turn
+    RETRY_S = 0.001                    # a queued send is tried again at least this often
 
     def __init__(self, socket: zmq.Socket, on_message: Callable[[list], bool | None], *, copy: bool = True,
                  on_error: Callable[[BaseException], None] | None = None) -> None:
@@ -158,7 +163,8 @@ class Channel:
         self._loop = asyncio.get_running_loop()
         self._fd = self.plain.getsockopt(zmq.FD)
         self._pending = False
-        self._writable: asyncio.Future | None = None
+        self._queue: collections.deque[tuple[list, asyncio.Future]] = collections.deque()
+        self._retry: asyncio.TimerHandle | None = None
         self._loop.add_reader(self._fd, self._ready)
         self._schedule()                      # what arrived before the reader was added
 
@@ -174,8 +180,8 @@ class Channel:
             if self.closed:
                 return
             events = plain.getsockopt(zmq.EVENTS)
-            if events & zmq.POLLOUT and self._writable is not None and not self._writable.done():
-                self._writable.set_result(None)
+            if events & zmq.POLLOUT and self._queue:
+                self._flush()
             if not events & zmq.POLLIN:
                 return
             try:
@@ -193,7 +199,10 @@ class Channel:
         self._schedule()                      # more may wait: after the loop's other work
 
     def try_send(self, parts: list) -> bool:
-        """Queue one message now if ZeroMQ has room (False if not: nothing was queued)."""
+        """Queue one message in ZeroMQ now, if nothing waits in this channel's queue and ZeroMQ has
+        room (False if not: nothing was queued anywhere)."""
+        if self._queue:
+            return False
         try:
             self.plain.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -202,27 +211,62 @@ class Channel:
             self._schedule()                  # the send may have taken the descriptor's signal
         return True
 
+    def enqueue(self, parts: list) -> asyncio.Future:
+        """Send one message after every one queued before it; the future is done once ZeroMQ has
+        it (a ZMQError if the channel closes first)."""
+        done = self._loop.create_future()
+        if self.closed:
+            done.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "the channel is closed"))
+            return done
+        self._queue.append((parts, done))
+        self._flush()
+        return done
+
     async def send(self, parts: list) -> None:
-        """Send one message, waiting for room if there is none (ZMQError once closed)."""
-        while not self.try_send(parts):
-            if self.closed:
-                raise zmq.ZMQError(zmq.ENOTSOCK, "the channel is closed")
-            self._writable = self._loop.create_future()
+        """Send one message, in order, waiting for room if there is none (ZMQError once closed)."""
+        if not self.try_send(parts):
+            await self.enqueue(parts)
+
+    def _flush(self) -> None:
+        """Hand queued messages to ZeroMQ while it has room."""
+        while self._queue and not self.closed:
+            parts, done = self._queue[0]
             try:
-                await asyncio.wait_for(asyncio.shield(self._writable), 0.001)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                self._writable = None
+                self.plain.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                if self._retry is None:
+                    self._retry = self._loop.call_later(self.RETRY_S, self._retry_flush)
+                return
+            except zmq.ZMQError as exc:
+                self._queue.popleft()
+                if not done.done():
+                    done.set_exception(exc)
+                continue
+            self._queue.popleft()
+            if not done.done():
+                done.set_result(None)
+        if self.plain.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule()
+
+    def _retry_flush(self) -> None:
+        self._retry = None
+        self._flush()
 
     def poke(self) -> None:
         """Look at the socket again (after code outside the channel called it)."""
         self._schedule()
 
     def close(self) -> None:
-        """Stop watching the socket (it stays open: its owner closes it)."""
+        """Stop watching the socket (it stays open: its owner closes it); queued sends fail."""
         if not self.closed:
             self.closed = True
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
+            while self._queue:
+                _, done = self._queue.popleft()
+                if not done.done():
+                    done.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "the channel is closed"))
             try:
                 self._loop.remove_reader(self._fd)
             except (ValueError, OSError):

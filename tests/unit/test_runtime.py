@@ -129,3 +129,104 @@ async def test_a_cancelled_agent_still_closes_what_it_opened() -> None:
     with pytest.raises(asyncio.CancelledError):
         await running
     assert calls == ["stopped"]
+
+
+# --- Channel: a ZeroMQ socket on the loop without zmq.asyncio ------------------------------------
+
+def _pair(hwm: int = 0):
+    import zmq
+    import zmq.asyncio
+    context = zmq.asyncio.Context()
+    server = context.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.setsockopt(zmq.RCVHWM, hwm)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client = context.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.setsockopt(zmq.SNDHWM, hwm)
+    client.connect(f"tcp://127.0.0.1:{port}")
+    return context, server, client
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.asyncio
+async def test_a_channel_hands_every_waiting_message_over_in_order_both_ways() -> None:
+    from checkpointer.runtime import Channel
+    context, server, client = _pair()
+    got_server, got_client = [], []
+    inbound = Channel(server, lambda parts: got_server.append([bytes(p) for p in parts]), copy=False)
+    outbound = Channel(client, lambda parts: got_client.append(parts))
+    try:
+        for i in range(200):                          # more than a turn's BUDGET, sent back to back
+            assert outbound.try_send([b"m%d" % i])
+        await _until(lambda: len(got_server) == 200)
+        assert [m[1] for m in got_server] == [b"m%d" % i for i in range(200)]
+        identity = got_server[0][0]
+        for i in range(5):                            # answers, as a replica's acks
+            assert inbound.try_send([identity, b"a%d" % i])
+        await _until(lambda: len(got_client) == 5)
+        assert got_client == [[b"a%d" % i] for i in range(5)]
+    finally:
+        inbound.close()
+        outbound.close()
+        server.close()
+        client.close()
+        context.term()
+
+
+@pytest.mark.asyncio
+async def test_a_channel_keeps_the_order_of_sends_that_found_no_room() -> None:
+    """Once one message waits in the channel's queue, every later one goes behind it, also one
+    that ZeroMQ would have room for: a later number never leaves first."""
+    import zmq
+    from checkpointer.runtime import Channel
+    context, server, client = _pair(hwm=1)
+    received = []
+    outbound = Channel(client, lambda parts: None)
+    try:
+        sent = 0
+        while outbound.try_send([b"%d" % sent]):      # fill ZeroMQ's pipe (no reader yet)
+            sent += 1
+            assert sent < 100000
+        queued = [outbound.enqueue([b"%d" % i]) for i in range(sent, sent + 20)]
+        assert not outbound.try_send([b"late"])       # behind the queue, not past it
+        later = asyncio.ensure_future(outbound.send([b"%d" % (sent + 20)]))
+        inbound = Channel(server, lambda parts: received.append(bytes(parts[1])), copy=False)
+        await asyncio.wait_for(asyncio.gather(*queued, later), 5)
+        await _until(lambda: len(received) == sent + 21)
+        assert received == [b"%d" % i for i in range(sent + 21)]
+        inbound.close()
+    finally:
+        outbound.close()
+        server.close()
+        client.close()
+        context.term()
+
+
+@pytest.mark.asyncio
+async def test_a_closing_channel_fails_the_sends_it_still_holds() -> None:
+    import zmq
+    from checkpointer.runtime import Channel
+    context, server, client = _pair(hwm=1)
+    outbound = Channel(client, lambda parts: None)
+    try:
+        while outbound.try_send([b"fill"]):
+            pass
+        waiting = outbound.enqueue([b"x"])
+        outbound.close()
+        with pytest.raises(zmq.ZMQError):
+            await waiting
+        with pytest.raises(zmq.ZMQError):
+            await outbound.enqueue([b"y"])
+    finally:
+        outbound.close()
+        server.close()
+        client.close()
+        context.term()
