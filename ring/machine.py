@@ -648,17 +648,17 @@ class KvmMachine(Machine):
         with self._vmm_lock:
             ranges, self._vmm_dirty = self._vmm_dirty, []
         try:
-            (stopped, keys, counts, last, bad, reset, switched, gathered, captures, resumed,
-             times) = native.checkpoint(runner.gate, STOP_PAUSE, PAUSE_TIMEOUT_S, [r.buffer for r in tracker.rings],
-                                        [r.fetch_index for r in tracker.rings], entries, ranges, self._vm.fd,
-                                        self._slot_buffers, out, self._capture_jobs, resume)
+            (stopped, harvested, reset, switched, gathered, captures, resumed, times) = native.checkpoint(
+                runner.gate, STOP_PAUSE, PAUSE_TIMEOUT_S, [r.buffer for r in tracker.rings],
+                [r.fetch_index for r in tracker.rings], entries, ranges, self._vm.fd, self._slot_buffers, out,
+                self._capture_jobs, resume)
             if not stopped:
                 runner.stuck(PAUSE_TIMEOUT_S)                                # raises
             if resumed:
                 runner.resume()               # (the gate went; this lets vCPUs held at a full ring go too)
             if switched:
                 self._vm.reset_interruptions += 1
-            dirty = tracker.finish(keys, counts, last, bad, first_reset=(reset, switched))
+            dirty = tracker.finish(*harvested, first_reset=(reset, switched))
         except BaseException:
             with self._vmm_lock:                       # not harvested: keep them for the next harvest
                 self._vmm_dirty[:0] = ranges

@@ -148,11 +148,179 @@ static size_t sort_unique(uint64_t *keys, uint64_t *scratch, size_t n, uint64_t 
     return unique;
 }
 
-/* ---- harvest ----------------------------------------------------------------------- */
+/* ---- the loops every pause runs (shared by harvest, gather, reset and checkpoint) ----- */
 
 struct vmm_range {
     uint64_t slot, first, end;
 };
+
+struct bad_entry {
+    long long ring;                     /* -1: none */
+    uint64_t slot, offset;
+};
+
+/* Walk each ring from its fetch index while flags has DIRTY, mark RESET, key the entries in
+   bounds into out (the first out of bounds goes to bad), then add the VMM's pages. Returns the
+   keys written (before dedup); counts[r] and last[r] say what each ring gave. */
+static size_t walk_rings(Py_buffer *views, Py_ssize_t nrings, const uint64_t *starts, uint64_t entries,
+                         const struct vmm_range *ranges, Py_ssize_t nranges, uint64_t *out, uint64_t *counts,
+                         uint64_t (*last)[2], struct bad_entry *bad)
+{
+    size_t n = 0;
+    uint64_t mask = entries - 1;
+    bad->ring = -1;
+    for (Py_ssize_t r = 0; r < nrings; r++) {
+        struct dirty_gfn *ring = views[r].buf;
+        uint64_t taken = 0;
+        while (taken < entries) {
+            struct dirty_gfn *e = &ring[(starts[r] + taken) & mask];
+            if (!(__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & DIRTY_FLAG))
+                break;
+            uint64_t slot = e->slot, offset = e->offset;
+            __atomic_store_n(&e->flags, RESET_FLAG, __ATOMIC_RELEASE);
+            last[r][0] = slot;
+            last[r][1] = offset;
+            taken++;
+            if (slot >= SLOT_LIMIT || offset > OFFSET_MASK) {
+                if (bad->ring < 0)
+                    *bad = (struct bad_entry){r, slot, offset};
+                continue;
+            }
+            out[n++] = (slot << OFFSET_BITS) | offset;
+        }
+        counts[r] = taken;
+    }
+    for (Py_ssize_t i = 0; i < nranges; i++) {
+        uint64_t base = ranges[i].slot << OFFSET_BITS;
+        for (uint64_t page = ranges[i].first; page < ranges[i].end; page++)
+            out[n++] = base | page;
+    }
+    return n;
+}
+
+/* Copy the pages of the sorted keys k[0:n] into dst, a memcpy per run of consecutive pages.
+   0, or 1 (a slot not given) / 2 (a page beyond its slot) with the key in *error_key. */
+static int copy_pages(const uint64_t *k, size_t n, const uint64_t *slot_ids, const uint64_t *slot_pages,
+                      const Py_buffer *memory, Py_ssize_t nslots, char *dst, uint64_t *error_key)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint64_t slot = k[i] >> OFFSET_BITS, offset = k[i] & OFFSET_MASK;
+        Py_ssize_t s = 0;
+        while (s < nslots && slot_ids[s] != slot)
+            s++;
+        if (s == nslots || offset >= slot_pages[s]) {
+            *error_key = k[i];
+            return s == nslots ? 1 : 2;
+        }
+        size_t run = 1;
+        while (i + run < n && k[i + run] == k[i] + run && offset + run < slot_pages[s])
+            run++;
+        memcpy(dst + i * PAGE_SIZE, (char *)memory[s].buf + offset * PAGE_SIZE, run * PAGE_SIZE);
+        i += run;
+    }
+    return 0;
+}
+
+/* KVM_RESET_DIRTY_RINGS with every blockable signal blocked: the entries reset, or -errno;
+   *switched says whether the thread made a voluntary context switch during the ioctl. */
+static int reset_blocked(int fd, int *switched)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    struct rusage before, after;
+    int result = -1, err = 0, mask_err = pthread_sigmask(SIG_BLOCK, &all, &old);
+    *switched = 0;
+    if (mask_err)
+        return -mask_err;
+    getrusage(RUSAGE_THREAD, &before);
+    for (int tries = 0; tries < EINTR_RETRIES; tries++) {
+        result = ioctl(fd, KVM_RESET_DIRTY_RINGS, 0);
+        err = result < 0 ? errno : 0;
+        if (result >= 0 || err != EINTR)
+            break;
+    }
+    getrusage(RUSAGE_THREAD, &after);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    *switched = after.ru_nvcsw != before.ru_nvcsw;
+    return result < 0 ? -err : result;
+}
+
+/* Argument parsing shared by the calls: a ring (a writable buffer of `entries` entries, and its
+   fetch index), a VMM range (slot, first, end), a slot (id, its memory). 0, or -1 with an
+   exception set and nothing held. */
+static int get_ring(PyObject *ring, PyObject *fetch, Py_ssize_t entries, Py_ssize_t r, Py_buffer *view,
+                    uint64_t *start)
+{
+    if (PyObject_GetBuffer(ring, view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (view->len < entries * (Py_ssize_t)sizeof(struct dirty_gfn)) {
+        PyErr_Format(PyExc_ValueError, "ring %zd holds %zd bytes, less than %zd entries", r, view->len, entries);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    *start = PyLong_AsUnsignedLongLong(fetch);
+    if (PyErr_Occurred()) {
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static int get_range(PyObject *item, struct vmm_range *range)
+{
+    unsigned long long slot, first, end;
+    if (!PyArg_ParseTuple(item, "KKK;a VMM range is (slot, first, end)", &slot, &first, &end))
+        return -1;
+    if (slot >= SLOT_LIMIT || end > OFFSET_MASK + 1) {
+        PyErr_Format(PyExc_ValueError, "VMM range (slot %llu, pages %llu to %llu) is beyond ring.pages' "
+                     "bounds", slot, first, end);
+        return -1;
+    }
+    *range = (struct vmm_range){slot, first, end > first ? end : first};
+    return 0;
+}
+
+static int get_slot(PyObject *item, Py_buffer *memory, uint64_t *id, uint64_t *pages)
+{
+    unsigned long long slot;
+    PyObject *buffer;
+    if (!PyArg_ParseTuple(item, "KO;a slot is (slot, buffer)", &slot, &buffer) ||
+        PyObject_GetBuffer(buffer, memory, PyBUF_SIMPLE) < 0)
+        return -1;
+    *id = slot;
+    *pages = (uint64_t)memory->len / PAGE_SIZE;
+    return 0;
+}
+
+/* ---- harvest ----------------------------------------------------------------------- */
+
+/* harvest()'s answer: (keys trimmed to `unique`, counts, last, bad), or NULL with an exception. */
+static PyObject *harvest_result(PyObject *keys, size_t unique, Py_ssize_t nrings, const uint64_t *counts,
+                                uint64_t (*last)[2], const struct bad_entry *bad_at)
+{
+    if (PyByteArray_Resize(keys, (Py_ssize_t)(unique * sizeof(uint64_t))) < 0)
+        return NULL;
+    PyObject *count_tuple = PyTuple_New(nrings), *last_tuple = PyTuple_New(nrings);
+    if (!count_tuple || !last_tuple) {
+        Py_XDECREF(count_tuple);
+        Py_XDECREF(last_tuple);
+        return NULL;
+    }
+    for (Py_ssize_t r = 0; r < nrings; r++) {
+        PyTuple_SET_ITEM(count_tuple, r, PyLong_FromUnsignedLongLong(counts[r]));
+        if (counts[r])
+            PyTuple_SET_ITEM(last_tuple, r, Py_BuildValue("(KK)", (unsigned long long)last[r][0],
+                                                          (unsigned long long)last[r][1]));
+        else
+            PyTuple_SET_ITEM(last_tuple, r, Py_NewRef(Py_None));
+    }
+    PyObject *bad = bad_at->ring < 0 ? Py_NewRef(Py_None)
+                                     : Py_BuildValue("(LKK)", bad_at->ring, (unsigned long long)bad_at->slot,
+                                                     (unsigned long long)bad_at->offset);
+    return Py_BuildValue("(ONNN)", keys, count_tuple, last_tuple, bad);
+}
+
 
 PyDoc_STRVAR(harvest_doc,
 "harvest(rings, fetch, entries, vmm_ranges) -> (keys, counts, last, bad)\n\n"
@@ -206,30 +374,15 @@ static PyObject *native_harvest(PyObject *self, PyObject *args)
     }
     size_t capacity = 0;
     for (Py_ssize_t r = 0; r < nrings; r++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(rings, r), &views[r], PyBUF_WRITABLE) < 0)
+        if (get_ring(PySequence_Fast_GET_ITEM(rings, r), PySequence_Fast_GET_ITEM(fetch, r), entries, r,
+                     &views[r], &starts[r]) < 0)
             goto done;
         got_views++;
-        if (views[r].len < entries * (Py_ssize_t)sizeof(struct dirty_gfn)) {
-            PyErr_Format(PyExc_ValueError, "ring %zd holds %zd bytes, less than %zd entries", r,
-                         views[r].len, entries);
-            goto done;
-        }
-        starts[r] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fetch, r));
-        if (PyErr_Occurred())
-            goto done;
         capacity += (size_t)entries;
     }
     for (Py_ssize_t i = 0; i < nranges; i++) {
-        unsigned long long slot, first, end;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(vmm, i), "KKK;a VMM range is (slot, first, end)",
-                              &slot, &first, &end))
+        if (get_range(PySequence_Fast_GET_ITEM(vmm, i), &ranges[i]) < 0)
             goto done;
-        if (slot >= SLOT_LIMIT || end > OFFSET_MASK + 1) {
-            PyErr_Format(PyExc_ValueError, "VMM range (slot %llu, pages %llu to %llu) is beyond ring.pages' "
-                         "bounds", slot, first, end);
-            goto done;
-        }
-        ranges[i] = (struct vmm_range){slot, first, end > first ? end : first};
         capacity += ranges[i].end - ranges[i].first;
     }
     keys = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(capacity * sizeof(uint64_t)));
@@ -241,64 +394,13 @@ static PyObject *native_harvest(PyObject *self, PyObject *args)
         goto done;
     }
     uint64_t *out = (uint64_t *)PyByteArray_AS_STRING(keys);
-    size_t n = 0, unique;
-    long long bad_ring = -1;
-    uint64_t bad_slot = 0, bad_offset = 0;
-    uint64_t mask = (uint64_t)entries - 1;
-
+    size_t unique;
+    struct bad_entry bad_at;
     RELEASE_GIL_IF(capacity >= GIL_HARVEST_ENTRIES);
-    for (Py_ssize_t r = 0; r < nrings; r++) {
-        struct dirty_gfn *ring = views[r].buf;
-        uint64_t taken = 0;
-        while (taken < (uint64_t)entries) {
-            struct dirty_gfn *e = &ring[(starts[r] + taken) & mask];
-            if (!(__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & DIRTY_FLAG))
-                break;
-            uint64_t slot = e->slot, offset = e->offset;
-            __atomic_store_n(&e->flags, RESET_FLAG, __ATOMIC_RELEASE);
-            last[r][0] = slot;
-            last[r][1] = offset;
-            taken++;
-            if (slot >= SLOT_LIMIT || offset > OFFSET_MASK) {
-                if (bad_ring < 0) {
-                    bad_ring = r;
-                    bad_slot = slot;
-                    bad_offset = offset;
-                }
-                continue;
-            }
-            out[n++] = (slot << OFFSET_BITS) | offset;
-        }
-        counts[r] = taken;
-    }
-    for (Py_ssize_t i = 0; i < nranges; i++) {
-        uint64_t base = ranges[i].slot << OFFSET_BITS;
-        for (uint64_t page = ranges[i].first; page < ranges[i].end; page++)
-            out[n++] = base | page;
-    }
+    size_t n = walk_rings(views, nrings, starts, (uint64_t)entries, ranges, nranges, out, counts, last, &bad_at);
     unique = sort_unique(out, scratch, n, out);
     ACQUIRE_GIL();
-
-    if (PyByteArray_Resize(keys, (Py_ssize_t)(unique * sizeof(uint64_t))) < 0)
-        goto done;
-    PyObject *count_tuple = PyTuple_New(nrings), *last_tuple = PyTuple_New(nrings);
-    if (!count_tuple || !last_tuple) {
-        Py_XDECREF(count_tuple);
-        Py_XDECREF(last_tuple);
-        goto done;
-    }
-    for (Py_ssize_t r = 0; r < nrings; r++) {
-        PyTuple_SET_ITEM(count_tuple, r, PyLong_FromUnsignedLongLong(counts[r]));
-        if (counts[r])
-            PyTuple_SET_ITEM(last_tuple, r, Py_BuildValue("(KK)", (unsigned long long)last[r][0],
-                                                          (unsigned long long)last[r][1]));
-        else
-            PyTuple_SET_ITEM(last_tuple, r, Py_NewRef(Py_None));
-    }
-    PyObject *bad = bad_ring < 0 ? Py_NewRef(Py_None)
-                                 : Py_BuildValue("(LKK)", bad_ring, (unsigned long long)bad_slot,
-                                                 (unsigned long long)bad_offset);
-    result = Py_BuildValue("(ONNN)", keys, count_tuple, last_tuple, bad);
+    result = harvest_result(keys, unique, nrings, counts, last, &bad_at);
 
 done:
     for (Py_ssize_t r = 0; r < got_views; r++)
@@ -382,15 +484,9 @@ static PyObject *native_gather(PyObject *self, PyObject *args)
         goto done;
     }
     for (Py_ssize_t i = 0; i < nslots; i++) {
-        unsigned long long id;
-        PyObject *buffer;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(slots, i), "KO;a slot is (slot, buffer)", &id, &buffer))
-            goto done;
-        if (PyObject_GetBuffer(buffer, &memory[i], PyBUF_SIMPLE) < 0)
+        if (get_slot(PySequence_Fast_GET_ITEM(slots, i), &memory[i], &slot_ids[i], &slot_pages[i]) < 0)
             goto done;
         got++;
-        slot_ids[i] = id;
-        slot_pages[i] = (uint64_t)memory[i].len / PAGE_SIZE;
     }
     size_t n = (size_t)keys.len / sizeof(uint64_t);
     if ((size_t)out.len < n * PAGE_SIZE) {
@@ -399,31 +495,10 @@ static PyObject *native_gather(PyObject *self, PyObject *args)
     }
     const uint64_t *k = keys.buf;
     char *dst = out.buf;
-    int error = 0;
+    int error;
     uint64_t error_key = 0;
     RELEASE_GIL_IF(n >= GIL_GATHER_PAGES);
-    size_t i = 0;
-    while (i < n) {
-        uint64_t slot = k[i] >> OFFSET_BITS, offset = k[i] & OFFSET_MASK;
-        Py_ssize_t s = 0;
-        while (s < nslots && slot_ids[s] != slot)
-            s++;
-        if (s == nslots) {
-            error = 1;
-            error_key = k[i];
-            break;
-        }
-        if (offset >= slot_pages[s]) {
-            error = 2;
-            error_key = k[i];
-            break;
-        }
-        size_t run = 1;               /* consecutive pages of the same slot, one memcpy */
-        while (i + run < n && k[i + run] == k[i] + run && offset + run < slot_pages[s])
-            run++;
-        memcpy(dst + i * PAGE_SIZE, (char *)memory[s].buf + offset * PAGE_SIZE, run * PAGE_SIZE);
-        i += run;
-    }
+    error = copy_pages(k, n, slot_ids, slot_pages, memory, nslots, dst, &error_key);
     ACQUIRE_GIL();
     char hex[24];
     snprintf(hex, sizeof(hex), "%#llx", (unsigned long long)error_key);   /* (PyErr_Format has no %llx) */
@@ -461,33 +536,15 @@ static PyObject *native_reset(PyObject *self, PyObject *args)
     int fd, release_gil = 0;
     if (!PyArg_ParseTuple(args, "i|p", &fd, &release_gil))
         return NULL;
-    sigset_t all, old;
-    sigfillset(&all);
-    struct rusage before, after;
-    int result = -1, err = 0, mask_err;
+    int result, switched;
     RELEASE_GIL_IF(release_gil);
-    mask_err = pthread_sigmask(SIG_BLOCK, &all, &old);
-    if (!mask_err) {
-        getrusage(RUSAGE_THREAD, &before);
-        for (int tries = 0; tries < EINTR_RETRIES; tries++) {
-            result = ioctl(fd, KVM_RESET_DIRTY_RINGS, 0);
-            err = result < 0 ? errno : 0;
-            if (result >= 0 || err != EINTR)
-                break;
-        }
-        getrusage(RUSAGE_THREAD, &after);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-    }
+    result = reset_blocked(fd, &switched);
     ACQUIRE_GIL();
-    if (mask_err) {
-        errno = mask_err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
     if (result < 0) {
-        errno = err;
+        errno = -result;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return Py_BuildValue("(iO)", result, after.ru_nvcsw != before.ru_nvcsw ? Py_True : Py_False);
+    return Py_BuildValue("(iO)", result, switched ? Py_True : Py_False);
 }
 
 /* ---- vCPU state -------------------------------------------------------------------- */
@@ -635,10 +692,10 @@ static void restore_priority(void)
 
 PyDoc_STRVAR(checkpoint_doc,
 "checkpoint(gate, reason, timeout, rings, fetch, entries, vmm_ranges, vm_fd, slots, out, vcpus,\n"
-"           resume) -> (stopped, keys, counts, last, bad, reset, switched, gathered, captures,\n"
+"           resume) -> (stopped, (keys, counts, last, bad), reset, switched, gathered, captures,\n"
 "                       resumed, times)\n\n"
 "A checkpoint's whole pause without the GIL: stop the gate (bit `reason`, `timeout` s), walk and\n"
-"mark every ring and merge `vmm_ranges` (as harvest()), one KVM_RESET_DIRTY_RINGS with signals\n"
+"mark every ring and merge `vmm_ranges` (harvest()'s answer), one KVM_RESET_DIRTY_RINGS with signals\n"
 "blocked (as reset_dirty_rings()), copy the pages into `out` (as gather()), read each vCPU of\n"
 "`vcpus` ((fd, kvm_run.s address, its size, xsave request, xsave size, msr indices)): kvm_run.s\n"
 "by memcpy, XSAVE and the MSRs by ioctl; then, if `resume` and every step was clean (the reset\n"
@@ -696,17 +753,10 @@ static PyObject *native_checkpoint(PyObject *self, PyObject *args)
     }
     size_t capacity = 0;
     for (Py_ssize_t r = 0; r < nrings; r++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(rings, r), &ring_views[r], PyBUF_WRITABLE) < 0)
+        if (get_ring(PySequence_Fast_GET_ITEM(rings, r), PySequence_Fast_GET_ITEM(fetch, r), entries, r,
+                     &ring_views[r], &starts[r]) < 0)
             goto done;
         got_rings++;
-        if (ring_views[r].len < entries * (Py_ssize_t)sizeof(struct dirty_gfn)) {
-            PyErr_Format(PyExc_ValueError, "ring %zd holds %zd bytes, less than %zd entries", r,
-                         ring_views[r].len, entries);
-            goto done;
-        }
-        starts[r] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fetch, r));
-        if (PyErr_Occurred())
-            goto done;
         counts[r] = 0;
         capacity += (size_t)entries;
     }
@@ -717,28 +767,14 @@ static PyObject *native_checkpoint(PyObject *self, PyObject *args)
         goto done;
     }
     for (Py_ssize_t i = 0; i < nranges; i++) {
-        unsigned long long slot, first, end;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(vmm, i), "KKK;a VMM range is (slot, first, end)",
-                              &slot, &first, &end))
+        if (get_range(PySequence_Fast_GET_ITEM(vmm, i), &ranges[i]) < 0)
             goto done;
-        if (slot >= SLOT_LIMIT || end > OFFSET_MASK + 1) {
-            PyErr_Format(PyExc_ValueError, "VMM range (slot %llu, pages %llu to %llu) is beyond ring.pages' "
-                         "bounds", slot, first, end);
-            goto done;
-        }
-        ranges[i] = (struct vmm_range){slot, first, end > first ? end : first};
         capacity += ranges[i].end - ranges[i].first;
     }
     for (Py_ssize_t i = 0; i < nslots; i++) {
-        unsigned long long id;
-        PyObject *buffer;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(slots, i), "KO;a slot is (slot, buffer)", &id, &buffer))
-            goto done;
-        if (PyObject_GetBuffer(buffer, &memory[i], PyBUF_SIMPLE) < 0)
+        if (get_slot(PySequence_Fast_GET_ITEM(slots, i), &memory[i], &slot_ids[i], &slot_pages[i]) < 0)
             goto done;
         got_slots++;
-        slot_ids[i] = id;
-        slot_pages[i] = (uint64_t)memory[i].len / PAGE_SIZE;
     }
     if (PyObject_GetBuffer(out_arg, &out, PyBUF_WRITABLE) < 0)
         goto done;
@@ -786,8 +822,8 @@ static PyObject *native_checkpoint(PyObject *self, PyObject *args)
 
     uint64_t *k = (uint64_t *)PyByteArray_AS_STRING(keys);
     size_t n = 0, unique = 0, out_pages = (size_t)out.len / PAGE_SIZE;
-    long long bad_ring = -1;
-    uint64_t bad_slot = 0, bad_offset = 0, mask = (uint64_t)entries - 1, harvested = 0;
+    struct bad_entry bad_at = {-1, 0, 0};
+    uint64_t harvested = 0;
     int stopped, reset = 0, switched = 0, captured = 0, resumed = 0;
     long long gathered = -1;
     int64_t t0 = clock_ns(), times[5] = {0, 0, 0, 0, 0};
@@ -797,83 +833,16 @@ static PyObject *native_checkpoint(PyObject *self, PyObject *args)
     stopped = gate_stop_nogil(gate, reason, (int64_t)(timeout * 1e9));
     times[0] = clock_ns() - t0;
     if (stopped) {
-        /* harvest: walk, RESET marks, VMM pages, dedup (as native_harvest) */
-        for (Py_ssize_t r = 0; r < nrings; r++) {
-            struct dirty_gfn *ring = ring_views[r].buf;
-            uint64_t taken = 0;
-            while (taken < (uint64_t)entries) {
-                struct dirty_gfn *e = &ring[(starts[r] + taken) & mask];
-                if (!(__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & DIRTY_FLAG))
-                    break;
-                uint64_t slot = e->slot, offset = e->offset;
-                __atomic_store_n(&e->flags, RESET_FLAG, __ATOMIC_RELEASE);
-                last[r][0] = slot;
-                last[r][1] = offset;
-                taken++;
-                if (slot >= SLOT_LIMIT || offset > OFFSET_MASK) {
-                    if (bad_ring < 0) {
-                        bad_ring = r;
-                        bad_slot = slot;
-                        bad_offset = offset;
-                    }
-                    continue;
-                }
-                k[n++] = (slot << OFFSET_BITS) | offset;
-            }
-            counts[r] = taken;
-            harvested += taken;
-        }
-        for (Py_ssize_t i = 0; i < nranges; i++) {
-            uint64_t base = ranges[i].slot << OFFSET_BITS;
-            for (uint64_t page = ranges[i].first; page < ranges[i].end; page++)
-                k[n++] = base | page;
-        }
+        n = walk_rings(ring_views, nrings, starts, (uint64_t)entries, ranges, nranges, k, counts, last, &bad_at);
+        for (Py_ssize_t r = 0; r < nrings; r++)
+            harvested += counts[r];
         unique = sort_unique(k, scratch, n, k);
-        /* reset: one call with every blockable signal blocked (as native_reset) */
-        sigset_t all, old;
-        sigfillset(&all);
-        struct rusage before, after;
-        if (harvested == 0) {
-            reset = 0;
-        } else if (pthread_sigmask(SIG_BLOCK, &all, &old) == 0) {
-            getrusage(RUSAGE_THREAD, &before);
-            for (int tries = 0; tries < EINTR_RETRIES; tries++) {
-                reset = ioctl(vm_fd, KVM_RESET_DIRTY_RINGS, 0);
-                if (reset >= 0 || errno != EINTR)
-                    break;
-            }
-            if (reset < 0)
-                reset = -errno;
-            getrusage(RUSAGE_THREAD, &after);
-            pthread_sigmask(SIG_SETMASK, &old, NULL);
-            switched = after.ru_nvcsw != before.ru_nvcsw;
-        } else {
-            reset = -errno;
-        }
+        reset = harvested ? reset_blocked(vm_fd, &switched) : 0;
         times[1] = clock_ns() - t0;
-        /* gather (as native_gather); any problem leaves it to the caller */
-        if (unique <= out_pages) {
-            char *dst = out.buf;
-            size_t i = 0;
-            int ok = 1;
-            while (i < unique) {
-                uint64_t slot = k[i] >> OFFSET_BITS, offset = k[i] & OFFSET_MASK;
-                Py_ssize_t s = 0;
-                while (s < nslots && slot_ids[s] != slot)
-                    s++;
-                if (s == nslots || offset >= slot_pages[s]) {
-                    ok = 0;
-                    break;
-                }
-                size_t run = 1;
-                while (i + run < unique && k[i + run] == k[i] + run && offset + run < slot_pages[s])
-                    run++;
-                memcpy(dst + i * PAGE_SIZE, (char *)memory[s].buf + offset * PAGE_SIZE, run * PAGE_SIZE);
-                i += run;
-            }
-            if (ok)
-                gathered = (long long)unique;
-        }
+        uint64_t error_key;              /* (a bad key: the caller's gather() names it) */
+        if (unique <= out_pages &&
+            copy_pages(k, unique, slot_ids, slot_pages, memory, nslots, out.buf, &error_key) == 0)
+            gathered = (long long)unique;
         times[2] = clock_ns() - t0;
         /* capture: kvm_run.s by memcpy, XSAVE and MSRs by ioctl (as get_state) */
         captured = 1;
@@ -902,7 +871,7 @@ static PyObject *native_checkpoint(PyObject *self, PyObject *args)
             }
         }
         times[3] = clock_ns() - t0;
-        if (resume && captured && gathered >= 0 && bad_ring < 0 && reset >= 0 &&
+        if (resume && captured && gathered >= 0 && bad_at.ring < 0 && reset >= 0 &&
             (uint64_t)reset == harvested && !switched) {
             gate_go_nogil(gate, reason);
             resumed = 1;
@@ -914,35 +883,23 @@ static PyObject *native_checkpoint(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
 
     if (!stopped) {
-        result = Py_BuildValue("(OOOOOOOOOOO)", Py_False, Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
-                               Py_None, Py_None, Py_False, Py_None);
+        result = Py_BuildValue("(OOOOOOOO)", Py_False, Py_None, Py_None, Py_None, Py_None, Py_None, Py_False,
+                               Py_None);
         goto done;
     }
-    if (PyByteArray_Resize(keys, (Py_ssize_t)(unique * sizeof(uint64_t))) < 0)
-        goto done;
-    PyObject *count_tuple = PyTuple_New(nrings), *last_tuple = PyTuple_New(nrings);
+    PyObject *harvest = harvest_result(keys, unique, nrings, counts, last, &bad_at);
     PyObject *captures = captured ? PyList_New(nvcpus) : Py_NewRef(Py_None);
-    if (!count_tuple || !last_tuple || !captures) {
-        Py_XDECREF(count_tuple);
-        Py_XDECREF(last_tuple);
+    if (!harvest || !captures) {
+        Py_XDECREF(harvest);
         Py_XDECREF(captures);
         goto done;
-    }
-    for (Py_ssize_t r = 0; r < nrings; r++) {
-        PyTuple_SET_ITEM(count_tuple, r, PyLong_FromUnsignedLongLong(counts[r]));
-        if (counts[r])
-            PyTuple_SET_ITEM(last_tuple, r, Py_BuildValue("(KK)", (unsigned long long)last[r][0],
-                                                          (unsigned long long)last[r][1]));
-        else
-            PyTuple_SET_ITEM(last_tuple, r, Py_NewRef(Py_None));
     }
     if (captured) {
         for (Py_ssize_t v = 0; v < nvcpus; v++) {
             struct capture_job *job = &jobs[v];
             PyObject *values = PyTuple_New(job->msrs.header.nmsrs);
             if (!values) {
-                Py_DECREF(count_tuple);
-                Py_DECREF(last_tuple);
+                Py_DECREF(harvest);
                 Py_DECREF(captures);
                 goto done;
             }
@@ -951,10 +908,7 @@ static PyObject *native_checkpoint(PyObject *self, PyObject *args)
             PyList_SET_ITEM(captures, v, Py_BuildValue("(OON)", job->sync, job->xsave, values));
         }
     }
-    PyObject *bad = bad_ring < 0 ? Py_NewRef(Py_None)
-                                 : Py_BuildValue("(LKK)", bad_ring, (unsigned long long)bad_slot,
-                                                 (unsigned long long)bad_offset);
-    result = Py_BuildValue("(OONNNiOLNO(LLLLLL))", Py_True, keys, count_tuple, last_tuple, bad, reset,
+    result = Py_BuildValue("(ONiOLNO(LLLLLL))", Py_True, harvest, reset,
                            switched ? Py_True : Py_False, gathered, captures, resumed ? Py_True : Py_False,
                            (long long)t0, (long long)(t0 + times[0]), (long long)(t0 + times[1]),
                            (long long)(t0 + times[2]), (long long)(t0 + times[3]), (long long)(t0 + times[4]));
