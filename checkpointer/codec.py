@@ -429,14 +429,17 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def decode_batch(payload, base: Callable[[np.ndarray], np.ndarray], out: np.ndarray | None = None,
                  *, max_pages: int = DEFAULT_MAX_PAGES,
-                 valid_key: Callable[[np.ndarray], np.ndarray] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 valid_key: Callable[[np.ndarray], np.ndarray] | None = None,
+                 slots: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode one batch payload into (keys, pages); pages is `out[:n]` when `out` is given.
 
     `base(keys)` returns the (m, 4096) uint8 committed content of the XOR pages (see the
     XOR-base rule above); `valid_key(keys)` returns a bool mask of keys inside the guest's
     memory layout. Raises CodecError for any malformed payload, before writing anything.
-    Exceptions raised by `base` or `valid_key` themselves propagate unchanged.
+    Exceptions raised by `base` or `valid_key` themselves propagate unchanged. With `slots`
+    (the committed memory itself: (slot id, its (pages, 4096) array, its page count) each), a
+    small batch into `out` reads its XOR bases from there and is assembled in one native call
+    (checkpointer/native/codec.c) once every check has passed; `base` is then not called.
     """
     try:
         view = memoryview(payload).cast("B")
@@ -513,6 +516,13 @@ def decode_batch(payload, base: Callable[[np.ndarray], np.ndarray], out: np.ndar
             raise CodecError(f"page batch zstd frame is corrupt: {exc}") from None
         if len(raw) != dlen:
             raise CodecError(f"zstd frame decompressed to {len(raw)} bytes, declared {dlen}")
+    if slots is not None and out is not None and count <= NATIVE_PAGES:
+        result = out[:count]
+        try:
+            native_codec.assemble_pages(keys, kinds, raw, result, slots, pagekeys.SLOT_SHIFT, pagekeys.OFFSET_MASK)
+        except ValueError as exc:
+            raise CodecError(f"page batch: {exc}") from None
+        return keys, result
     xor_idx = np.flatnonzero(kinds == KIND_XOR)
     base_pages = None
     if len(xor_idx):

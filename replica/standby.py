@@ -99,8 +99,9 @@ class Standby:
             raise StagingError("PAGES with no epoch open")
         room = len(self._staging) - self._cursor
         try:
+            slots = tuple((slot, memory.pages, self._slot_pages[slot]) for slot, memory in self.memory.slots.items())
             keys, pages = decode_batch(payload, self._base, out=self._staging[self._cursor:],
-                                       max_pages=room, valid_key=self._valid_keys)
+                                       max_pages=room, valid_key=self._valid_keys, slots=slots)
         except CodecError as exc:
             raise StagingError(f"epoch {self._epoch}: {exc}") from exc
         count = len(keys)

@@ -20,6 +20,12 @@
  *  - output: kinds[n] (0 ZERO, 1 RAW, 2 XOR) and, for the non-zero pages in key order, the
  *    page itself (RAW) or page ^ cached (XOR) in out; returns their count.
  * Keys must be sorted, unique and below EMPTY_KEY (checked here, before anything changes).
+ *
+ * assemble_pages: the last step of decode_batch for a small batch, once the batch is checked
+ * (keys inside the layout, kinds, lengths) and its zstd frame decompressed: each page of out is
+ * zeros (ZERO), the next data row (RAW), or the next data row ^ the committed page of its key
+ * (XOR), read straight from the slot's memory (slots: (slot id, pages buffer, page count)). A
+ * key outside the slots is a ValueError before anything is written (the caller checked them).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -173,7 +179,102 @@ out0:
     return result;
 }
 
+static PyObject *assemble_pages(PyObject *self, PyObject *args) {
+    PyObject *keys_o, *kinds_o, *data_o, *out_o, *slots_o;
+    unsigned int shift;
+    unsigned long long mask;
+    if (!PyArg_ParseTuple(args, "OOOOOIK", &keys_o, &kinds_o, &data_o, &out_o, &slots_o, &shift, &mask))
+        return NULL;
+    if (!PyTuple_Check(slots_o) || PyTuple_GET_SIZE(slots_o) > 64) {
+        PyErr_SetString(PyExc_ValueError, "slots must be a tuple of at most 64 (slot, pages, count)");
+        return NULL;
+    }
+    Py_ssize_t nslots = PyTuple_GET_SIZE(slots_o);
+    Py_buffer kb, kdb, db, ob, sb[64];
+    unsigned long long slot_ids[64];
+    Py_ssize_t slot_pages[64];
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    if (get(keys_o, &kb, 0, "keys", 0) < 0)
+        return NULL;
+    Py_ssize_t n = kb.len / 8;
+    if (get(kinds_o, &kdb, 0, "kinds", n) < 0) goto k0;
+    if (get(data_o, &db, 0, "data", 0) < 0) goto k1;
+    if (get(out_o, &ob, 1, "out", n * PAGE) < 0) goto k2;
+    for (; got < nslots; got++) {
+        PyObject *item = PyTuple_GET_ITEM(slots_o, got);
+        unsigned long long id;
+        Py_ssize_t count;
+        PyObject *pages;
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "KOn", &id, &pages, &count))
+            goto k4;
+        if (get(pages, &sb[got], 0, "slot pages", count * PAGE) < 0)
+            goto k4;
+        slot_ids[got] = id;
+        slot_pages[got] = count;
+    }
+    const uint64_t *keys = kb.buf;
+    const uint8_t *kinds = kdb.buf, *data = db.buf;
+    uint8_t *out = ob.buf;
+    Py_ssize_t rows = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {                /* check first: nothing is written on an error */
+        if (kinds[i] > KIND_XOR) {
+            PyErr_Format(PyExc_ValueError, "unknown page kind %d at index %zd", kinds[i], i);
+            goto k4;
+        }
+        if (kinds[i] != KIND_ZERO)
+            rows++;
+        if (kinds[i] == KIND_XOR) {
+            const unsigned long long slot = keys[i] >> shift, offset = keys[i] & mask;
+            Py_ssize_t s = 0;
+            while (s < nslots && slot_ids[s] != slot)
+                s++;
+            if (s == nslots || offset >= (unsigned long long)slot_pages[s]) {
+                PyErr_Format(PyExc_ValueError, "page key %#llx is outside the slots", (unsigned long long)keys[i]);
+                goto k4;
+            }
+        }
+    }
+    if (db.len < rows * PAGE) {
+        PyErr_Format(PyExc_ValueError, "data holds %zd bytes for %zd non-zero pages", db.len, rows);
+        goto k4;
+    }
+    rows = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint8_t *dst = out + i * PAGE;
+        if (kinds[i] == KIND_ZERO) {
+            memset(dst, 0, PAGE);
+            continue;
+        }
+        const uint8_t *row = data + rows * PAGE;
+        rows++;
+        if (kinds[i] == KIND_RAW) {
+            memcpy(dst, row, PAGE);
+            continue;
+        }
+        const unsigned long long slot = keys[i] >> shift, offset = keys[i] & mask;
+        Py_ssize_t s = 0;
+        while (slot_ids[s] != slot)
+            s++;
+        xor_into((uint64_t *)dst, (const uint64_t *)row, (const uint64_t *)((const uint8_t *)sb[s].buf + offset * PAGE));
+    }
+    result = PyLong_FromSsize_t(rows);
+k4:
+    for (Py_ssize_t s = 0; s < got; s++)
+        PyBuffer_Release(&sb[s]);
+    PyBuffer_Release(&ob);
+k2:
+    PyBuffer_Release(&db);
+k1:
+    PyBuffer_Release(&kdb);
+k0:
+    PyBuffer_Release(&kb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"assemble_pages", assemble_pages, METH_VARARGS,
+     "assemble_pages(keys, kinds, data, out, slots, shift, mask) -> data rows used (see the module's comment)"},
     {"encode_pages", encode_pages, METH_VARARGS,
      "encode_pages(keys, pages, cache_keys, cache_stamps, cache_data, clock, ways, sets, shift, out, kinds)"
      " -> non-zero pages written to out (see the module's comment)"},

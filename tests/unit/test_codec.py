@@ -680,3 +680,55 @@ def test_native_cache_phase_checks_keys_before_changing_anything():
     with pytest.raises(CodecError, match="reserved"):
         encoder.encode(np.array([1, 0xFFFF_FFFF_FFFF_FFFF], dtype=np.uint64), pages)
     assert np.array_equal(encoder.cache_keys, before[0]) and np.array_equal(encoder.cache_stamp, before[1])
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), epochs=st.integers(2, 4),
+       modes=st.lists(st.sampled_from(MODES), min_size=1, max_size=5, unique=True))
+def test_native_assembly_from_the_slots_equals_the_base_callback(seed, epochs, modes):
+    """decode_batch with `slots` (the replica's committed memory, read in C) gives exactly what it
+    gives with `base`, for ZERO, RAW and XOR pages in two slots."""
+    from ring import pages as pagekeys
+    rng = np.random.default_rng(seed)
+    memory = {0: np.zeros((64, PAGE_SIZE), np.uint8), 2: np.zeros((80, PAGE_SIZE), np.uint8)}
+    primary = {slot: pages.copy() for slot, pages in memory.items()}
+    slots = tuple((slot, pages, len(pages)) for slot, pages in memory.items())
+
+    def base(keys):
+        return np.stack([memory[int(k) >> 40][int(k) & ((1 << 40) - 1)] for k in keys])
+
+    encoder = PageEncoder(cache_pages=256)
+    for _ in range(epochs):
+        offsets = {slot: np.unique(rng.integers(0, len(pages), 12)) for slot, pages in primary.items()}
+        for slot, rows in offsets.items():
+            for row in rows:
+                mode = modes[int(rng.integers(len(modes)))]
+                if mode == "zero":
+                    primary[slot][row] = 0
+                elif mode == "random":
+                    primary[slot][row] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+                else:
+                    primary[slot][row, rng.integers(0, PAGE_SIZE, 3)] ^= 0x5A
+        keys = np.concatenate([pagekeys.of_slot(slot, rows.astype(np.uint64)) for slot, rows in offsets.items()])
+        pages = np.concatenate([primary[slot][rows] for slot, rows in offsets.items()])
+        batch = encoder.encode(keys, pages)
+        out_native, out_python = np.empty_like(pages), np.empty_like(pages)
+        got_keys, got = decode_batch(batch.payload, None, out_native, slots=slots)
+        want_keys, want = decode_batch(batch.payload, base, out_python)
+        assert np.array_equal(got_keys, want_keys) and np.array_equal(got, want) and np.array_equal(got, pages)
+        for slot, rows in offsets.items():                  # commit
+            memory[slot][rows] = primary[slot][rows]
+
+
+def test_native_assembly_refuses_an_xor_key_outside_the_slots_before_writing():
+    encoder = PageEncoder(cache_pages=16)
+    keys = np.array([1, 2], dtype=np.uint64)
+    pages = np.ones((2, PAGE_SIZE), dtype=np.uint8)
+    encoder.encode(keys, pages)
+    batch = encoder.encode(keys, pages * 2)                  # both XOR now
+    out = np.full((2, PAGE_SIZE), 7, dtype=np.uint8)
+    with pytest.raises(CodecError, match="outside the slots"):
+        decode_batch(batch.payload, None, out, slots=((0, np.zeros((2, PAGE_SIZE), np.uint8), 2),))
+    assert (out == 7).all()
+    _, got = decode_batch(batch.payload, None, out, slots=((0, np.ones((3, PAGE_SIZE), np.uint8), 3),))
+    assert (got == 2).all()
