@@ -1,7 +1,7 @@
 """The build of colo-ring's native core (ring._native); the metadata is in setup.cfg.
 
-The extension is two C files (core.c: the pause's loops; gate.c: the vCPUs' run loop and
-barrier), and checkpointer._codec a second one (checkpointer/native/codec.c: the page
+The extension is three C files (core.c: the pause's loops; gate.c: the vCPUs' run loop and
+barrier; stream.c: the stream device's checkpoint state), and checkpointer._codec a second one (checkpointer/native/codec.c: the page
 encoder's cache phase for small batches), compiled with gcc by setuptools' own build_ext
 (`pip install -e '.[test]'` builds it in place). Nothing is downloaded: the
 build needs gcc and the Python headers, and says so by name when either is
@@ -39,7 +39,7 @@ class BuildNative(build_ext):
 setup(
     ext_modules=[Extension(
         "ring._native",
-        sources=["ring/native/core.c", "ring/native/gate.c"],
+        sources=["ring/native/core.c", "ring/native/gate.c", "ring/native/stream.c"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                             "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
     ), Extension(

@@ -272,6 +272,7 @@ def _run_protected(folder: Path, fencing: list[str], requests: int, clients: int
             "output_latency_p99_ms": after["output_latency_us_p99"] / 1000,
             "checkpoints_per_s": (after["epochs"] - before["epochs"]) / elapsed if elapsed > 0 else None,
             "pause_us_p50": after.get("pause_us_p50"), "pause_us_p99": after.get("pause_us_p99"),
+            "pause_parts_us_p50": after.get("pause_parts_us_p50", {}),
             "reasons": after.get("reasons", {}), "resyncs": resyncs,
         })
         return figures

@@ -117,9 +117,9 @@ class Snapshotter:
         """Pause, harvest (+ `extra` pages), gather, capture, resume. The guest runs again on return.
 
         Where the machine can (Machine.checkpoint: a KVM guest with dirty rings), the pause is one
-        native call that also resumes the guest, unless the device's state (`device_state`, read
-        while paused) or a test hook needs it paused a little longer; everything else in Python
-        happens after the resume. Otherwise, and to finish what the native call could not, the
+        native call that also resumes the guest, or, with a device, the call and the device's state
+        (`device_state`, read while paused) and then the resume; a test hook keeps it paused until
+        the hook ran. Everything else in Python happens after the resume. Otherwise, and to finish what the native call could not, the
         steps are taken one by one."""
         if extra is None and capture_state:
             snapshot = self._take_native(epoch, reason, device_state, while_paused)
@@ -158,9 +158,8 @@ class Snapshotter:
                      while_paused) -> Snapshot | None:
         machine = self.machine
         buffer = self.pool.acquire(self.pool.capacity)     # (before the pause: backpressure waits here)
-        resume_now = device_state is None and while_paused is None
         try:
-            done = machine.checkpoint(buffer, resume=resume_now)
+            done = machine.checkpoint(buffer, resume=while_paused is None, paused_state=device_state)
         except BaseException:
             self.pool.release(buffer)
             if not machine.paused:
@@ -180,9 +179,8 @@ class Snapshotter:
                 buffer = self.pool.acquire(len(keys))
                 gather(machine, keys, buffer)
             vcpus = done.vcpus if done.vcpus is not None else machine.capture_vcpus()
-            device = device_state() if device_state is not None else b""
             captured = max(captured, clock()) if not done.resumed else captured
-            snapshot = Snapshot(epoch, reason, keys, buffer[:len(keys)], buffer, vcpus, device, True)
+            snapshot = Snapshot(epoch, reason, keys, buffer[:len(keys)], buffer, vcpus, done.device, True)
             if while_paused is not None:
                 while_paused(snapshot, machine)
                 hook_ns = clock() - captured

@@ -101,6 +101,7 @@ class Checkpoint:
     vcpus: list[VcpuState] | None     # None: not read (the caller captures, still paused)
     resumed: bool                     # the guest runs again (else the caller resumes it)
     times_ns: tuple[int, ...]         # time.monotonic_ns() at the start and after each step
+    device: bytes = b""               # what paused_state() returned
 
 
 #: How long a checkpoint waits for the vCPUs to stop (Machine.pause's default).
@@ -210,7 +211,8 @@ class Machine:
     def throttled(self) -> float:
         return self.runner.throttled
 
-    def checkpoint(self, out: np.ndarray, resume: bool) -> Checkpoint | None:
+    def checkpoint(self, out: np.ndarray, resume: bool,
+                   paused_state: Callable[[], bytes] | None = None) -> Checkpoint | None:
         """The whole pause in one call, where the backend can (KvmMachine); None: it cannot."""
         return None
 
@@ -623,10 +625,13 @@ class KvmMachine(Machine):
                          msrs={i: msrs[i] for i in self._msrs}, events=events,
                          debugregs=debugregs, cpuid=cpuid)
 
-    def checkpoint(self, out: np.ndarray, resume: bool) -> Checkpoint | None:
+    def checkpoint(self, out: np.ndarray, resume: bool,
+                   paused_state: Callable[[], bytes] | None = None) -> Checkpoint | None:
         """The whole pause in one native call (ring._native.checkpoint): stop, harvest and reset,
         gather into `out`, read the vCPUs, and (`resume`) let them go, all without the GIL and
         without Python between the steps. The Python objects are built after the guest runs again.
+        `paused_state` (a device's state) is read first thing after the call, still paused, and
+        the guest resumed right after it (Checkpoint.device).
 
         None, with the guest untouched, where the machine cannot do it that way: the bitmap,
         vCPU state not all in kvm_run (after a SET ioctl) or not cached yet. A step the native
@@ -651,9 +656,21 @@ class KvmMachine(Machine):
             (stopped, harvested, reset, switched, gathered, captures, resumed, times) = native.checkpoint(
                 runner.gate, STOP_PAUSE, PAUSE_TIMEOUT_S, [r.buffer for r in tracker.rings],
                 [r.fetch_index for r in tracker.rings], entries, ranges, self._vm.fd, self._slot_buffers, out,
-                self._capture_jobs, resume)
+                self._capture_jobs, resume and paused_state is None)
             if not stopped:
                 runner.stuck(PAUSE_TIMEOUT_S)                                # raises
+            times = list(times)
+            device = b""
+            if paused_state is not None:
+                device = paused_state()
+                _, counts, _, bad = harvested
+                clean = (captures is not None and gathered >= 0 and bad is None and not switched
+                         and reset == sum(counts))
+                times[4] = time.monotonic_ns()
+                if resume and clean:          # what the native call would have done, after the state
+                    runner.gate.go(STOP_PAUSE)
+                    resumed = True
+                times[5] = time.monotonic_ns()
             if resumed:
                 runner.resume()               # (the gate went; this lets vCPUs held at a full ring go too)
             if switched:
@@ -665,11 +682,11 @@ class KvmMachine(Machine):
             raise
         vcpus = None
         if captures is not None:
-            base, regs_size, sregs_size = abi.RUN_SYNC_REGS, ctypes.sizeof(abi.Regs), ctypes.sizeof(abi.Sregs)
+            regs_size, sregs_size = ctypes.sizeof(abi.Regs), ctypes.sizeof(abi.Sregs)
             vcpus = [self._vcpu_state(vcpu.index, static, sync[:regs_size], sync[regs_size:regs_size + sregs_size],
                                       sync[regs_size + sregs_size:], xsave, values)
                      for vcpu, static, (sync, xsave, values) in zip(self._vcpus, statics, captures)]
-        return Checkpoint(dirty, gathered if gathered >= 0 else None, vcpus, resumed, times)
+        return Checkpoint(dirty, gathered if gathered >= 0 else None, vcpus, resumed, tuple(times), device)
 
     def restore_vcpus(self, states: list[VcpuState]) -> None:
         if len(states) != len(self._vcpus):

@@ -953,12 +953,14 @@ static struct PyModuleDef module = {
 };
 
 int gate_register(PyObject *module);     /* ring/native/gate.c */
+int stream_register(PyObject *module);   /* ring/native/stream.c */
 
 PyMODINIT_FUNC PyInit__native(void)
 {
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "PAGE_SIZE", PAGE_SIZE) < 0 ||
-              PyModule_AddIntConstant(m, "OFFSET_BITS", OFFSET_BITS) < 0 || gate_register(m) < 0)) {
+              PyModule_AddIntConstant(m, "OFFSET_BITS", OFFSET_BITS) < 0 || gate_register(m) < 0 ||
+              stream_register(m) < 0)) {
         Py_DECREF(m);
         return NULL;
     }
