@@ -40,7 +40,9 @@ def test_a_replica_lost_during_its_sync_resumes_it_and_its_copy_is_exact(tmp_pat
             agents.processes["replica"].send_signal(signal.SIGCONT)
         agents.wait("protection", lambda: agents.status("primary").get("protected"), timeout=120)
         resumed = agents.status("primary")["sync"]
-        assert resumed["resumed"] is True
+        assert resumed["resumed"] is True, (
+            "the sync was not resumed:\n--- primary\n" + (agents.logs / "primary.log").read_text()[-4000:]
+            + "\n--- replica\n" + (agents.logs / "replica.log").read_text()[-4000:])
         # it copied again what the first sync had not sent, not the whole memory
         assert resumed["resident_pages"] < first["resident_pages"] - first["copied_pages"] // 2, (first, resumed)
         assert "sync resumed from the copy it kept" in (agents.logs / "primary.log").read_text()
