@@ -52,8 +52,9 @@ class OutputBuffer:
     def release(self, upto: int | None) -> int:
         """Deliver every output of epochs <= upto (None: everything held); returns bytes delivered.
 
-        The gate is checked here, at the moment of release: shut, the release is remembered (as
-        the epoch bound it means now: what is held later is not covered) and nothing leaves.
+        The gate is checked here, at the moment of release, and again before each further output:
+        shut, the release is remembered (as the epoch bound it means now: what is held later is
+        not covered) and nothing more leaves.
         """
         if not self.gate():
             bound = upto if upto is not None else (self._held[-1].epoch if self._held else None)
@@ -64,10 +65,17 @@ class OutputBuffer:
             upto = None if upto is None else max(upto, self._deferred)
             self._deferred = None
         now = time.monotonic()
-        delivered = 0
+        delivered = sent = 0
         while self._held and (upto is None or self._held[0].epoch <= upto):
+            if sent and not self.gate():
+                # checked again before each write: a stop between two (SIGSTOP, a long preemption)
+                # outlasts the lease, and the rest must not leave late, once another node serves
+                bound = upto if upto is not None else self._held[-1].epoch
+                self._deferred = bound if self._deferred is None else max(self._deferred, bound)
+                break
             item = self._held.popleft()
             item.send(item.data)
+            sent += 1
             self.latency_us.append((now - item.held_at) * 1e6)
             delivered += len(item.data)
         self.released_bytes += delivered

@@ -42,3 +42,25 @@ def test_release_never_sends_an_unacknowledged_epoch(items, acks) -> None:
             assert all(e <= acked for e, _ in sent)
     buffer.release(None)
     assert [d for _, d in sent] == [d for _, d in items]
+
+
+def test_a_gate_that_shuts_during_a_release_stops_the_rest_until_flush() -> None:
+    """The gate is checked before each output: a node stopped in the middle of a release (SIGSTOP
+    past its lease) lets nothing more out when it wakes; flush() delivers the rest once it opens."""
+    valid = [True]
+    sent: list[bytes] = []
+    buffer = OutputBuffer(gate=lambda: valid[0])
+
+    def send_then_stop(data: bytes) -> None:
+        sent.append(data)
+        valid[0] = False                       # the lease runs out right after the first write
+
+    buffer.hold(1, send_then_stop, b"one")
+    buffer.hold(1, sent.append, b"")           # (empty: a close; still gated)
+    buffer.hold(2, sent.append, b"two")
+    assert buffer.release(2) == 3
+    assert sent == [b"one"] and len(buffer) == 2
+    assert buffer.flush() == 0 and sent == [b"one"]
+    valid[0] = True
+    assert buffer.flush() == 3
+    assert sent == [b"one", b"", b"two"] and len(buffer) == 0
