@@ -26,7 +26,6 @@ import numpy as np
 
 from . import abi
 import ring._native as native        # the native core (ring/native/core.c), built by setup.py
-from ._native import GATE_CLOSED, Gate
 from .dirty import BitmapTracker, DirtyRing, DirtySet, RingTracker, validate_ring_entries, vmm_keys
 from .errors import ConfigError, GuestFault, KvmError, KvmUnavailableError, StateError
 from .guest import layout, loader
@@ -398,11 +397,11 @@ class KvmExecutor:
         self.vcpu = vcpu
         self.index = vcpu.index
 
-    def run_gated(self, gate: Gate) -> Exit | None:
+    def run_gated(self, gate: native.Gate) -> Exit | None:
         """KVM_RUN in the gate's native loop (it parks there while stopped) until an exit."""
         vcpu = self.vcpu
         code = gate.run_kvm(self.index, vcpu.fd, vcpu.immediate_exit_address, vcpu.run_counter_address)
-        if code == GATE_CLOSED:
+        if code == native.GATE_CLOSED:
             return None
         if code < 0:
             return errno_exit(code)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from ._native import KICK_SIGNAL, Gate
+from ._native import Gate
 from ._native import install_kick_handler as _install_native_kick_handler
 from .errors import StateError
 

@@ -121,7 +121,7 @@ def test_selftest_oracle_with_a_rearm_after_every_reset() -> None:
     assert full >= 5, f"only {full} iterations ended with a full ring: the test did not exercise it"
 
 
-def _written_pages(vm: KvmMachine, start: list[int]) -> set[int]:
+def written_pages(vm: KvmMachine, start: list[int]) -> set[int]:
     pages: set[int] = set()
     for v, first in enumerate(start):
         items = np.arange(first, vm.progress(v), dtype=np.uint64)
@@ -142,7 +142,7 @@ def test_ring_and_bitmap_report_the_same_pages(name: str, manual_clear: bool) ->
             vm.harvest()                        # start clean: the loader's and first pages
             vm.run_to_limit(1500)
             dirty = vm.harvest()
-            assert set(dirty.slot(layout.DATA_SLOT).tolist()) == _written_pages(vm, [500, 500])
+            assert set(dirty.slot(layout.DATA_SLOT).tolist()) == written_pages(vm, [500, 500])
             results[dirty_log] = dirty
     ring, bitmap = results["ring"], results["bitmap"]
     assert ring.count > 500

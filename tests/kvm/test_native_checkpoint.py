@@ -13,16 +13,9 @@ from ring.guest import layout
 from ring.vcpus import LimitReached, Progress
 
 from .test_fast_capture import assert_same_state
+from .test_kvm_ring import written_pages
 
 pytestmark = pytest.mark.kvm
-
-
-def _written_keys(vm: KvmMachine, start: list[int]) -> set[int]:
-    pages: set[int] = set()
-    for v, first in enumerate(start):
-        items = np.arange(first, vm.progress(v), dtype=np.uint64)
-        pages |= set(vm.resolved.pages(v, items).tolist())
-    return pages
 
 
 def _first_native(vm: KvmMachine, buffer: np.ndarray):
@@ -50,7 +43,7 @@ def test_one_call_reports_the_written_pages_their_content_and_the_vcpu_state() -
             assert done is not None and not done.resumed and vm.paused
             keys = done.dirty.keys()
             data = set(done.dirty.slot(layout.DATA_SLOT).tolist())
-            assert data == _written_keys(vm, start)
+            assert data == written_pages(vm, start)
             assert done.gathered == len(keys)
             expected = gather_reference(vm, keys, np.empty_like(buffer))
             assert np.array_equal(buffer[:len(keys)], expected)
