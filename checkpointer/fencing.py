@@ -71,7 +71,7 @@ import socket
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable
 
 import aetcd
 
@@ -188,18 +188,26 @@ class PairLease:
     def _valid_until(self, sent: float, ttl: float) -> float:
         return sent + ttl * (1 - DRIFT) - MARGIN_S
 
+    async def grant(self) -> tuple[Any, float]:
+        """A new lease of our TTL, for an acquire to come (granted ahead, while other calls run).
+        Its TTL counts from the grant: the holding's validity does too (acquire's `granted`)."""
+        sent = self.clock()
+        lease = await self._call(lambda client: client.lease(max(1, round(self.ttl_s))))
+        return lease, sent
+
     async def acquire(self, standby: int | None = None, *, first: bool = False,
-                      retake: bool = False) -> Holding | None:
+                      retake: bool = False, granted: tuple[Any, float] | None = None) -> Holding | None:
         """Create the key if it is absent (and, given `standby`, if the standby key names that
         session; `first`: if the pair never ran, i.e. there is no standby key at all; `retake`: if
         nobody wrote the standby key since we last did, i.e. nobody took the key since we held it);
-        None if the transaction failed. The standby key becomes "none" (S2)."""
-        sent = self.clock()
+        None if the transaction failed. The standby key becomes "none" (S2). `granted`: the
+        lease (and when it was asked for) from grant(), else one is granted here."""
+        sent = self.clock() if granted is None else granted[1]
         if retake and self.standby_revision == 0:
             return None                         # we never wrote it: we cannot know who did since
 
         async def take(client):
-            lease = await client.lease(max(1, round(self.ttl_s)))
+            lease = granted[0] if granted is not None else await client.lease(max(1, round(self.ttl_s)))
             t = client.transactions
             compare = [t.create(self.key) == 0]
             if standby is not None:
@@ -324,6 +332,7 @@ class Fence:
         self.changes: list[tuple[float, str, int]] = []    # (wall time, what, token)
         self.fenced = False
         self.problem = ""                   # why the last renewal failed, for the status
+        self.primary_holder: Holder | None = None   # the key's holder as read ahead (learn_primary)
 
     @property
     def token(self) -> int:
@@ -464,6 +473,27 @@ class Fence:
         return self.lease is not None and token > self.token > 0
 
     # -- the replica ---------------------------------------------------------------------------
+    async def learn_primary(self) -> None:
+        """Read who holds the key now, ahead of a takeover (a replica that adopted a session): a
+        proven death then revokes that holder's lease at once, without reading it first."""
+        if self.lease is None:
+            return
+        try:
+            self.primary_holder = await self.lease.holder()
+        except EtcdUnavailable:
+            self.primary_holder = None            # (the claim reads it then)
+
+    async def _revoke_and_take(self, holder: Holder, session: int) -> bool:
+        """Revoke the dead holder's lease (its key goes with it) and take the key for `session`,
+        our own lease granted meanwhile: two round trips of etcd's, not three."""
+        lease = self.lease
+        granted, _ = await asyncio.gather(lease.grant(), lease.revoke(holder.lease_id))
+        log.warning("the primary's connection closed without BYE: its lease %x is revoked", holder.lease_id)
+        if await lease.acquire(standby=session, granted=granted) is not None:
+            self._note("active")
+            return True
+        return False
+
     async def claim(self, primary_token: int, session: int, proven_dead: bool) -> Claim:
         """Take the key for a takeover from the standby of `session` (S2, S3).
 
@@ -481,6 +511,18 @@ class Fence:
         lease, ttl = self.lease, self.section.ttl_s
         give_up_at: float | None = None
         revoked = False
+        known = self.primary_holder
+        if (proven_dead and self.section.revoke_on_close and known is not None and primary_token
+                and known.token == primary_token):
+            # The holder read ahead (learn_primary) is the one whose death is proven: no read now.
+            revoked = True
+            try:
+                if await self._revoke_and_take(known, session):
+                    return Claim(True, self.token, "took the pair's key")
+            except EtcdUnavailable as exc:
+                self.problem = str(exc)
+                log.error("claiming the pair's key: %s; trying again", exc)
+                revoked = False
         while True:
             try:
                 holder = await lease.holder()
@@ -500,12 +542,8 @@ class Fence:
                     return Claim(False, holder.token, f"node {holder.node!r} holds the key with token "
                                                       f"{holder.token}, not our primary's {primary_token}")
                 if proven_dead and self.section.revoke_on_close and not revoked:
-                    await lease.revoke(holder.lease_id)
                     revoked = True
-                    log.warning("the primary's connection closed without BYE: its lease %x is revoked",
-                                holder.lease_id)
-                    if await lease.acquire(standby=session) is not None:     # (the key went with it)
-                        self._note("active")
+                    if await self._revoke_and_take(holder, session):
                         return Claim(True, self.token, "took the pair's key")
                     continue
                 now = self.clock()

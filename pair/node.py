@@ -201,7 +201,7 @@ class Node:
         self.roles: list[dict[str, Any]] = []             # each role change: when, which, the token
         self._stopping = False
         self.sentinel: SentinelServer | None = None
-        self.takeover_ms: float | None = None     # the last takeover's, as its replica role measured it
+        self.takeover: dict[str, Any] = {}        # the last takeover's figures, as its replica role measured them
 
     def _become(self, role: str) -> None:
         self.role = role
@@ -215,8 +215,8 @@ class Node:
 
     def status_extra(self) -> dict:
         extra = {"node": self.config.name, "node_role": self.role, "role_changes": self.roles[-50:]}
-        if self.role == "primary" and self.takeover_ms is not None:
-            extra["takeover_ms"] = self.takeover_ms      # the primary role's own figure is None
+        if self.role == "primary":
+            extra.update(self.takeover)                  # the primary role's own figures are None
         return extra
 
     # -- discovery ---------------------------------------------------------------------------
@@ -284,7 +284,8 @@ class Node:
         done, _ = await asyncio.wait({running, handing}, return_when=asyncio.FIRST_COMPLETED)
         if handing in done:
             guest = handing.result()
-            self.takeover_ms = agent.takeover_ms
+            self.takeover = {"takeover_ms": agent.takeover_ms, "takeover_steps_ms": agent.takeover_steps_ms,
+                             "took_over_at": agent.took_over_at}
             await running
             return guest
         handing.cancel()

@@ -166,6 +166,10 @@ class ReplicaAgent:
         self.endpoint: str | None = None
         self.active: Guest | None = None          # the guest this node serves once it took over
         self.takeover_ms: float | None = None
+        self._takeover_marks: dict[str, float] = {}       # step -> when (monotonic), for the log
+        self.takeover_steps_ms: dict[str, float] = {}     # step -> ms after the primary's last message
+        self.took_over_at: float | None = None            # wall-clock time the service was back
+        self._closed_at = 0.0                             # when the primary's connection last closed
         self.last_primary_message = 0.0
         self._incoming: _Incoming | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -269,6 +273,7 @@ class ReplicaAgent:
     async def _monitor_loop(self) -> None:
         while True:
             if self._connection_event(await self.monitor.recv_multipart()) and not self._connections:
+                self._closed_at = time.monotonic()
                 # What the primary sent before it went (a BYE, an epoch's end) must be handled
                 # first: the receive loop takes it from ZeroMQ's queue meanwhile.
                 await asyncio.sleep(DISCONNECT_GRACE)
@@ -444,6 +449,7 @@ class ReplicaAgent:
         self.guard.adopt(command.session)
         self.writer = wire.FrameWriter(session=command.session)
         self._ends.clear()
+        self.runtime.spawn(self.fence.learn_primary())   # who to revoke, should this primary die
 
     def _do_SendWelcome(self, command: proto.SendWelcome) -> None:
         welcome = wire.Welcome(command.version, command.committed_epoch or None, self.protocol.newest_token,
@@ -574,6 +580,10 @@ class ReplicaAgent:
                        lambda: writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.committed_epoch))
 
     def _do_ClaimLease(self, command: proto.ClaimLease) -> None:
+        now = time.monotonic()
+        self._takeover_marks = {"claim started": now}
+        if self.last_primary_message <= self._closed_at <= now:
+            self._takeover_marks["connection closed"] = self._closed_at
         self.runtime.spawn(self._claim(command))
 
     async def _claim(self, command: proto.ClaimLease) -> None:
@@ -586,10 +596,12 @@ class ReplicaAgent:
     def _do_Failover(self, command: proto.Failover) -> None:
         log.error("FAILOVER: %s; starting the standby guest from epoch %d", command.reason, command.epoch)
         self._failover_started = time.monotonic()
+        self._takeover_marks["key taken"] = self._failover_started
         self.runtime.spawn(self._fail_over(command.epoch))
 
     async def _fail_over(self, decided_epoch: int) -> None:
         await self.lane.idle()                    # every check and commit queued before the decision
+        self._takeover_marks["commits done"] = time.monotonic()
         if self.standby.committed_epoch != decided_epoch:
             log.info("the standby committed epoch %d meanwhile (complete and verified): it runs that",
                      self.standby.committed_epoch)
@@ -603,6 +615,7 @@ class ReplicaAgent:
         self._holding = self.runtime.spawn(self.fence.hold(self._lease_changed))
         machine = self.active.machine
         machine.set_event_sink(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
+        self._takeover_marks["guest restored"] = time.monotonic()
         machine.start()                           # the vCPUs at once; the service port in _serve
         if self.active.device is not None:
             self.runtime.spawn(self._serve())
@@ -611,10 +624,22 @@ class ReplicaAgent:
         loop = asyncio.get_running_loop()
         await self.active.start(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
         if self.takeover_ms is None:             # the service is back: that is the takeover
+            self._takeover_marks["serving"] = time.monotonic()
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
+            self.took_over_at = time.time()
         self.took_over.set()
-        log.error("the service is back on port %d (takeover %.1f ms after the primary's last message)",
-                  self.active.device.port, self.takeover_ms)
+        log.error("the service is back on port %d (takeover %.1f ms after the primary's last message: %s)",
+                  self.active.device.port, self.takeover_ms, self._takeover_steps())
+
+    def _takeover_steps(self) -> str:
+        """Where the takeover's time went, step by step from the primary's last message (ms)."""
+        marks = sorted(self._takeover_marks.items(), key=lambda item: item[1])
+        steps, at = [], self.last_primary_message
+        for name, when in marks:
+            steps.append(f"{name} +{(when - at) * 1000:.1f}")
+            at = when
+        self.takeover_steps_ms = {name: round((when - self.last_primary_message) * 1000, 1) for name, when in marks}
+        return ", ".join(steps)
 
     async def hand_over(self) -> Guest:
         """Stop this replica role and give its taken-over guest (and the memory and lease it runs
@@ -653,9 +678,10 @@ class ReplicaAgent:
     def _on_guest_event(self, event: Event) -> None:
         if isinstance(event, Progress) and self.takeover_ms is None and self.active.device is None:
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
+            self._takeover_marks["running"] = time.monotonic()
+            self.took_over_at = time.time()
             log.error("the standby guest is running (takeover %.1f ms after the primary's last "
-                      "message; %.1f ms after the failover decision)", self.takeover_ms,
-                      (time.monotonic() - self._failover_started) * 1000)
+                      "message: %s)", self.takeover_ms, self._takeover_steps())
             self.took_over.set()
         elif isinstance(event, RingSoftFull):
             pass                                  # not tracked after failover
@@ -697,6 +723,8 @@ class ReplicaAgent:
             "encoded_mb_per_s": self.commit_encoded.throughput() / 1e6,
             "guest_progress": self.guest_progress(),
             "takeover_ms": self.takeover_ms,
+            "takeover_steps_ms": self.takeover_steps_ms,
+            "took_over_at": self.took_over_at,
             "fencing": self.fence.status(),
             "token": self.fence.token,
             "primary_token": self.protocol.primary_token,

@@ -138,10 +138,13 @@ def strike(pair: Pair, fault: str, point: str, rng: random.Random, etcd: LocalEt
     process = pair.cluster.agents[primary].process
     started = time.monotonic()
     struck = point if fault == "kill" else "-"
-    takeover_ms = None
+    takeover_ms = from_crash_ms = None
     if fault == "kill":
+        died_file = Path(str(pair.kill_file(primary)) + ".died")
+        died_file.unlink(missing_ok=True)
         if point == "random":
             time.sleep(rng.random() * warmup)       # the fault's moment, at random
+            died = time.time()
             pair.cluster.kill(primary)
         else:
             pair.kill_file(primary).write_text(f"{point}:{rng.randrange(20, 60)}")
@@ -150,9 +153,13 @@ def strike(pair: Pair, fault: str, point: str, rng: random.Random, etcd: LocalEt
                 process.wait(30)
             except subprocess.TimeoutExpired:       # the point was not reached: killed from outside
                 struck = f"{point}*"
+            died = float(died_file.read_text()) if died_file.exists() else time.time()
             pair.cluster.kill(primary)
         pair.wait(f"{other} to take over", lambda: pair.status(other).get("node_role") == "primary")
-        takeover_ms = pair.status(other).get("takeover_ms")
+        status = pair.status(other)
+        takeover_ms = status.get("takeover_ms")
+        if status.get("took_over_at") is not None:
+            from_crash_ms = (status["took_over_at"] - died) * 1000
         pair.start(primary)                         # the lost node rejoins
     elif fault == "freeze":
         process.send_signal(signal.SIGSTOP)
@@ -175,7 +182,8 @@ def strike(pair: Pair, fault: str, point: str, rng: random.Random, etcd: LocalEt
         time.sleep(FAULT_HOLD_S)                    # the fault's length
         etcd.start()
     pair.wait("the pair protected again", lambda: any(pair.protected_by(n) for n in NODES))
-    return {"kill_point": struck, "takeover_ms": takeover_ms, "reprotect_s": time.monotonic() - started}
+    return {"kill_point": struck, "takeover_ms": takeover_ms, "from_crash_ms": from_crash_ms,
+            "reprotect_s": time.monotonic() - started}
 
 
 def one_run(number: int, fault: str, points: list[str], cycles: int, rng: random.Random, workers: int,
@@ -222,7 +230,10 @@ def one_run(number: int, fault: str, points: list[str], cycles: int, rng: random
             takeovers = [s["takeover_ms"] for s in strikes if s["takeover_ms"] is not None]
             return {"run": number, "fault": fault, "kill_point": ",".join(sorted({s["kill_point"] for s in strikes})),
                     "cycles": cycles, "takeover_ms": statistics.median(takeovers) if takeovers else None,
-                    "takeovers_ms": takeovers, "reprotect_s": [round(s["reprotect_s"], 3) for s in strikes],
+                    "takeovers_ms": takeovers,
+                    "from_crash_ms": [round(s["from_crash_ms"], 1) for s in strikes
+                                      if s.get("from_crash_ms") is not None],
+                    "reprotect_s": [round(s["reprotect_s"], 3) for s in strikes],
                     "pause_us_p50": before.get("pause_us_p50"), "pause_us_p99": before.get("pause_us_p99"),
                     "output_latency_us_p50": before.get("output_latency_us_p50"),
                     "output_latency_us_p99": before.get("output_latency_us_p99"),
@@ -263,10 +274,12 @@ def _percentile(values: list[float], q: float) -> float | None:
 def summarize(per_run: list[dict]) -> dict:
     takeovers = [t for r in per_run for t in r.get("takeovers_ms", [])]
     reprotects = [t for r in per_run for t in r.get("reprotect_s", [])]
+    from_crash = [t for r in per_run for t in r.get("from_crash_ms", [])]
     return {"runs": len(per_run), "verified": sum(r["verified"] for r in per_run),
             "lost_writes": sum(r["lost_writes"] for r in per_run),
             "dual_active": sum(r["dual_active"] for r in per_run),
             "takeover_ms_p50": _percentile(takeovers, 50), "takeover_ms_p99": _percentile(takeovers, 99),
+            "from_crash_ms_p50": _percentile(from_crash, 50), "from_crash_ms_p99": _percentile(from_crash, 99),
             "reprotect_s_p50": _percentile(reprotects, 50), "reprotect_s_p99": _percentile(reprotects, 99),
             "takeover_ms_by_fault": {fault: {"p50": _percentile(times, 50), "p99": _percentile(times, 99),
                                              "strikes": len(times)}
@@ -280,7 +293,10 @@ def summary_line(summary: dict) -> str:
         return "-" if value is None else f"{value:.{digits}f} {unit}"
     return (f"{summary['verified']} of {summary['runs']} runs verified, {summary['lost_writes']} lost writes, "
             f"{summary['dual_active']} dual-active; takeover p50 {figure(summary['takeover_ms_p50'], 'ms')} "
-            f"p99 {figure(summary['takeover_ms_p99'], 'ms')}; re-protection p50 "
+            f"p99 {figure(summary['takeover_ms_p99'], 'ms')}"
+            + (f" (from the crash: p50 {figure(summary['from_crash_ms_p50'], 'ms')} p99 "
+               f"{figure(summary['from_crash_ms_p99'], 'ms')})" if summary.get("from_crash_ms_p50") is not None else "")
+            + "; re-protection p50 "
             f"{figure(summary['reprotect_s_p50'], 's', 2)} p99 {figure(summary['reprotect_s_p99'], 's', 2)}")
 
 

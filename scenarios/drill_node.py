@@ -3,7 +3,7 @@
     python -m scenarios.drill_node --kill-file FILE -- <colo-node flags>
 
 On SIGUSR2 (the drill strikes this node while it is the primary) the node reads POINT:N from FILE
-and SIGKILLs itself at POINT of the N-th protected checkpoint from then on (the points of
+and SIGKILLs itself at POINT (writing the time it died to FILE.died first) of the N-th protected checkpoint from then on (the points of
 scenarios.drill_primary: transfer, after-end, between, heavy-output, or a KillPoint's own name).
 Unarmed, it is colo-node. (SIGUSR1 is the vCPUs' kick signal.)
 """
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from checkpointer.faults import KillSwitch, parse_kill_at
@@ -31,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-file", required=True, help="where POINT:N is read when SIGUSR2 arms the switch")
     args = parser.parse_args(argv[:split])
     node: Node | None = None
-    switch = KillSwitch.for_agent(None, lambda: node.agent)
+
+    def die() -> None:
+        """SIGKILL this process, its wall-clock time first in FILE.died (takeover from the crash)."""
+        Path(args.kill_file + ".died").write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    switch = KillSwitch.for_agent(None, lambda: node.agent, kill=die)
 
     def arm() -> None:
         text = Path(args.kill_file).read_text().strip()

@@ -134,3 +134,52 @@ def test_a_holder_retakes_the_key_only_if_nobody_took_it_since(etcd) -> None:
             await b.close()
 
     asyncio.run(scenario())
+
+
+def test_a_proven_death_revokes_the_holder_read_ahead_and_a_stale_one_is_read_again(etcd) -> None:
+    """Fence.claim after learn_primary: the dead primary's lease is revoked without reading the
+    key first (our own lease granted meanwhile), and the key is ours under a newer token. A holder
+    read ahead that is stale (the primary took the key again since, under a new token) is not
+    trusted: the claim reads the key and revokes the lease that really holds it."""
+    from checkpointer.config import FencingSection
+    from checkpointer.fencing import Fence
+
+    def fence(node: str) -> Fence:
+        return Fence(FencingSection(etcd=etcd, key="/colo/ahead", node=node, ttl_s=5, renew_ms=400), node)
+
+    async def scenario() -> None:
+        primary, replica = fence("primary"), fence("replica")
+        try:
+            held = await primary.lease.acquire(first=True)
+            assert await primary.lease.declare_standby(7)
+            await replica.learn_primary()
+            assert replica.primary_holder.token == held.token
+            reads = []
+            read = replica.lease.holder
+
+            async def counted():
+                reads.append(1)
+                return await read()
+
+            replica.lease.holder = counted
+            claim = await replica.claim(held.token, 7, proven_dead=True)
+            assert not reads                                          # no read on the way
+            assert claim.won and claim.token > held.token, claim
+            assert (await replica.lease.holder()).node == "replica"
+
+            # the replica's key goes; the primary takes it again under a new token and names
+            # session 8: the holder the replica read ahead (the first token, its lease) is stale
+            stale = replica.primary_holder
+            await primary.lease.revoke(replica.lease.holding.lease_id)
+            assert await primary.lease.acquire() is not None and primary.token > claim.token
+            assert await primary.lease.declare_standby(8)
+            assert replica.primary_holder is stale and stale.token != primary.token
+            again = await replica.claim(primary.token, 8, proven_dead=True)
+            assert again.won and again.token > primary.token, again
+            assert reads                                              # the stale holder was read again
+            assert await primary.lease.renew() is None               # its lease was the one revoked
+        finally:
+            await primary.close()
+            await replica.close()
+
+    asyncio.run(scenario())
