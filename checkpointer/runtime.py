@@ -35,7 +35,7 @@ import zmq
 
 from .protocol import Command, Log
 
-__all__ = ["Runtime", "Rolling", "Channel", "set_zmq_heartbeats", "write_status", "rss_mib"]
+__all__ = ["Runtime", "Rolling", "Channel", "set_zmq_heartbeats", "write_status", "rss_mib", "realtime"]
 
 SETTLE_TURNS = 8          # loop turns given to unread frames after a stall, before a tick judges silence
 STALL_S = 0.02            # a tick this late (or 4 periods) means the loop stalled
@@ -46,6 +46,21 @@ def set_zmq_heartbeats(socket: zmq.Socket, heartbeat_ms: int, timeout_ms: int) -
     socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, heartbeat_ms))
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, timeout_ms))
     socket.setsockopt(zmq.HEARTBEAT_TTL, max(100, timeout_ms))
+
+
+def realtime(on: bool) -> bool:
+    """Run the calling thread SCHED_FIFO (priority 1), or SCHED_OTHER again; False where the
+    process may not (no CAP_SYS_NICE). For short, latency-bound stretches only, as the native
+    pause does: a takeover on a host whose cores the clients, etcd and the guest's vCPUs share
+    (HA stacks do the same: corosync runs SCHED_RR). The thread mostly waits on etcd meanwhile."""
+    try:
+        if on:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        else:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (PermissionError, OSError):
+        return False
+    return True
 
 
 def write_status(path: str, status: dict) -> None:

@@ -27,6 +27,7 @@ report).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ from checkpointer.config import ReplicaAgentConfig
 from checkpointer.fencing import Fence, FenceMode, LeaseChange, node_name
 from checkpointer.guest import Guest
 from checkpointer.output import OutputBuffer
-from checkpointer.runtime import Channel, Rolling, Runtime, set_zmq_heartbeats
+from checkpointer.runtime import Channel, Rolling, Runtime, realtime, set_zmq_heartbeats
 from checkpointer.security import secure_server
 from ring.errors import RingError
 from ring.memory import SlotSpec
@@ -170,6 +171,7 @@ class ReplicaAgent:
         self.takeover_steps_ms: dict[str, float] = {}     # step -> ms after the primary's last message
         self.took_over_at: float | None = None            # wall-clock time the service was back
         self._closed_at = 0.0                             # when the primary's connection last closed
+        self._realtime = False                            # the loop's thread runs SCHED_FIFO (takeover)
         self.last_primary_message = 0.0
         self._incoming: _Incoming | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -580,6 +582,9 @@ class ReplicaAgent:
                        lambda: writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.committed_epoch))
 
     def _do_ClaimLease(self, command: proto.ClaimLease) -> None:
+        if command.proven_dead:                   # a takeover in tens of ms: this thread first until restored
+            self._realtime = realtime(True)
+            gc.disable()                          # and no collection of the whole heap in the middle
         now = time.monotonic()
         self._takeover_marks = {"claim started": now}
         if self.last_primary_message <= self._closed_at <= now:
@@ -591,7 +596,13 @@ class ReplicaAgent:
         if claim.won:
             self._feed(proto.LeaseClaimed(time.monotonic(), claim.token))
         else:
+            self._end_realtime()
             self._feed(proto.ClaimFailed(time.monotonic(), claim.reason))
+
+    def _end_realtime(self) -> None:
+        gc.enable()
+        if self._realtime:
+            self._realtime = not realtime(False)
 
     def _do_Failover(self, command: proto.Failover) -> None:
         log.error("FAILOVER: %s; starting the standby guest from epoch %d", command.reason, command.epoch)
@@ -627,6 +638,7 @@ class ReplicaAgent:
             self._takeover_marks["serving"] = time.monotonic()
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
             self.took_over_at = time.time()
+        self._end_realtime()
         self.took_over.set()
         log.error("the service is back on port %d (takeover %.1f ms after the primary's last message: %s)",
                   self.active.device.port, self.takeover_ms, self._takeover_steps())
@@ -680,6 +692,7 @@ class ReplicaAgent:
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
             self._takeover_marks["running"] = time.monotonic()
             self.took_over_at = time.time()
+            self._end_realtime()
             log.error("the standby guest is running (takeover %.1f ms after the primary's last "
                       "message: %s)", self.takeover_ms, self._takeover_steps())
             self.took_over.set()

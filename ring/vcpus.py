@@ -25,6 +25,7 @@ one a numpy workload, so both backends share this barrier.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -126,6 +127,17 @@ THROTTLE_PERIOD_S = 0.02
 
 #: The gate's stop bits: each reason stops the vCPUs until it is cleared, whatever the others do.
 STOP_PAUSE, STOP_FENCE, STOP_THROTTLE = 1, 2, 4
+
+
+def _plain_scheduling() -> None:
+    """A vCPU thread runs SCHED_OTHER whoever started it: a thread inherits its creator's policy,
+    and a guest spinning at SCHED_FIFO would starve the host (an agent runs parts of its work
+    real-time: checkpointer.runtime.realtime)."""
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        pass
 
 
 class VcpuRunner:
@@ -278,6 +290,7 @@ class VcpuRunner:
     # -- the thread ------------------------------------------------------------
     def _loop(self, index: int) -> None:
         executor, gate = self._executors[index], self._gate
+        _plain_scheduling()
         try:
             while True:
                 with self._cond:

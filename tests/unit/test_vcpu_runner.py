@@ -53,3 +53,44 @@ def test_a_release_during_the_exit_it_releases_does_not_park_the_vcpu_for_good()
         assert executor.second_run.wait(5), f"the vCPU stayed parked: {runner.hold_reason(0)!r}"
     finally:
         runner.close()
+
+
+def test_a_vcpu_thread_runs_sched_other_even_when_a_real_time_thread_starts_it() -> None:
+    """Threads inherit their creator's policy; a takeover starts the guest from a SCHED_FIFO thread
+    (checkpointer.runtime.realtime), and a guest spinning at SCHED_FIFO would starve the host."""
+    import os
+
+    import pytest
+
+    from checkpointer.runtime import realtime
+
+    policies: dict[str, int] = {}
+
+    class Probe(Executor):
+        def run(self, gate) -> Exit:
+            policies.setdefault("vcpu", os.sched_getscheduler(0))
+            return super().run(gate)
+
+    executor = Probe()
+    runner = VcpuRunner([executor], lambda event: None, {LIMIT_PORT: lambda index, value: (None, "limit")})
+    executor.release_now = lambda: runner.release(0, "limit")
+
+    def start_real_time() -> None:
+        policies["allowed"] = realtime(True)
+        policies["starter"] = os.sched_getscheduler(0)
+        try:
+            runner.start()
+        finally:
+            realtime(False)
+
+    starter = threading.Thread(target=start_real_time)
+    starter.start()
+    starter.join()
+    try:
+        if not policies["allowed"]:
+            pytest.skip("SCHED_FIFO is not allowed here (needs CAP_SYS_NICE, root)")
+        assert executor.second_run.wait(5)
+        assert policies["starter"] == os.SCHED_FIFO
+        assert policies["vcpu"] == os.SCHED_OTHER
+    finally:
+        runner.close()
