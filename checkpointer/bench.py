@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,23 @@ def _primary_config(cluster: Cluster, overrides: dict):
     return load_config("primary", None, base)
 
 
-async def _protected_run(config, seconds: float) -> dict:
+def _cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of a process, or of one of its threads, from /proc."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    try:
+        fields = open(path).read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now(replica_pid: int | None, vcpu_tids: list[int]) -> tuple[float, float, float]:
+    """(this thread's, the replica process's, the vCPU threads') CPU seconds so far."""
+    return (time.thread_time(), _cpu_s(replica_pid) if replica_pid else 0.0,
+            sum(_cpu_s(os.getpid(), tid) for tid in vcpu_tids))
+
+
+async def _protected_run(config, seconds: float, replica_pid: int | None = None) -> dict:
     agent = PrimaryAgent(config)
     task = asyncio.ensure_future(agent.run())
     deadline = time.monotonic() + 60
@@ -86,9 +103,12 @@ async def _protected_run(config, seconds: float) -> dict:
             raise RuntimeError(f"the primary never became protected: {agent.last_error}")
         await asyncio.sleep(0.01)
     agent.stats.__init__()                   # measure from protection on
+    vcpu_tids = agent.machine.runner.thread_ids
+    cpu0 = _cpu_now(replica_pid, vcpu_tids)
     progress0, t0 = sum(agent.machine.progress_all()), time.monotonic()
     await asyncio.sleep(seconds)
     progress1, t1 = sum(agent.machine.progress_all()), time.monotonic()
+    cpu1 = _cpu_now(replica_pid, vcpu_tids)
     status = agent.status()
     stats = agent.stats
     everything = float("inf")                # every sample the rolling window still holds
@@ -100,7 +120,11 @@ async def _protected_run(config, seconds: float) -> dict:
     return {"status": status, "epochs": epochs, "seconds": t1 - t0,
             "rate": (progress1 - progress0) / (t1 - t0), "raw": raw, "encoded": encoded,
             "pause_us_p50": stats.pause_us.percentile(50), "pause_us_p99": stats.pause_us.percentile(99),
-            "dirty_p50": stats.dirty_pages.percentile(50)}
+            "dirty_p50": stats.dirty_pages.percentile(50),
+            # where the two cores went: the agents' CPU per checkpoint, and the guest's share of a core
+            "cpu": {"primary_loop_us_per_checkpoint": (cpu1[0] - cpu0[0]) / max(epochs, 1) * 1e6,
+                    "replica_us_per_checkpoint": (cpu1[1] - cpu0[1]) / max(epochs, 1) * 1e6,
+                    "vcpu_cores": (cpu1[2] - cpu0[2]) / (t1 - t0)}}
 
 
 def _unprotected_rate(working_set: int, seconds: float) -> float:
@@ -224,12 +248,14 @@ def run(seconds: float, sizes=SIZES, rate_seconds: float | None = None, logs: Pa
             report["points"] = points
         if "rate" in sections:
             print("  at most 8 pages per epoch, shortest interval...", file=sys.stderr)
+            replica_pid = cluster.agents["replica"].process.pid
             fast = asyncio.run(_protected_run(_primary_config(cluster, {
                 "guest.working_set_pages": 8, "guest.ring_entries": 256, "triggers.max_interval_ms": 0.05,
-                "triggers.ring_full": True, "replication.max_in_flight": 4}), rate_seconds or seconds))
+                "triggers.ring_full": True, "replication.max_in_flight": 4}), rate_seconds or seconds,
+                replica_pid))
             report.update({"max_checkpoints_per_s": fast["epochs"] / fast["seconds"],
                            "max_rate_pause_us_p50": fast["pause_us_p50"],
-                           "max_rate_dirty_pages_p50": fast["dirty_p50"]})
+                           "max_rate_dirty_pages_p50": fast["dirty_p50"], "max_rate_cpu": fast["cpu"]})
     if "points" in sections:
         report["first_write_us"] = float(np.median(first_write_us)) if first_write_us else 0.0
     return report
@@ -253,6 +279,11 @@ def format_table(result: dict) -> str:
     if "max_checkpoints_per_s" in result:
         lines.append(f"highest sustained rate with <= 8 dirty pages per epoch: {result['max_checkpoints_per_s']:.0f} "
                      f"checkpoints/s (pause p50 {result['max_rate_pause_us_p50']:.0f} us)")
+        cpu = result.get("max_rate_cpu")
+        if cpu:
+            lines.append(f"  at that rate: primary loop {cpu['primary_loop_us_per_checkpoint']:.0f} us CPU and replica "
+                         f"{cpu['replica_us_per_checkpoint']:.0f} us CPU per checkpoint; the guest's vCPU used "
+                         f"{cpu['vcpu_cores']:.2f} of the {os.cpu_count()} cores")
     if "points" in result:
         lines += [
             f"a guest's first write to a page after a reset costs {result['first_write_us']:.1f} us here "

@@ -67,9 +67,16 @@ class DirtyMarks:
             self._marked = True
 
     def clear_keys(self, keys: np.ndarray) -> None:
-        """Unmark pages named by sorted page keys."""
+        """Unmark pages named by sorted page keys (nothing to do while nothing is marked: most
+        checkpoints of a protected guest, see settle)."""
+        if not self._marked:
+            return
         for slot, start, end in pagekeys.by_slot(keys):
             self._flags[slot][pagekeys.offsets(keys[start:end]).astype(np.intp)] = False
+
+    def settle(self) -> None:
+        """Note whether anything is still marked (after a sync gathered every page it marked)."""
+        self._marked = any(flags.any() for flags in self._flags.values())
 
     def take(self) -> DirtySet | None:
         """What was marked (None: nothing), and start again."""
@@ -208,6 +215,7 @@ class InitialSync:
         if self.progress is not None:
             self.progress.state = "done"
             self.progress.finished_at = time.monotonic()
+        self.copy.marks.settle()                  # (usually nothing left: the checkpoints skip the marks)
 
     def status(self) -> dict | None:
         """The sync's progress for the agent's status (None before the first sync)."""

@@ -278,6 +278,11 @@ class VcpuRunner:
             elif not self._waiting[index]:
                 self._released[index].add(reason)
 
+    @property
+    def thread_ids(self) -> list[int]:
+        """The vCPU threads' kernel thread ids (for /proc: what the guest's CPU time was)."""
+        return [thread.native_id for thread in self._threads if thread.native_id is not None]
+
     def close(self) -> None:
         with self._cond:
             self._closing = True

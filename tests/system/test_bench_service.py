@@ -6,6 +6,7 @@ benchmark to print; nothing here asserts a time."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.kvm
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("redis_ops_per_s", "unprotected_ops_per_s", "protected_ops_per_s", "protected_p50_ms", "protected_p99_ms",
         "output_latency_p50_ms", "output_latency_p99_ms")
-RATE_KEYS = ("max_checkpoints_per_s", "max_rate_pause_us_p50", "max_rate_dirty_pages_p50")
+RATE_KEYS = ("max_checkpoints_per_s", "max_rate_pause_us_p50", "max_rate_dirty_pages_p50", "max_rate_cpu")
 
 
 def test_the_service_section_measures_each_server_and_the_sections_chosen_give_only_their_keys(tmp_path) -> None:
@@ -31,6 +32,9 @@ def test_the_service_section_measures_each_server_and_the_sections_chosen_give_o
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert set(result) == {*RATE_KEYS, "service", "wall_s"}
+    cpu = result["max_rate_cpu"]        # where the cores went: both agents work for every checkpoint
+    assert cpu["primary_loop_us_per_checkpoint"] > 0 and cpu["replica_us_per_checkpoint"] > 0, cpu
+    assert 0 < cpu["vcpu_cores"] <= os.cpu_count(), cpu
     service = result["service"]
     assert set(KEYS) <= set(service)
     assert (service["requests"], service["clients"]) == (200, 10)
