@@ -611,6 +611,13 @@ class ReplicaAgent:
         self.runtime.spawn(self._fail_over(command.epoch))
 
     async def _fail_over(self, decided_epoch: int) -> None:
+        try:
+            await self._restore_and_run(decided_epoch)
+        except BaseException:
+            self._end_realtime()
+            raise
+
+    async def _restore_and_run(self, decided_epoch: int) -> None:
         await self.lane.idle()                    # every check and commit queued before the decision
         self._takeover_marks["commits done"] = time.monotonic()
         if self.standby.committed_epoch != decided_epoch:
@@ -630,10 +637,16 @@ class ReplicaAgent:
         machine.start()                           # the vCPUs at once; the service port in _serve
         if self.active.device is not None:
             self.runtime.spawn(self._serve())
+        else:
+            self._end_realtime()                  # (nothing more to hurry: the guest runs)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
-        await self.active.start(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
+        try:
+            await self.active.start(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
+        except BaseException:
+            self._end_realtime()
+            raise
         if self.takeover_ms is None:             # the service is back: that is the takeover
             self._takeover_marks["serving"] = time.monotonic()
             self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
