@@ -458,7 +458,7 @@ class PrimaryAgent:
         """One message from the replica (the channel's handler); True: read no more of this session."""
         now = time.monotonic()
         try:
-            frame = wire.decode_frame(parts)
+            frame = wire.decode_one(parts)
             self.guard.check(frame)
             message = wire.decode_payload(frame)
         except wire.WrongSession:

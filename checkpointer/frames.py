@@ -440,6 +440,18 @@ def join_frames(frames: Iterable[Sequence[Any]], inline_limit: int = INLINE_PAYL
     return parts
 
 
+def decode_one(parts: Sequence[Any], *, max_payload: int = MAX_PAYLOAD,
+               supported: Iterable[int] = SUPPORTED_VERSIONS) -> Frame:
+    """The one frame of a received message (a replica's answer): two parts (header, payload) or
+    one part holding both; more than one frame is MalformedFrame."""
+    frames = decode_message(parts, max_payload=max_payload, supported=supported)
+    frame = next(frames)
+    for extra in frames:
+        raise MalformedFrame(f"a message of one frame was expected, it holds more "
+                             f"(the second: {_Where(extra.kind, extra.epoch, extra.seq)})")
+    return frame
+
+
 def decode_message(parts: Sequence[Any], *, max_payload: int = MAX_PAYLOAD,
                    supported: Iterable[int] = SUPPORTED_VERSIONS) -> Iterator[Frame]:
     """The frames of one received message, in order, each checked as decode_frame checks it.

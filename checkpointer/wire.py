@@ -295,7 +295,7 @@ from .frames import (HANDSHAKE_KINDS, HANDSHAKE_VERSION, HEADER, HEADER_SIZE, KI
                      OversizedFrame, RefuseReason, ReplayedFrame, TruncatedFrame, UnexpectedKind, UnknownKind,
                      UnsupportedVersion, WireError, WrongSession, decode_frame, encode_frame, encode_parts, frame_where,
                      kind_name,
-                     INLINE_PAYLOAD, MESSAGE_VERSION, decode_message, join_frames)
+                     INLINE_PAYLOAD, MESSAGE_VERSION, decode_message, decode_one, join_frames)
 from .messages import MAX_SLOTS, Ack, EpochBegin, EpochEnd, Hello, Message, Refuse, SlotLayout, Welcome
 from .schema import BINARY_VERSION, MAX_CONTROL_PAYLOAD, MAX_TEXT, Packed, declared_messages, pack, unpack
 
@@ -303,7 +303,7 @@ __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "HANDSHAKE_VERSION", "SUPPORTED_VERSIONS", "HEADER", "HEADER_SIZE",
     "MAX_PAYLOAD", "MAX_CONTROL_PAYLOAD", "MAX_TEXT", "MAX_SLOTS", "Kind", "Flag", "KindRule", "KIND_RULES",
     "PRIMARY_KINDS", "REPLICA_KINDS", "HANDSHAKE_KINDS", "Frame", "encode_frame", "decode_frame",
-    "decode_message", "join_frames", "INLINE_PAYLOAD", "MESSAGE_VERSION", "BINARY_VERSION",
+    "decode_message", "decode_one", "join_frames", "INLINE_PAYLOAD", "MESSAGE_VERSION", "BINARY_VERSION",
     "FrameGuard", "FrameWriter", "negotiate_version",
     "Message", "SlotLayout", "Hello", "Welcome", "EpochBegin", "EpochEnd", "Ack", "Refuse", "EpochReason",
     "RefuseReason", "Packed", "pack_message", "decode_payload",

@@ -422,7 +422,10 @@ class ReplicaAgent:
         if identity is None or self.socket is None or writer is None:
             return
         seq = writer.next_seq
-        parts = [identity, *build()]
+        # One part (header and payload joined, as a message may be from version 2 on) rather than
+        # two: each ZeroMQ part is a send of its own, and a message of one part can never be cut
+        # after its first part (libzmq asserts on that). Frames with an empty payload keep two parts.
+        parts = [identity, *wire.join_frames([build()])]
         if self.channel is not None and not self.channel.closed:
             sent = self.channel.try_send(parts)
         else:

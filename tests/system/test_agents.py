@@ -55,7 +55,7 @@ class FakePrimary:
                 parts = await asyncio.wait_for(self.socket.recv_multipart(), remaining)
             except asyncio.TimeoutError:
                 return None
-            frame = wire.decode_frame(parts)
+            frame = wire.decode_one(parts)       # (one part, or two for an empty payload)
             self.guard.check(frame)
             if frame.kind != wire.Kind.HEARTBEAT:
                 return frame
@@ -217,7 +217,7 @@ def _first_answer(sock: zmq.Socket, timeout_ms: int) -> wire.Kind | None:
     sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
     while True:
         try:
-            frame = wire.decode_frame(sock.recv_multipart())
+            frame = wire.decode_one(sock.recv_multipart())
         except zmq.Again:
             return None
         if frame.kind != wire.Kind.HEARTBEAT:

@@ -909,3 +909,21 @@ def test_binary_fields_bound_to_the_header_come_from_it() -> None:
     end = decode_payload(Frame(Kind.EPOCH_END, SESSION, 0, 5, 1, 0,
                                wire.pack_message(EpochEnd(5, bytes(16), 3, 2, 0), version=3).payload, version=3))
     assert (end.epoch, end.batches, end.pages) == (5, 1, 3)
+
+
+def test_decode_one_takes_a_frame_of_one_part_or_two_and_refuses_more_frames() -> None:
+    """A replica's answer travels as one part (header and payload joined) unless its payload is
+    empty; the primary reads either, and a message carrying a second frame is refused by name."""
+    writer = FrameWriter(SESSION)
+    ack = writer.message(Ack(7, 1234))
+    heartbeat = writer.frame(Kind.HEARTBEAT, epoch=7)
+    joined = wire.join_frames([ack])
+    assert len(joined) == 1 and len(wire.join_frames([heartbeat])) == 2
+    for parts in (ack, joined):
+        frame = wire.decode_one(parts)
+        assert frame.kind == Kind.ACK and decode_payload(frame) == Ack(7, 1234)
+    assert wire.decode_one(wire.join_frames([heartbeat])).kind == Kind.HEARTBEAT
+    with pytest.raises(MalformedFrame, match="one frame was expected"):
+        wire.decode_one(wire.join_frames([ack, heartbeat]))
+    with pytest.raises(TruncatedFrame):
+        wire.decode_one([])
