@@ -511,21 +511,15 @@ class Fence:
         lease, ttl = self.lease, self.section.ttl_s
         give_up_at: float | None = None
         revoked = False
-        known = self.primary_holder
-        if (proven_dead and self.section.revoke_on_close and known is not None and primary_token
-                and known.token == primary_token):
-            # The holder read ahead (learn_primary) is the one whose death is proven: no read now.
-            revoked = True
-            try:
-                if await self._revoke_and_take(known, session):
-                    return Claim(True, self.token, "took the pair's key")
-            except EtcdUnavailable as exc:
-                self.problem = str(exc)
-                log.error("claiming the pair's key: %s; trying again", exc)
-                revoked = False
+        # The holder read ahead (learn_primary) stands in for the first read when it is the one
+        # whose death is proven (a stale one, of an older token, does not).
+        ahead = self.primary_holder
+        if not (proven_dead and primary_token and ahead is not None and ahead.token == primary_token):
+            ahead = None
         while True:
             try:
-                holder = await lease.holder()
+                holder = ahead if ahead is not None else await lease.holder()
+                ahead = None
                 if holder is None:
                     if await lease.acquire(standby=session) is not None:
                         self._note("active")

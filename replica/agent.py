@@ -178,7 +178,6 @@ class ReplicaAgent:
         self.committed_progress = 0              # the guest's progress in the last committed epoch
         self._standby_session = 0                # the session the standby's copy comes from
         self._ends: dict[int, tuple[bytes, int]] = {}      # epoch -> (END digest, raw bytes)
-        self._failover_started = 0.0
         self.commit_pages = Rolling(4096)
         self.commit_raw = Rolling(4096)
         self.commit_encoded = Rolling(4096)
@@ -585,7 +584,7 @@ class ReplicaAgent:
                        lambda: writer.frame(wire.Kind.HEARTBEAT, epoch=self.protocol.committed_epoch))
 
     def _do_ClaimLease(self, command: proto.ClaimLease) -> None:
-        if command.proven_dead:                   # a takeover in tens of ms: this thread first until restored
+        if command.proven_dead:                   # a takeover in tens of ms: this thread first until it serves
             self._realtime = realtime(True)
             gc.disable()                          # and no collection of the whole heap in the middle
         now = time.monotonic()
@@ -609,16 +608,14 @@ class ReplicaAgent:
 
     def _do_Failover(self, command: proto.Failover) -> None:
         log.error("FAILOVER: %s; starting the standby guest from epoch %d", command.reason, command.epoch)
-        self._failover_started = time.monotonic()
-        self._takeover_marks["key taken"] = self._failover_started
+        self._takeover_marks["key taken"] = time.monotonic()
         self.runtime.spawn(self._fail_over(command.epoch))
 
     async def _fail_over(self, decided_epoch: int) -> None:
         try:
             await self._restore_and_run(decided_epoch)
-        except BaseException:
-            self._end_realtime()
-            raise
+        finally:
+            self._end_realtime()                  # the guest runs (and serves): nothing more to hurry
 
     async def _restore_and_run(self, decided_epoch: int) -> None:
         await self.lane.idle()                    # every check and commit queued before the decision
@@ -639,35 +636,28 @@ class ReplicaAgent:
         self._takeover_marks["guest restored"] = time.monotonic()
         machine.start()                           # the vCPUs at once; the service port in _serve
         if self.active.device is not None:
-            self.runtime.spawn(self._serve())
-        else:
-            self._end_realtime()                  # (nothing more to hurry: the guest runs)
+            await self._serve()
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            await self.active.start(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
-        except BaseException:
-            self._end_realtime()
-            raise
+        await self.active.start(lambda e: loop.call_soon_threadsafe(self._on_guest_event, e))
         if self.takeover_ms is None:             # the service is back: that is the takeover
-            self._takeover_marks["serving"] = time.monotonic()
-            self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
-            self.took_over_at = time.time()
-        self._end_realtime()
+            steps = self._took_over("serving")
+            log.error("the service is back on port %d (takeover %.1f ms after the primary's last message: "
+                      "%s)", self.active.device.port, self.takeover_ms, steps)
         self.took_over.set()
-        log.error("the service is back on port %d (takeover %.1f ms after the primary's last message: %s)",
-                  self.active.device.port, self.takeover_ms, self._takeover_steps())
 
-    def _takeover_steps(self) -> str:
-        """Where the takeover's time went, step by step from the primary's last message (ms)."""
+    def _took_over(self, last_step: str) -> str:
+        """Record the takeover's figures, `last_step` done now; the steps, as the log says them: where
+        the time went, each step after the one before it, from the primary's last message (ms)."""
+        now = time.monotonic()
+        self._takeover_marks[last_step] = now
+        self.takeover_ms = (now - self.last_primary_message) * 1000
+        self.took_over_at = time.time()
         marks = sorted(self._takeover_marks.items(), key=lambda item: item[1])
-        steps, at = [], self.last_primary_message
-        for name, when in marks:
-            steps.append(f"{name} +{(when - at) * 1000:.1f}")
-            at = when
         self.takeover_steps_ms = {name: round((when - self.last_primary_message) * 1000, 1) for name, when in marks}
-        return ", ".join(steps)
+        befores = [self.last_primary_message] + [when for _, when in marks[:-1]]
+        return ", ".join(f"{name} +{(when - before) * 1000:.1f}" for (name, when), before in zip(marks, befores))
 
     async def hand_over(self) -> Guest:
         """Stop this replica role and give its taken-over guest (and the memory and lease it runs
@@ -705,12 +695,9 @@ class ReplicaAgent:
 
     def _on_guest_event(self, event: Event) -> None:
         if isinstance(event, Progress) and self.takeover_ms is None and self.active.device is None:
-            self.takeover_ms = (time.monotonic() - self.last_primary_message) * 1000
-            self._takeover_marks["running"] = time.monotonic()
-            self.took_over_at = time.time()
-            self._end_realtime()
+            steps = self._took_over("running")
             log.error("the standby guest is running (takeover %.1f ms after the primary's last "
-                      "message: %s)", self.takeover_ms, self._takeover_steps())
+                      "message: %s)", self.takeover_ms, steps)
             self.took_over.set()
         elif isinstance(event, RingSoftFull):
             pass                                  # not tracked after failover

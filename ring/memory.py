@@ -75,7 +75,8 @@ class MemorySlot:
         if spec.size >= self.NORESERVE_ABOVE:
             flags |= MAP_NORESERVE
         self._map = mmap.mmap(-1, spec.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.huge_pages = spec.size <= self.HUGE_PAGES_UP_TO and _ask_huge_pages(self._map, spec.size)
+        if spec.size <= self.HUGE_PAGES_UP_TO:
+            _ask_huge_pages(self._map, spec.size)
         self.bytes = np.frombuffer(self._map, dtype=np.uint8)
         self.pages = self.bytes.reshape(spec.pages, PAGE_SIZE)
         self.words = self.bytes.view(np.uint64)
@@ -108,15 +109,13 @@ class MemorySlot:
             self._map = None
 
 
-def _ask_huge_pages(mapping: mmap.mmap, size: int) -> bool:
-    """MADV_HUGEPAGE on a mapping of at least one huge page (False: too small, or THP is off)."""
-    if size < HUGE_PAGE_SIZE:
-        return False
-    try:
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        return False
-    return True
+def _ask_huge_pages(mapping: mmap.mmap, size: int) -> None:
+    """MADV_HUGEPAGE on a mapping of at least one huge page (where THP is off: 4 KiB pages)."""
+    if size >= HUGE_PAGE_SIZE:
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
 
 
 def page_buffer(pages: int, touch: bool = True) -> np.ndarray:

@@ -41,6 +41,7 @@ from checkpointer.security import generate_keys
 from pair.node import PairNode, pair_file
 
 from .clients import Eras, Worker, dual_active, one_try
+from .drill_node import died_file
 from .linkproxy import LinkProxy
 
 FAULTS = ("kill", "freeze", "partition", "slow", "etcd-down")
@@ -140,8 +141,8 @@ def strike(pair: Pair, fault: str, point: str, rng: random.Random, etcd: LocalEt
     struck = point if fault == "kill" else "-"
     takeover_ms = from_crash_ms = None
     if fault == "kill":
-        died_file = Path(str(pair.kill_file(primary)) + ".died")
-        died_file.unlink(missing_ok=True)
+        death_note = died_file(pair.kill_file(primary))
+        death_note.unlink(missing_ok=True)
         if point == "random":
             time.sleep(rng.random() * warmup)       # the fault's moment, at random
             died = time.time()
@@ -153,7 +154,7 @@ def strike(pair: Pair, fault: str, point: str, rng: random.Random, etcd: LocalEt
                 process.wait(30)
             except subprocess.TimeoutExpired:       # the point was not reached: killed from outside
                 struck = f"{point}*"
-            died = float(died_file.read_text()) if died_file.exists() else time.time()
+            died = float(death_note.read_text()) if death_note.exists() else time.time()
             pair.cluster.kill(primary)
         pair.wait(f"{other} to take over", lambda: pair.status(other).get("node_role") == "primary")
         status = pair.status(other)

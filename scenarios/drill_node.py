@@ -3,9 +3,9 @@
     python -m scenarios.drill_node --kill-file FILE -- <colo-node flags>
 
 On SIGUSR2 (the drill strikes this node while it is the primary) the node reads POINT:N from FILE
-and SIGKILLs itself at POINT (writing the time it died to FILE.died first) of the N-th protected checkpoint from then on (the points of
-scenarios.drill_primary: transfer, after-end, between, heavy-output, or a KillPoint's own name).
-Unarmed, it is colo-node. (SIGUSR1 is the vCPUs' kick signal.)
+and SIGKILLs itself at POINT of the N-th protected checkpoint from then on (the points of
+scenarios.drill_primary: transfer, after-end, between, heavy-output, or a KillPoint's own name),
+writing the time it died to FILE.died first (the drill's takeover from the crash). Unarmed, it is colo-node. (SIGUSR1 is the vCPUs' kick signal.)
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ from .drill_primary import DRILL_POINTS
 log = logging.getLogger("colo.drill")
 
 
+def died_file(kill_file: str | Path) -> Path:
+    """Where a node armed by `kill_file` writes the time it died (FILE.died)."""
+    return Path(f"{kill_file}.died")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
@@ -35,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     node: Node | None = None
 
     def die() -> None:
-        """SIGKILL this process, its wall-clock time first in FILE.died (takeover from the crash)."""
-        Path(args.kill_file + ".died").write_text(repr(time.time()))
+        """SIGKILL this process, its wall-clock time first in died_file (takeover from the crash)."""
+        died_file(args.kill_file).write_text(repr(time.time()))
         os.kill(os.getpid(), signal.SIGKILL)
 
     switch = KillSwitch.for_agent(None, lambda: node.agent, kill=die)
