@@ -73,9 +73,17 @@ async def test_a_taken_over_guest_is_protected_by_a_new_primary_role(tmp_path) -
         await until("protection", lambda: agent.protocol.protected
                     and agent.protocol.acked_epoch >= agent.protocol.final_sync_epoch + 5)
         assert agent.status()["guest_progress"] > captured   # it ran on from the capture, not from zero
-        await until("the replica's copy past the capture",
-                    lambda: cluster.status("replica").get("guest_progress", 0) > captured)
-        replica = cluster.status("replica")
+        # (a pre-copy batch may carry the guest's progress past the capture before the final copy
+        # commits: the status file then says so with committed_epoch below final_sync_epoch)
+        seen: dict = {}
+
+        def past_the_capture() -> bool:
+            seen.update(cluster.status("replica"))
+            return (seen.get("guest_progress", 0) > captured
+                    and seen.get("committed_epoch", 0) >= agent.protocol.final_sync_epoch)
+
+        await until("the replica's copy past the capture, in a consistent epoch", past_the_capture)
+        replica = seen
         assert replica["committed_epoch"] >= agent.protocol.final_sync_epoch and replica["mode"] == "receiving"
         agent.stop()
         await asyncio.wait_for(running, 30)
